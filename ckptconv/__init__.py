@@ -1,0 +1,35 @@
+"""ckptconv: convert Flax/JAX checkpoints between loop form (``layer_0 … layer_{N-1}``)
+and scan form (one ``blocks`` subtree with a layer axis), and prove the result."""
+
+from __future__ import annotations
+
+from ckptconv.convert import Result, convert
+from ckptconv.errors import (
+    CkptconvError,
+    FormatError,
+    GroupError,
+    NothingToConvertError,
+    OutputExistsError,
+    VerifyError,
+)
+from ckptconv.io import load, save
+from ckptconv.tree import Group, Stacked, find_groups, find_stacks, to_loop, to_scan
+
+__all__ = [
+    "CkptconvError",
+    "FormatError",
+    "Group",
+    "GroupError",
+    "NothingToConvertError",
+    "OutputExistsError",
+    "Result",
+    "Stacked",
+    "VerifyError",
+    "convert",
+    "find_groups",
+    "find_stacks",
+    "load",
+    "save",
+    "to_loop",
+    "to_scan",
+]

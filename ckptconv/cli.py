@@ -1,0 +1,206 @@
+"""The ``ckptconv`` command. Thin: parse, call one library function, format.
+
+Exit codes: 0 done (verify: equal within tolerance), 1 verify found a
+difference, 2 bad usage or bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ckptconv import convert as convert_mod
+from ckptconv import report as report_mod
+from ckptconv import tree
+from ckptconv.errors import CkptconvError
+
+
+class _Error(click.ClickException):
+    exit_code = 2
+
+
+@contextmanager
+def _errors(ctx: click.Context):
+    """Turn ckptconv's errors into ``Error: …`` and exit code 2 (a traceback with --debug)."""
+    try:
+        yield
+    except CkptconvError as e:
+        if ctx.obj.get("debug"):
+            raise
+        raise _Error(str(e)) from None
+    except KeyboardInterrupt:
+        if ctx.obj.get("debug"):
+            raise
+        raise _Error("interrupted; nothing was written and the input is unchanged.") from None
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@contextmanager
+def _progress(total: int, label: str):
+    """A bytes/s progress bar on a terminal; nothing when stderr is piped."""
+    if not sys.stderr.isatty() or total <= 0:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, file=sys.stderr
+    ) as bar:
+        yield bar.update
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.version_option(package_name="ckptconv")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Convert Flax checkpoints between loop form (layer_0 … layer_N-1) and
+    scan form (one `blocks` subtree with a layer axis), and verify the result."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+@main.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.option("--step", type=int, help="CheckpointManager step (default: latest).")
+@click.option("--pattern", help="Layer key template with {i}, as for to-scan.")
+@click.option("--from", "source", default="blocks", show_default=True, help="Stacked key, as for to-loop.")
+@click.option("--axis", type=int, default=0, show_default=True, help="Layer axis, as for to-loop.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def inspect(
+    ctx: click.Context, ckpt: Path, step: int | None, pattern: str | None,
+    source: str, axis: int, as_json: bool,
+) -> None:
+    """Show a checkpoint's format, tree and the groups to-scan / to-loop would convert.
+
+    Reads metadata only, never array data.
+    """
+    with _errors(ctx):
+        rep = report_mod.inspect(ckpt, step=step, pattern=pattern, source=source, axis=axis)
+    if as_json:
+        click.echo(json.dumps(rep.to_json(), indent=2))
+        return
+    where = f"{rep.kind}" + (f", step {rep.step}" if rep.step is not None else "")
+    click.echo(f"{rep.path}: {rep.format} ({where})")
+    for it in rep.items:
+        if it.name:
+            click.echo(f"\nitem {it.name!r} ({it.path})")
+        total = sum(r.count for r in it.leaves)
+        click.echo(f"{total} leaves, {_human(it.nbytes)}")
+        width = max((len(r.path) for r in it.leaves), default=10)
+        for r in it.leaves:
+            shape = "-" if r.shape is None else str(r.shape)
+            times = f"  x{r.count}" if r.count > 1 else ""
+            click.echo(
+                f"  {r.path:<{width}}  {shape:<18} {r.dtype or '-':<9} {_human(r.nbytes):>9}{times}"
+            )
+        if it.to_scan:
+            click.echo("to-scan would stack:")
+            for g in it.to_scan:
+                click.echo(
+                    f"  {tree.format_path(g.path + (g.template,))}  "
+                    f"{g.num_layers} layers -> {tree.format_path(g.target)}"
+                )
+        elif it.to_scan_error:
+            click.echo(f"to-scan: cannot: {it.to_scan_error}")
+        else:
+            click.echo("to-scan: no layer groups")
+        if it.to_loop:
+            click.echo("to-loop would unstack:")
+            for s in it.to_loop:
+                click.echo(f"  {tree.format_path(s.path)}  {s.num_layers} layers")
+        elif it.to_loop_error:
+            click.echo(f"to-loop: cannot: {it.to_loop_error}")
+        else:
+            click.echo(f"to-loop: no {source!r} subtree")
+
+
+def _common_options(fn: Any) -> Any:
+    fn = click.option("--dry-run", is_flag=True, help="Check and report; write nothing.")(fn)
+    fn = click.option("--force", is_flag=True, help="Replace OUT if it exists.")(fn)
+    fn = click.option("--step", type=int, help="CheckpointManager step (default: latest).")(fn)
+    fn = click.option(
+        "--format", "out_format", type=click.Choice(["msgpack", "orbax"]),
+        help="Output format (default: the input's).",
+    )(fn)
+    fn = click.option(
+        "--axis", type=click.IntRange(min=0), default=0, show_default=True,
+        help="Position of the layer axis (MaxText: 1).",
+    )(fn)
+    return fn
+
+
+def _run_convert(ctx: click.Context, src: Path, dst: Path, to: str, **kw: Any) -> None:
+    verb = {"scan": "stack", "loop": "unstack"}[to]
+    dry_run = kw.get("dry_run", False)
+    with _errors(ctx):
+        # Plan first (reads metadata only) so the progress bar knows its total.
+        start = time.perf_counter()
+        result = convert_mod.convert(src, dst, to=to, **{**kw, "dry_run": True})
+        if not dry_run:
+            with _progress(result.nbytes, f"to-{to}") as update:
+                result = convert_mod.convert(src, dst, to=to, progress=update, **kw)
+        elapsed = time.perf_counter() - start
+    for item in result.items:
+        prefix = f"[{item.name}] " if item.name else ""
+        if not item.groups:
+            click.echo(f"{prefix}nothing to {verb}; copied unchanged")
+        for g in item.groups:
+            if to == "scan":
+                click.echo(
+                    f"{prefix}{tree.format_path(g.path + (g.template,))}: "
+                    f"{g.num_layers} layers -> {tree.format_path(g.target)}"
+                )
+            else:
+                pattern = kw.get("pattern") or "layer_{i}"
+                dest = g.path + (pattern,) if pattern == "{i}" else g.path[:-1] + (pattern,)
+                click.echo(
+                    f"{prefix}{tree.format_path(g.path)}: {g.num_layers} layers -> "
+                    f"{tree.format_path(dest)}"
+                )
+    if dry_run:
+        click.echo(f"dry run: would write {dst} ({result.out_format}, {_human(result.nbytes)}); nothing written")
+    else:
+        click.echo(f"wrote {dst} ({result.out_format}, {_human(result.nbytes)}) in {elapsed:.1f} s")
+
+
+@main.command("to-scan")
+@click.argument("src", metavar="IN", type=click.Path(path_type=Path))
+@click.argument("dst", metavar="OUT", type=click.Path(path_type=Path))
+@click.option("--pattern", help="Layer key template with {i}, e.g. 'layers_{i}' (default: layer_/layers_/block_/blocks_/h_ and digit keys).")
+@click.option("--into", default="blocks", show_default=True, help="Key of the stacked subtree.")
+@_common_options
+@click.pass_context
+def to_scan(ctx: click.Context, src: Path, dst: Path, out_format: str | None, **kw: Any) -> None:
+    """Stack layer_0 … layer_N-1 subtrees of IN into one scanned subtree, write OUT."""
+    _run_convert(ctx, src, dst, "scan", format=out_format, **kw)
+
+
+@main.command("to-loop")
+@click.argument("src", metavar="IN", type=click.Path(path_type=Path))
+@click.argument("dst", metavar="OUT", type=click.Path(path_type=Path))
+@click.option("--from", "source", default="blocks", show_default=True, help="Key of the stacked subtrees.")
+@click.option("--pattern", default="layer_{i}", show_default=True, help="Layer key template with {i}; '{i}' gives an NNX list under the --from key.")
+@_common_options
+@click.pass_context
+def to_loop(ctx: click.Context, src: Path, dst: Path, out_format: str | None, **kw: Any) -> None:
+    """Unstack every scanned subtree of IN into layer_0 … layer_N-1, write OUT."""
+    _run_convert(ctx, src, dst, "loop", format=out_format, **kw)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

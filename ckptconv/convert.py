@@ -1,0 +1,247 @@
+"""File-to-file conversion: the one entry point behind the command line.
+
+`convert` reads the input's tree without its data (lazy leaves), runs the same
+`to_scan` / `to_loop` as the in-memory API on it, and has the format's writer
+produce the output one leaf (or one chunk) at a time, so memory does not grow
+with the checkpoint. The output is written beside its final path and renamed
+into place: on any failure or interrupt there is no output (or the old one,
+under ``force``), and the input is never opened for writing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckptconv import formats, lazy, tree
+from ckptconv.errors import CkptconvError, NothingToConvertError, OutputExistsError
+from ckptconv.formats.layout import Layout
+
+
+@dataclass
+class ItemPlan:
+    """What happens to one item (a msgpack file, or one Orbax pytree item)."""
+
+    name: str
+    source: Path
+    groups: list[Any] = field(default_factory=list)  # tree.Group or tree.Stacked
+    out_tree: Any = None  # None: copied unchanged
+    nbytes: int = 0
+
+
+@dataclass
+class Result:
+    """What `convert` did (or, with ``dry_run``, would do)."""
+
+    src: Path
+    dst: Path
+    to: str
+    layout: Layout
+    out_format: str
+    items: list[ItemPlan]
+    written: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.items)
+
+    @property
+    def groups(self) -> list[Any]:
+        return [g for i in self.items for g in i.groups]
+
+
+def plan_item(lazy_tree: Any, to: str, options: dict[str, Any]) -> tuple[Any, list[Any]]:
+    """The converted lazy tree and the groups (or stacks) it converts."""
+    if to == "scan":
+        pattern = options.get("pattern")
+        into = options.get("into", "blocks")
+        out = tree.to_scan(
+            lazy_tree, pattern=pattern, into=into, axis=options.get("axis", 0)
+        )
+        return out, tree.find_groups(lazy_tree, pattern, into=into)
+    source = options.get("source", "blocks")
+    out = tree.to_loop(
+        lazy_tree,
+        source=source,
+        pattern=options.get("pattern") or "layer_{i}",
+        axis=options.get("axis", 0),
+    )
+    return out, tree.find_stacks(lazy_tree, source, axis=options.get("axis", 0))
+
+
+def _array_bytes(t: Any) -> int:
+    return sum(getattr(x, "nbytes", 0) for _, x in tree.leaves_with_paths(t))
+
+
+def plan(
+    src: str | Path, *, to: str = "scan", step: int | None = None, **options: Any
+) -> tuple[Layout, list[ItemPlan]]:
+    """Read ``src``'s layout and trees (no array data) and plan every item.
+
+    Raises:
+      NothingToConvertError: no item has anything to convert.
+      CkptconvError: unreadable input, inconsistent layers.
+    """
+    if to not in ("scan", "loop"):
+        raise CkptconvError(f"to must be 'scan' or 'loop', got {to!r}.")
+    src = Path(src)
+    fmt = formats.detect(src)
+    layout = fmt.describe(src, step)
+    items = []
+    first_error: NothingToConvertError | None = None
+    for name, path in layout.items.items():
+        item = ItemPlan(name, path)
+        try:
+            item.out_tree, item.groups = plan_item(fmt.read_lazy(path), to, options)
+            item.nbytes = _array_bytes(item.out_tree)
+        except NothingToConvertError as e:
+            # Items without layers (metrics, dataset state) are copied as they are.
+            first_error = first_error or e
+        except CkptconvError as e:
+            where = f"{path}" + (f" (item {name!r})" if name else "")
+            raise type(e)(f"{where}: {e}") from e
+        items.append(item)
+    if not any(i.groups for i in items):
+        assert first_error is not None
+        raise NothingToConvertError(f"{src}: {first_error}") from first_error
+    return layout, items
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    to: str = "scan",
+    format: str | None = None,
+    step: int | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: Callable[[int], None] | None = None,
+    **options: Any,
+) -> Result:
+    """Convert the checkpoint at ``src`` and write it to ``dst``, in bounded memory.
+
+    Args:
+      src: a msgpack file, an Orbax item directory, a CheckpointManager step
+        directory or a CheckpointManager root.
+      dst: where the output goes. It keeps the input's format and layout (a
+        manager root gives a manager root holding the converted step) unless
+        ``format`` names the other format.
+      to: ``"scan"`` (stack layers) or ``"loop"`` (unstack).
+      format: ``"msgpack"`` or ``"orbax"`` for the output; default: the input's.
+      step: for a CheckpointManager root, the step to convert (default: latest).
+      force: replace an existing ``dst``.
+      dry_run: plan and check everything, write nothing.
+      progress: called with a byte count as output data is written.
+      **options: for to-scan ``pattern``, ``into``, ``axis``; for to-loop
+        ``source``, ``pattern``, ``axis`` (as `to_scan` / `to_loop`).
+
+    Returns:
+      A `Result` describing the groups converted and the bytes written.
+
+    Raises:
+      OutputExistsError: ``dst`` exists and ``force`` is false.
+      CkptconvError: anything else wrong with the input or the options.
+    """
+    src, dst = Path(src), Path(dst)
+    _check_paths(src, dst, force)
+    layout, items = plan(src, to=to, step=step, **options)
+    out_format = format or layout.format
+    out_fmt = formats.get(out_format)
+    result = Result(src, dst, to, layout, out_format, items)
+    if dry_run:
+        return result
+    in_fmt = formats.get(layout.format)
+    with _atomic_output(dst, force) as tmp:
+        if out_format == layout.format:
+            _write_same_format(layout, items, in_fmt, tmp, progress)
+        else:
+            _write_other_format(layout, items, in_fmt, out_fmt, tmp, progress)
+    result.written = True
+    return result
+
+
+def _check_paths(src: Path, dst: Path, force: bool) -> None:
+    if not src.exists():
+        raise CkptconvError(f"{src}: no such file or directory.")
+    s, d = src.resolve(), dst.resolve()
+    if d == s or s in d.parents or d in s.parents:
+        raise CkptconvError(
+            f"{dst}: the output must not be the input, inside it, or contain it ({src}). "
+            "Choose another output path."
+        )
+    if (dst.exists() or dst.is_symlink()) and not force:
+        raise OutputExistsError(
+            f"{dst} already exists; pass --force to replace it, or choose another path."
+        )
+
+
+def _write_same_format(
+    layout: Layout, items: list[ItemPlan], fmt: Any, out: Path, progress: Any
+) -> None:
+    if layout.kind in ("file", "item"):
+        (item,) = items
+        fmt.write(item.source, item.out_tree, out, progress)
+        return
+    out.mkdir()
+    for item in items:
+        dest = layout.item_dest(item.name, out)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if item.out_tree is None:
+            shutil.copytree(item.source, dest)
+        else:
+            fmt.write(item.source, item.out_tree, dest, progress)
+    for path, rel in layout.others:
+        dest = out / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            shutil.copytree(path, dest)
+        else:
+            shutil.copy2(path, dest)
+
+
+def _write_other_format(
+    layout: Layout, items: list[ItemPlan], in_fmt: Any, out_fmt: Any, out: Path, progress: Any
+) -> None:
+    """Cross-format output goes through memory: one item at a time is materialised."""
+    trees = {}
+    for item in items:
+        t = item.out_tree
+        if t is None:
+            t = in_fmt.read_lazy(item.source)
+        trees[item.name] = lazy.materialize(t, lambda ref, p=item.source: in_fmt.read_array(p, ref))
+        if progress:
+            progress(item.nbytes)
+    tree_out = trees[""] if list(trees) == [""] else trees
+    out_fmt.save(tree_out, out)
+
+
+@contextlib.contextmanager
+def _atomic_output(dst: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary path beside ``dst``; move it into place only on success."""
+    tmp = dst.parent / f".{dst.name}.ckptconv-tmp-{os.getpid()}"
+    old = dst.parent / f".{dst.name}.ckptconv-old-{os.getpid()}"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _remove(tmp)
+    try:
+        yield tmp
+        if dst.exists() or dst.is_symlink():
+            if not force:  # appeared while we were writing
+                raise OutputExistsError(f"{dst} appeared during the conversion; not replacing it.")
+            os.replace(dst, old) if not dst.is_dir() else dst.rename(old)
+        tmp.rename(dst)
+        _remove(old)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

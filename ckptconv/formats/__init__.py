@@ -1,0 +1,58 @@
+"""Checkpoint formats, each a small module behind one protocol.
+
+A format module provides:
+
+- ``NAME``: its name on the command line (``msgpack``, ``orbax``);
+- ``sniff(path) -> str | None``: ``None`` when it reads ``path``, else why not
+  (shown when no format accepts a path);
+- ``describe(path, step) -> Layout``: what is at ``path``, without reading data;
+- ``load(path, step) -> tree`` and ``save(tree, path)``: in memory;
+- ``read_lazy(item) -> tree`` and ``write(item, out_tree, dst, progress)``:
+  the streaming engine, on lazy leaves (`ckptconv.lazy`).
+
+Only these modules import Orbax or ``flax.serialization``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+from ckptconv.errors import FormatError
+from ckptconv.formats import msgpack, orbax
+
+FORMATS: dict[str, ModuleType] = {"msgpack": msgpack, "orbax": orbax}
+
+
+def get(name: str) -> ModuleType:
+    """The format module called ``name``."""
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise FormatError(
+            f"unknown format {name!r}; choose one of: {', '.join(FORMATS)}."
+        ) from None
+
+
+def detect(path: str | Path) -> ModuleType:
+    """The format module that reads ``path``, judged by content and layout.
+
+    Raises:
+      FormatError: ``path`` is missing, or no format reads it (the message
+        says why each format refused it).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FormatError(f"{path}: no such file or directory.")
+    reasons = []
+    for name, module in FORMATS.items():
+        why = module.sniff(path)
+        if why is None:
+            return module
+        reasons.append(f"{name}: {why}")
+    raise FormatError(
+        f"{path}: not a checkpoint ckptconv can read.\n  "
+        + "\n  ".join(reasons)
+        + "\nPass a flax msgpack file or an Orbax checkpoint directory "
+        "(or a CheckpointManager directory)."
+    )

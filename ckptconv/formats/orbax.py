@@ -1,0 +1,162 @@
+"""Orbax checkpoints, recognised by their layout:
+
+- an item: a directory written by ``StandardCheckpointer``/``PyTreeCheckpointer``
+  (it holds ``_METADATA``);
+- a step: a CheckpointManager step directory whose subdirectories are items
+  (``default/``, ``state/`` …) and other items (JSON metrics …);
+- a root: a CheckpointManager directory of numbered step directories; the
+  latest step is used unless a step is given.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ckptconv.errors import FormatError
+from ckptconv.formats.layout import Layout
+
+NAME = "orbax"
+
+_STEP_RE = re.compile(r"^(?:.*_)?(\d+)$")
+
+
+def _is_item(path: Path) -> bool:
+    return path.is_dir() and (path / "_METADATA").is_file()
+
+
+def _is_step(path: Path) -> bool:
+    return path.is_dir() and any(_is_item(c) for c in path.iterdir())
+
+
+def _steps(path: Path) -> dict[int, Path]:
+    out = {}
+    for c in path.iterdir():
+        m = _STEP_RE.match(c.name)
+        # Orbax writes unfinished steps under a temporary name; such names
+        # carry a suffix and do not match.
+        if m and _is_step(c):
+            out[int(m.group(1))] = c
+    return out
+
+
+def sniff(path: Path) -> str | None:
+    if not path.is_dir():
+        return "not a directory"
+    if _is_item(path) or _is_step(path) or _steps(path):
+        return None
+    return (
+        "a directory without _METADATA, without item subdirectories holding one, "
+        "and without numbered step directories"
+    )
+
+
+def describe(path: Path, step: int | None = None) -> Layout:
+    """The layout at ``path``; for a CheckpointManager root, of ``step`` or the latest."""
+    if _is_item(path):
+        if step is not None:
+            raise FormatError(
+                f"{path}: --step {step} given, but this is a single Orbax checkpoint, "
+                "not a CheckpointManager directory; leave out --step."
+            )
+        return Layout(NAME, "item", path, items={"": path})
+    if _is_step(path):
+        if step is not None:
+            raise FormatError(
+                f"{path}: --step {step} given, but this is one CheckpointManager step "
+                "directory; pass its parent directory with --step, or leave out --step."
+            )
+        return _step_layout(path, path, "step", None)
+    steps = _steps(path)
+    if not steps:
+        raise FormatError(f"{path}: not an Orbax checkpoint ({sniff(path)}).")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise FormatError(
+            f"{path}: no step {step}; the steps here are "
+            f"{', '.join(map(str, sorted(steps)))}. Pass one of them with --step."
+        )
+    layout = _step_layout(path, steps[step], "root", step)
+    step_dirs = set(steps.values())
+    for c in sorted(path.iterdir()):
+        # Files beside the steps (CheckpointManager metadata) come along; other
+        # steps do not: the output holds the converted step only.
+        if c not in step_dirs:
+            layout.others.append((c, c.name))
+    return layout
+
+
+def _step_layout(root: Path, step_dir: Path, kind: str, step: int | None) -> Layout:
+    layout = Layout(NAME, kind, root, step=step)
+    for c in sorted(step_dir.iterdir()):
+        rel = str(c.relative_to(root))
+        if _is_item(c):
+            layout.items[c.name] = c
+        else:
+            layout.others.append((c, rel))
+    return layout
+
+
+def read_lazy(item: Path) -> Any:
+    from ckptconv.formats import orbax_stream
+
+    return orbax_stream.read_lazy(item)
+
+
+def read_array(item: Path, ref: Any) -> np.ndarray:
+    from ckptconv.formats import orbax_stream
+
+    return orbax_stream.read_array(item, ref.source)
+
+
+def write(item: Path, out_tree: Any, dst: Path, progress: Any = None) -> None:
+    from ckptconv.formats import orbax_stream
+
+    orbax_stream.write(item, out_tree, dst, progress=progress)
+
+
+def load_item(item: Path) -> Any:
+    """Restore one item as numpy arrays, whatever device the arrays were saved from."""
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            meta = ckptr.metadata(item)
+            tree = getattr(meta, "item_metadata", meta)
+            tree = getattr(tree, "tree", tree)
+            args = _restore_args(tree)
+            return ckptr.restore(item, ocp.args.PyTreeRestore(restore_args=args))
+    except FormatError:
+        raise
+    except Exception as e:  # Orbax raises many kinds; all mean "cannot read".
+        raise FormatError(
+            f"{item}: Orbax could not read this checkpoint ({type(e).__name__}: {e}). "
+            "Is it complete? Check that the save finished (commit_success.txt / _CHECKPOINT_METADATA)."
+        ) from e
+
+
+def _restore_args(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _restore_args(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_restore_args(v) for v in tree)
+    if tree is None:
+        return None
+    return ocp.RestoreArgs(restore_type=np.ndarray)
+
+
+def load(path: Path, step: int | None = None) -> Any:
+    layout = describe(path, step)
+    if layout.kind == "item":
+        return load_item(path)
+    return {name: load_item(p) for name, p in layout.items.items()}
+
+
+def save(tree: Any, path: Path) -> None:
+    """Write ``tree`` as one Orbax item (``StandardCheckpointer``) at ``path``."""
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path.absolute(), tree)
+        ckptr.wait_until_finished()

@@ -1,0 +1,49 @@
+"""In-memory load and save, for trees that fit in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ckptconv import formats
+from ckptconv.convert import _atomic_output
+from ckptconv.errors import OutputExistsError
+
+
+def load(path: str | Path, *, format: str | None = None, step: int | None = None) -> Any:
+    """Read a whole checkpoint into memory as numpy arrays.
+
+    Args:
+      path: a msgpack file or an Orbax directory (item, manager step or root).
+      format: ``"msgpack"`` or ``"orbax"``; default: judged from the content.
+      step: for a CheckpointManager root, the step (default: the latest).
+
+    Returns:
+      The tree. A CheckpointManager step or root gives ``{item_name: tree}``.
+
+    Raises:
+      FormatError: the path is missing, unreadable or of no known format.
+    """
+    path = Path(path)
+    fmt = formats.get(format) if format else formats.detect(path)
+    return fmt.load(path, step)
+
+
+def save(tree: Any, path: str | Path, *, format: str = "orbax", force: bool = False) -> None:
+    """Write ``tree`` as one checkpoint, atomically.
+
+    Args:
+      tree: nested dicts/lists of numpy or jax arrays.
+      path: the output file (msgpack) or directory (orbax).
+      format: ``"orbax"`` (a ``StandardCheckpointer`` directory) or ``"msgpack"``.
+      force: replace an existing ``path``.
+
+    Raises:
+      OutputExistsError: ``path`` exists and ``force`` is false.
+    """
+    path = Path(path)
+    fmt = formats.get(format)
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} already exists; pass force=True to replace it.")
+    with _atomic_output(path, force) as tmp:
+        fmt.save(tree, tmp)

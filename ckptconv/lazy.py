@@ -1,0 +1,105 @@
+"""Leaves that stand for array data not yet read.
+
+Readers of the streaming engine return trees whose array leaves are `Ref`s (an
+array in the input file, described but not read). `ckptconv.tree.to_scan` and
+`to_loop` accept such trees and answer with `Stack` and `Slice` leaves instead
+of computing anything, so the in-memory and streaming paths share one
+implementation of the tree logic; a format's writer then turns each output leaf
+into bytes, one leaf (or one chunk) at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Ref:
+    """An array stored in the input, not read.
+
+    Attributes:
+      source: the reader's own handle (hashable): for Orbax the dotted param
+        name, for msgpack the byte span of the array in the file.
+      shape: the array's shape.
+      dtype: the array's numpy dtype.
+    """
+
+    source: Any
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Output array = ``np.stack([p.read() for p in parts], axis=axis)``."""
+
+    parts: tuple[Ref, ...]
+    axis: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Output array = ``np.take(source.read(), index, axis=axis)``."""
+
+    source: Ref
+    index: int
+    axis: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+LAZY = (Ref, Stack, Slice)
+
+
+def stack(parts: list[Ref], axis: int) -> Stack:
+    """The lazy form of ``np.stack(parts, axis)``."""
+    first = parts[0]
+    shape = list(first.shape)
+    shape.insert(axis, len(parts))
+    return Stack(tuple(parts), axis, tuple(shape), first.dtype)
+
+
+def unstack(ref: Ref, axis: int) -> list[Slice]:
+    """The lazy form of ``[np.take(ref, i, axis) for i in range(n)]``."""
+    shape = list(ref.shape)
+    n = shape.pop(axis)
+    return [Slice(ref, i, axis, tuple(shape), ref.dtype) for i in range(n)]
+
+
+def materialize(tree: Any, read: Any) -> Any:
+    """Replace every lazy leaf of ``tree`` by its numpy value.
+
+    Args:
+      tree: nested dicts and lists with `Ref`, `Stack` and `Slice` leaves.
+      read: ``read(ref) -> np.ndarray`` for the input the Refs point into.
+    """
+    if isinstance(tree, Ref):
+        return read(tree)
+    if isinstance(tree, Stack):
+        return np.stack([read(p) for p in tree.parts], axis=tree.axis)
+    if isinstance(tree, Slice):
+        return np.take(read(tree.source), tree.index, axis=tree.axis)
+    if isinstance(tree, dict):
+        return {k: materialize(v, read) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [materialize(v, read) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(materialize(v, read) for v in tree)
+    return tree

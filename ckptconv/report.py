@@ -1,0 +1,148 @@
+"""What `inspect` reports: a checkpoint's tree and what would be converted.
+
+Built from lazy trees, so no array data is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckptconv import formats, tree
+from ckptconv.errors import CkptconvError
+
+
+@dataclass
+class LeafRow:
+    path: str  # with group members folded: params/layer_{i}/Dense_0/kernel
+    shape: tuple[int, ...] | None
+    dtype: str | None
+    nbytes: int
+    count: int = 1  # how many layers share this row
+
+
+@dataclass
+class ItemReport:
+    name: str
+    path: Path
+    leaves: list[LeafRow] = field(default_factory=list)
+    to_scan: list[tree.Group] = field(default_factory=list)
+    to_scan_error: str | None = None
+    to_loop: list[tree.Stacked] = field(default_factory=list)
+    to_loop_error: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes * r.count for r in self.leaves)
+
+
+@dataclass
+class Inspection:
+    format: str
+    kind: str
+    path: Path
+    step: int | None
+    items: list[ItemReport]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "layout": self.kind,
+            "step": self.step,
+            "items": [
+                {
+                    "name": it.name,
+                    "path": str(it.path),
+                    "bytes": it.nbytes,
+                    "leaves": [
+                        {
+                            "path": r.path,
+                            "shape": list(r.shape) if r.shape is not None else None,
+                            "dtype": r.dtype,
+                            "bytes": r.nbytes,
+                            "layers": r.count,
+                        }
+                        for r in it.leaves
+                    ],
+                    "to_scan": {
+                        "groups": [
+                            {
+                                "path": tree.format_path(g.path),
+                                "template": g.template,
+                                "layers": g.num_layers,
+                                "into": tree.format_path(g.target),
+                            }
+                            for g in it.to_scan
+                        ],
+                        "error": it.to_scan_error,
+                    },
+                    "to_loop": {
+                        "stacks": [
+                            {"path": tree.format_path(s.path), "layers": s.num_layers}
+                            for s in it.to_loop
+                        ],
+                        "error": it.to_loop_error,
+                    },
+                }
+                for it in self.items
+            ],
+        }
+
+
+def inspect(
+    path: str | Path,
+    *,
+    step: int | None = None,
+    pattern: str | None = None,
+    into: str = "blocks",
+    source: str = "blocks",
+    axis: int = 0,
+) -> Inspection:
+    """Describe the checkpoint at ``path`` without reading its array data."""
+    path = Path(path)
+    fmt = formats.detect(path)
+    layout = fmt.describe(path, step)
+    items = []
+    for name, item_path in layout.items.items():
+        t = fmt.read_lazy(item_path)
+        rep = ItemReport(name, item_path)
+        try:
+            rep.to_scan = tree.find_groups(t, pattern, into=into)
+        except CkptconvError as e:
+            rep.to_scan_error = str(e)
+        try:
+            rep.to_loop = tree.find_stacks(t, source, axis=axis)
+        except CkptconvError as e:
+            rep.to_loop_error = str(e)
+        rep.leaves = _fold_rows(t, rep.to_scan)
+        items.append(rep)
+    return Inspection(layout.format, layout.kind, path, layout.step, items)
+
+
+def _fold_rows(t: Any, groups: list[tree.Group]) -> list[LeafRow]:
+    """One row per leaf, with the members of each group folded into one row."""
+    members = {}
+    for g in groups:
+        for k in g.keys:
+            members[g.path + (k,)] = g.template
+    rows: dict[str, LeafRow] = {}
+    for p, x in tree.leaves_with_paths(t):
+        folded = list(p)
+        for depth in range(len(p), 0, -1):
+            template = members.get(tuple(p[:depth]))
+            if template is not None:
+                folded[depth - 1] = template
+                break
+        key = tree.format_path(folded)
+        shape = tree.leaf_shape(x)
+        dtype = tree.leaf_dtype(x)
+        nbytes = getattr(x, "nbytes", 0)
+        if key in rows:
+            rows[key].count += 1
+        else:
+            rows[key] = LeafRow(
+                key, shape, None if dtype is None else str(dtype), int(nbytes)
+            )
+    return list(rows.values())
