@@ -202,5 +202,70 @@ def to_loop(ctx: click.Context, src: Path, dst: Path, out_format: str | None, **
     _run_convert(ctx, src, dst, "loop", format=out_format, **kw)
 
 
+def _shape(value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected integers separated by commas, like 2,8,16") from None
+
+
+@main.command()
+@click.argument("loop", type=click.Path(path_type=Path))
+@click.argument("scan", type=click.Path(path_type=Path))
+@click.option("--pattern", help="Layer key template with {i}, as given to to-scan.")
+@click.option("--into", default="blocks", show_default=True, help="Stacked key, as given to to-scan.")
+@click.option("--axis", type=click.IntRange(min=0), default=0, show_default=True, help="Layer axis, as given to to-scan.")
+@click.option("--block", help="MODULE:ATTR of a Flax module for ONE layer; runs both forms.")
+@click.option("--block-kwargs", default="{}", help="JSON keyword arguments for --block (or --model).")
+@click.option("--model", help="MODULE:ATTR of a function returning (loop_module, scan_module, inputs).")
+@click.option("--input-shape", help="B,T,D of a random normal input for --block.")
+@click.option("--input", "input_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A .npy input for --block/--model.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random input.")
+@click.option("--atol", type=float, help="Absolute tolerance (default by dtype).")
+@click.option("--rtol", type=float, help="Relative tolerance (default by dtype).")
+@click.option("--json", "json_dest", help="Write the whole report as JSON to PATH, or '-' for stdout.")
+@click.pass_context
+def verify(
+    ctx: click.Context, loop: Path, scan: Path, pattern: str | None, into: str, axis: int,
+    block: str | None, block_kwargs: str, model: str | None, input_shape: str | None,
+    input_file: Path | None, seed: int, atol: float | None, rtol: float | None,
+    json_dest: str | None,
+) -> None:
+    """Prove SCAN is the scan form of LOOP: structure bit for bit, then (with
+    --block or --model) both forms run and every layer's intermediates are diffed.
+
+    Exit code 0: equal within tolerance; 1: a difference; 2: bad input.
+    """
+    from ckptconv import verify as verify_mod
+
+    try:
+        kwargs = json.loads(block_kwargs)
+        if not isinstance(kwargs, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise click.BadParameter(f"{block_kwargs!r}: {e}", param_hint="--block-kwargs") from None
+    shape = _shape(input_shape)
+    with _errors(ctx):
+        inputs = None
+        if input_file is not None:
+            import numpy as np
+
+            inputs = (np.load(input_file),)
+        rep = verify_mod.verify(
+            loop, scan, pattern=pattern, into=into, axis=axis, block=block,
+            block_kwargs=kwargs, model=model, inputs=inputs, input_shape=shape,
+            seed=seed, atol=atol, rtol=rtol,
+        )
+    if json_dest == "-":
+        click.echo(json.dumps(rep.to_json(), indent=2))
+    else:
+        click.echo(rep.table())
+        if json_dest:
+            Path(json_dest).write_text(json.dumps(rep.to_json(), indent=2) + "\n")
+    ctx.exit(0 if rep.passed else 1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

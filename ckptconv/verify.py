@@ -1,0 +1,472 @@
+"""Prove a conversion: structure bit for bit, then both model forms run and
+every layer's intermediates are diffed.
+
+1. Structure: SCAN must equal ``to_scan(LOOP)`` (same options) bit for bit;
+   differences are reported per leaf and, inside stacked subtrees, per layer.
+2. Numbers (with a block or a model): the loop and scan forms run on the
+   default JAX device with ``capture_intermediates=True``; the loop form's
+   intermediates are stacked with the same `to_scan` (layer axis 0, as
+   ``nn.scan`` stacks them) and compared with the scan form's, layer by layer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from ckptconv import tree as treelib
+from ckptconv.errors import CkptconvError, VerifyError
+
+#: Default (atol, rtol) by the dtype of the compared values.
+DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
+    "float64": (1e-10, 1e-10),
+    "float32": (1e-5, 1e-5),
+    "bfloat16": (2e-2, 2e-2),
+    "float16": (2e-3, 2e-3),
+}
+_EXACT = (0.0, 0.0)  # integers and booleans (tokens) must match exactly
+
+
+@dataclass
+class LeafCheck:
+    """Structural check of one leaf of SCAN against ``to_scan(LOOP)``."""
+
+    path: str
+    status: str  # "equal", "differs", "shape", "dtype", "missing", "unexpected"
+    expected: str = ""
+    found: str = ""
+    layers: list[int] = field(default_factory=list)  # layers that differ
+    max_abs: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "equal"
+
+
+@dataclass
+class Row:
+    """One intermediate of one layer (``layer`` None: outside the layers)."""
+
+    layer: int | None
+    name: str
+    dtype: str
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    worst: float  # max |Δ| / (atol + rtol·|loop|): > 1 fails
+    passed: bool
+
+
+@dataclass
+class Timing:
+    compile_s: float
+    step_s: float
+
+
+@dataclass
+class Report:
+    """What `verify` found. ``passed`` is the verdict; ``rows`` the numeric diffs,
+    worst first; ``leaves`` the structural check."""
+
+    loop: str
+    scan: str
+    leaves: list[LeafCheck]
+    rows: list[Row] = field(default_factory=list)
+    numeric: bool = False
+    device: str | None = None
+    atol: float | None = None
+    rtol: float | None = None
+    timings: dict[str, Timing] = field(default_factory=dict)
+    unmatched: list[str] = field(default_factory=list)
+    tolerances: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def structure_passed(self) -> bool:
+        return all(c.ok for c in self.leaves)
+
+    @property
+    def numeric_passed(self) -> bool:
+        return all(r.passed for r in self.rows)
+
+    @property
+    def passed(self) -> bool:
+        return self.structure_passed and self.numeric_passed
+
+    @property
+    def first_bad_layer(self) -> int | None:
+        bad = [r.layer for r in self.rows if not r.passed and r.layer is not None]
+        return min(bad) if bad else None
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(
+            passed=self.passed,
+            structure_passed=self.structure_passed,
+            numeric_passed=self.numeric_passed if self.numeric else None,
+            first_bad_layer=self.first_bad_layer,
+        )
+        return _finite(out)
+
+    def table(self, max_rows: int = 20) -> str:
+        """A readable report for a terminal."""
+        lines = [f"verify {self.loop} (loop) against {self.scan} (scan)"]
+        bad = [c for c in self.leaves if not c.ok]
+        if not bad:
+            lines.append(f"structure: OK, {len(self.leaves)} leaves equal to to_scan(LOOP) bit for bit")
+        else:
+            lines.append(f"structure: {len(bad)} of {len(self.leaves)} leaves differ from to_scan(LOOP):")
+            for c in bad[:max_rows]:
+                lines.append("  " + _describe_leaf(c))
+            if len(bad) > max_rows:
+                lines.append(f"  … and {len(bad) - max_rows} more")
+        if self.numeric:
+            lines.append(f"device: {self.device}")
+            for form, t in self.timings.items():
+                lines.append(
+                    f"{form:>5}: compile {t.compile_s:.3f} s, step {t.step_s * 1e3:.3f} ms"
+                )
+            nbad = sum(not r.passed for r in self.rows)
+            layers = sorted({r.layer for r in self.rows if r.layer is not None})
+            lines.append(
+                f"intermediates: {len(self.rows)} compared"
+                + (f" over {len(layers)} layers" if layers else "")
+                + f", {nbad} outside atol + rtol·|loop| ("
+                + ", ".join(f"{d}: {a:g}, {r:g}" for d, (a, r) in self.tolerances.items())
+                + ")"
+                + (f"; first wrong layer: {self.first_bad_layer}" if self.first_bad_layer is not None else "")
+            )
+            head = f"  {'layer':>5}  {'intermediate':<44} {'max|Δ|':>10} {'mean|Δ|':>10} {'max rel':>10}  "
+            lines.append(head)
+            for r in self.rows[:max_rows]:
+                layer = "-" if r.layer is None else str(r.layer)
+                lines.append(
+                    f"  {layer:>5}  {r.name[-44:]:<44} {r.max_abs:10.3g} {r.mean_abs:10.3g} "
+                    f"{r.max_rel:10.3g}  {'ok' if r.passed else 'FAIL'}"
+                )
+            if len(self.rows) > max_rows:
+                lines.append(f"  … {len(self.rows) - max_rows} more rows (--json for all)")
+            for name in self.unmatched[:5]:
+                lines.append(f"  not compared (only in one form): {name}")
+        lines.append("PASS" if self.passed else "FAIL")
+        return "\n".join(lines)
+
+
+def _describe_leaf(c: LeafCheck) -> str:
+    if c.status == "differs":
+        where = f" in layers {_ranges(c.layers)}" if c.layers else ""
+        return f"{c.path}: values differ{where} (max |Δ| {c.max_abs:.3g})"
+    if c.status in ("shape", "dtype"):
+        return f"{c.path}: expected {c.status} {c.expected}, found {c.found}"
+    if c.status == "missing":
+        return f"{c.path}: missing from SCAN (expected {c.expected})"
+    return f"{c.path}: in SCAN but not in to_scan(LOOP) ({c.found})"
+
+
+def _ranges(xs: Sequence[int]) -> str:
+    return ", ".join(map(str, xs[:12])) + (f" … ({len(xs)} layers)" if len(xs) > 12 else "")
+
+
+def _finite(x: Any) -> Any:
+    """JSON has no inf/nan: write them as strings."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+# --------------------------------------------------------------------------
+# Structure
+
+
+def _flat(t: Any) -> dict[tuple, Any]:
+    return {p: x for p, x in treelib.leaves_with_paths(t)}
+
+
+def _describe(x: Any) -> str:
+    shape, dtype = treelib.leaf_shape(x), treelib.leaf_dtype(x)
+    if shape is None:
+        return repr(x)
+    return f"{dtype}{list(shape)}"
+
+
+def check_structure(
+    loop: Any, scan: Any, *, pattern: str | None = None, into: str = "blocks", axis: int = 0
+) -> list[LeafCheck]:
+    """Compare SCAN with ``to_scan(LOOP)`` leaf by leaf, layer by layer."""
+    expected = treelib.to_scan(loop, pattern=pattern, into=into, axis=axis)
+    targets = {g.target for g in treelib.find_groups(loop, pattern, into=into)}
+    want, got = _flat(expected), _flat(scan)
+    checks = []
+    for p, e in want.items():
+        name = treelib.format_path(p)
+        if p not in got:
+            checks.append(LeafCheck(name, "missing", expected=_describe(e)))
+            continue
+        f = got[p]
+        se, sf = treelib.leaf_shape(e), treelib.leaf_shape(f)
+        if se != sf:
+            checks.append(LeafCheck(name, "shape", str(se), str(sf)))
+            continue
+        de, df = treelib.leaf_dtype(e), treelib.leaf_dtype(f)
+        if de != df:
+            checks.append(LeafCheck(name, "dtype", str(de), str(df)))
+            continue
+        if se is None:
+            same = e == f
+            checks.append(LeafCheck(name, "equal" if same else "differs", repr(e), repr(f)))
+            continue
+        a = np.asarray(treelib._unbox(e))
+        b = np.asarray(treelib._unbox(f))
+        if a.tobytes() == b.tobytes():
+            checks.append(LeafCheck(name, "equal"))
+            continue
+        stacked = any(p[: len(t)] == t for t in targets)
+        layers: list[int] = []
+        if stacked:
+            for i in range(a.shape[axis]):
+                if np.take(a, i, axis).tobytes() != np.take(b, i, axis).tobytes():
+                    layers.append(i)
+        checks.append(LeafCheck(name, "differs", layers=layers, max_abs=_max_abs(a, b)))
+    for p, f in got.items():
+        if p not in want:
+            checks.append(LeafCheck(treelib.format_path(p), "unexpected", found=_describe(f)))
+    return checks
+
+
+def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    if a.dtype.kind in "fciu" or a.dtype.name == "bfloat16":
+        with np.errstate(invalid="ignore"):
+            d = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        return float(np.nanmax(d)) if d.size else 0.0
+    return float("nan")
+
+
+# --------------------------------------------------------------------------
+# Numbers
+
+
+def resolve(target: str) -> Any:
+    """``"package.module:attr"`` -> the object."""
+    mod, sep, attr = target.partition(":")
+    if not sep or not mod or not attr:
+        raise VerifyError(
+            f"{target!r}: expected MODULE:ATTR, for example ckptconv.models:NormAttentionBlock."
+        )
+    try:
+        obj: Any = importlib.import_module(mod)
+    except ImportError as e:
+        raise VerifyError(f"{target!r}: cannot import {mod!r} ({e}). Is it on PYTHONPATH?") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise VerifyError(f"{target!r}: module {mod!r} has no attribute {attr!r}.")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _variables(t: Any) -> dict[str, Any]:
+    """The model variables in a checkpoint tree: its collections if it has
+    ``params`` at the top (optimizer state and the rest left out), else the
+    whole tree as params."""
+    if isinstance(t, dict) and "params" in t:
+        return {k: t[k] for k in ("params", "batch_stats") if k in t}
+    return {"params": t}
+
+
+def _run(module: Any, variables: Any, inputs: tuple, repeats: int) -> tuple[Any, Timing]:
+    def fn(v: Any, *a: Any) -> Any:
+        return module.apply(v, *a, capture_intermediates=True, mutable=True)
+
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(variables, *inputs).compile()
+    compile_s = time.perf_counter() - start
+    out = jax.block_until_ready(compiled(variables, *inputs))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        jax.block_until_ready(compiled(variables, *inputs))
+    step_s = (time.perf_counter() - start) / max(repeats, 1)
+    return jax.device_get(out), Timing(compile_s, step_s)
+
+
+def _tolerance(dtype: np.dtype, atol: float | None, rtol: float | None) -> tuple[float, float]:
+    if dtype.kind in "iub":
+        return _EXACT
+    da, dr = DEFAULT_TOLERANCES.get(dtype.name, DEFAULT_TOLERANCES["float32"])
+    return (da if atol is None else atol, dr if rtol is None else rtol)
+
+
+def _compare(name: str, layer: int | None, a: np.ndarray, b: np.ndarray, atol: float | None, rtol: float | None) -> Row:
+    dtype = np.dtype(a.dtype)
+    at, rt = _tolerance(dtype, atol, rtol)
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    if x.shape != y.shape:
+        return Row(layer, name, dtype.name, math.inf, math.inf, math.inf, math.inf, False)
+    d = np.abs(x - y)
+    d = np.where(np.isnan(x) & np.isnan(y), 0.0, d)
+    d = np.where(np.isnan(d), math.inf, d)
+    if d.size == 0:
+        return Row(layer, name, dtype.name, 0.0, 0.0, 0.0, 0.0, True)
+    bound = at + rt * np.abs(x)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(d == 0, 0.0, d / np.abs(x))
+        ratio = np.where(d == 0, 0.0, d / bound)
+    worst = float(ratio.max())
+    return Row(
+        layer, name, dtype.name, float(d.max()), float(d.mean()), float(rel.max()), worst,
+        bool((d <= bound).all()),
+    )
+
+
+def compare_intermediates(
+    loop_inter: Any, scan_inter: Any, *, pattern: str | None, into: str,
+    atol: float | None = None, rtol: float | None = None,
+) -> tuple[list[Row], list[str]]:
+    """Rows for every intermediate of every layer (worst first), and the names
+    found in only one form."""
+    expected = treelib.to_scan(loop_inter, pattern=pattern, into=into, axis=0)
+    targets = {g.target for g in treelib.find_groups(loop_inter, pattern, into=into)}
+    want, got = _flat(expected), _flat(scan_inter)
+    rows: list[Row] = []
+    for p, e in want.items():
+        if p not in got:
+            continue
+        a, b = np.asarray(e), np.asarray(got[p])
+        target = next((t for t in targets if p[: len(t)] == t), None)
+        if target is None:
+            rows.append(_compare(_inter_name(p), None, a, b, atol, rtol))
+            continue
+        name = _inter_name(p[len(target):])
+        if a.shape != b.shape:
+            rows.append(_compare(name, None, a, b, atol, rtol))
+            continue
+        for i in range(a.shape[0]):
+            rows.append(_compare(name, i, a[i], b[i], atol, rtol))
+    unmatched = [treelib.format_path(p) for p in want if p not in got]
+    unmatched += [treelib.format_path(p) for p in got if p not in want]
+    rows.sort(key=lambda r: (r.passed, -r.worst, r.layer if r.layer is not None else -1))
+    return rows, unmatched
+
+
+def _inter_name(path: Sequence[Any]) -> str:
+    """``('self_attention', '__call__', 0)`` -> ``self_attention/__call__[0]``."""
+    out = ""
+    for k in path:
+        out += f"[{k}]" if isinstance(k, int) else (f"/{k}" if out else str(k))
+    return out
+
+
+def _load(path: str | Path | Any) -> tuple[str, Any]:
+    if isinstance(path, (str, Path)):
+        from ckptconv.io import load
+
+        return str(path), load(path)
+    return "<tree>", path
+
+
+def verify(
+    loop: Any,
+    scan: Any,
+    *,
+    pattern: str | None = None,
+    into: str = "blocks",
+    axis: int = 0,
+    block: str | Any | None = None,
+    block_kwargs: dict[str, Any] | None = None,
+    model: str | Callable[..., Any] | None = None,
+    inputs: Sequence[Any] | None = None,
+    input_shape: Sequence[int] | None = None,
+    seed: int = 0,
+    atol: float | None = None,
+    rtol: float | None = None,
+    repeats: int = 5,
+) -> Report:
+    """Check that ``scan`` is the conversion of ``loop``, and that both compute alike.
+
+    Args:
+      loop, scan: checkpoint paths or in-memory trees.
+      pattern, into, axis: the options the conversion used (as `to_scan`).
+      block: ``"module:Class"`` or a Flax module class for ONE layer, called as
+        ``block(x)``; the N-layer loop and scan models are built around it
+        (N from the checkpoint).
+      block_kwargs: keyword arguments for ``block`` (or for ``model``).
+      model: ``"module:function"`` or a function returning
+        ``(loop_module, scan_module, inputs)``.
+      inputs: positional inputs for ``block`` models (default: random normal
+        of ``input_shape`` drawn with ``seed``).
+      atol, rtol: tolerances (default by dtype: `DEFAULT_TOLERANCES`; integer
+        outputs such as tokens must match exactly).
+      repeats: step-time runs per form.
+
+    Returns:
+      A `Report`; ``report.passed`` is the verdict.
+
+    Raises:
+      VerifyError: bad targets or inputs; CkptconvError: unreadable checkpoints.
+    """
+    if block is not None and model is not None:
+        raise VerifyError("give --block or --model, not both.")
+    loop_name, loop_tree = _load(loop)
+    scan_name, scan_tree = _load(scan)
+    report = Report(loop_name, scan_name, check_structure(loop_tree, scan_tree, pattern=pattern, into=into, axis=axis))
+    if block is None and model is None:
+        return report
+    groups = treelib.find_groups(loop_tree, pattern, into=into)
+    template = groups[0].template
+    if model is not None:
+        fn = resolve(model) if isinstance(model, str) else model
+        try:
+            loop_module, scan_module, model_inputs = fn(**(block_kwargs or {}))
+        except TypeError as e:
+            raise VerifyError(f"--model {model}: {e}. Check --block-kwargs.") from e
+        model_inputs = tuple(model_inputs) if isinstance(model_inputs, (tuple, list)) else (model_inputs,)
+        if inputs is not None:
+            model_inputs = tuple(inputs)
+    else:
+        from ckptconv import models
+
+        cls = resolve(block) if isinstance(block, str) else block
+        n = groups[0].num_layers
+        loop_module = models.LoopModel(block=cls, num_layers=n, block_kwargs=block_kwargs or {}, pattern=template)
+        scan_module = models.ScanModel(block=cls, num_layers=n, block_kwargs=block_kwargs or {}, into=into, axis=axis)
+        if inputs is None:
+            if input_shape is None:
+                raise VerifyError("--block needs --input-shape B,T,D or --input FILE.npy.")
+            rng = np.random.default_rng(seed)
+            inputs = (rng.standard_normal(tuple(input_shape)).astype(np.float32),)
+        model_inputs = tuple(inputs)
+    try:
+        (_, loop_state), t_loop = _run(loop_module, _variables(loop_tree), model_inputs, repeats)
+        (_, scan_state), t_scan = _run(scan_module, _variables(scan_tree), model_inputs, repeats)
+    except CkptconvError:
+        raise
+    except Exception as e:  # a model that does not fit its checkpoint
+        raise VerifyError(
+            f"running the models failed ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
+            "Check that --block/--model and --block-kwargs match the checkpoints "
+            "(hidden size, heads, layer count) and the input shape; --debug shows the traceback."
+        ) from e
+    rows, unmatched = compare_intermediates(
+        loop_state.get("intermediates", {}), scan_state.get("intermediates", {}),
+        pattern=template, into=into, atol=atol, rtol=rtol,
+    )
+    dev = jax.devices()[0]
+    report.numeric = True
+    report.rows = rows
+    report.unmatched = unmatched
+    report.device = f"{dev.platform}:{dev.id} ({getattr(dev, 'device_kind', '')})"
+    report.atol, report.rtol = atol, rtol
+    report.tolerances = {
+        r.dtype: _tolerance(jax.numpy.dtype(r.dtype), atol, rtol) for r in rows
+    }
+    report.timings = {"loop": t_loop, "scan": t_scan}
+    return report
