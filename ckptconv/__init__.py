@@ -14,6 +14,7 @@ from ckptconv.errors import (
 )
 from ckptconv.io import load, save
 from ckptconv.tree import Group, Stacked, find_groups, find_stacks, to_loop, to_scan
+from ckptconv.verify import Report, verify
 
 __all__ = [
     "CkptconvError",
@@ -22,6 +23,7 @@ __all__ = [
     "GroupError",
     "NothingToConvertError",
     "OutputExistsError",
+    "Report",
     "Result",
     "Stacked",
     "VerifyError",
@@ -32,4 +34,5 @@ __all__ = [
     "save",
     "to_loop",
     "to_scan",
+    "verify",
 ]
