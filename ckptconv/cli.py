@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from ckptconv import convert as convert_mod
+from ckptconv.convert import convert as run_convert
 from ckptconv import report as report_mod
 from ckptconv import tree
 from ckptconv.errors import CkptconvError
@@ -150,10 +150,10 @@ def _run_convert(ctx: click.Context, src: Path, dst: Path, to: str, **kw: Any) -
     with _errors(ctx):
         # Plan first (reads metadata only) so the progress bar knows its total.
         start = time.perf_counter()
-        result = convert_mod.convert(src, dst, to=to, **{**kw, "dry_run": True})
+        result = run_convert(src, dst, to=to, **{**kw, "dry_run": True})
         if not dry_run:
             with _progress(result.nbytes, f"to-{to}") as update:
-                result = convert_mod.convert(src, dst, to=to, progress=update, **kw)
+                result = run_convert(src, dst, to=to, progress=update, **kw)
         elapsed = time.perf_counter() - start
     for item in result.items:
         prefix = f"[{item.name}] " if item.name else ""
@@ -238,7 +238,7 @@ def verify(
 
     Exit code 0: equal within tolerance; 1: a difference; 2: bad input.
     """
-    from ckptconv import verify as verify_mod
+    from ckptconv.verify import verify as run_verify
 
     try:
         kwargs = json.loads(block_kwargs)
@@ -253,7 +253,7 @@ def verify(
             import numpy as np
 
             inputs = (np.load(input_file),)
-        rep = verify_mod.verify(
+        rep = run_verify(
             loop, scan, pattern=pattern, into=into, axis=axis, block=block,
             block_kwargs=kwargs, model=model, inputs=inputs, input_shape=shape,
             seed=seed, atol=atol, rtol=rtol,

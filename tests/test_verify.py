@@ -1,0 +1,197 @@
+"""ckptconv verify: structural check, numeric check, report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import ckptconv
+from ckptconv import models
+
+KW = {"hidden_dim": 16, "num_heads": 2}
+KW_JSON = json.dumps(KW)
+N = 3
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A seed-1 loop checkpoint and its conversion, as Orbax directories."""
+    d = tmp_path_factory.mktemp("verify")
+    loop, _, inputs = models.seed1(num_layers=N, **KW)
+    params = {"params": models.init_loop_params(loop, inputs, seed=4)}
+    ckptconv.save(params, d / "loop")
+    ckptconv.save(ckptconv.to_scan(params), d / "scan")
+    return d / "loop", d / "scan", params
+
+
+def _tampered(pair, tmp_path, change):
+    _, _, params = pair
+    scan = ckptconv.to_scan(params)
+    change(scan["params"]["blocks"])
+    ckptconv.save(scan, tmp_path / "bad")
+    return tmp_path / "bad"
+
+
+def test_correct_conversion_passes_structure_only(pair, cli):
+    loop, scan, _ = pair
+    r = cli("verify", loop, scan)
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines() == [
+        f"verify {loop} (loop) against {scan} (scan)",
+        "structure: OK, 12 leaves equal to to_scan(LOOP) bit for bit",
+        "PASS",
+    ]
+
+
+def test_correct_conversion_passes_with_block(pair, cli, tmp_path):
+    loop, scan, _ = pair
+    out = tmp_path / "report.json"
+    r = cli("verify", loop, scan, "--block", "ckptconv.models:NormAttentionBlock",
+            "--block-kwargs", KW_JSON, "--input-shape", "2,8,16", "--json", out)
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[2] == "device: cpu:0 (cpu)"
+    assert lines[3].startswith(" loop: compile ") and lines[4].startswith(" scan: compile ")
+    assert lines[-1] == "PASS"
+    rep = json.loads(out.read_text())
+    assert rep["passed"] is True and rep["numeric_passed"] is True
+    layer_rows = [r for r in rep["rows"] if r["layer"] is not None]
+    assert sorted({r["layer"] for r in layer_rows}) == [0, 1, 2]
+    names = {r["name"] for r in layer_rows}
+    assert {"RMSNorm_0/__call__[0]", "RMSNorm_1/__call__[0]", "Dense_0/__call__[0]", "self_attention/__call__[0]"} <= names
+    # float32 seed model: the two forms agree to 1e-6 (bit for bit on CPU here).
+    assert max(r["max_abs"] for r in rep["rows"]) <= 1e-6
+    assert set(rep["timings"]) == {"loop", "scan"} and rep["timings"]["scan"]["compile_s"] > 0
+
+
+def test_one_element_off_by_1e3_is_named(pair, cli, tmp_path):
+    loop, _, _ = pair
+
+    def bump(blocks):
+        blocks["RMSNorm_1"]["scale"][2, 5] += 1e-3
+
+    bad = _tampered(pair, tmp_path, bump)
+    r = cli("verify", loop, bad)
+    assert r.exit_code == 1, r.output
+    assert "structure: 1 of 12 leaves differ from to_scan(LOOP):" in r.output
+    assert "  params/blocks/RMSNorm_1/scale: values differ in layers 2 (max |Δ| 0.001)" in r.output
+    rep = ckptconv.verify(loop, bad)
+    (leaf,) = [c for c in rep.leaves if not c.ok]
+    assert (leaf.path, leaf.layers) == ("params/blocks/RMSNorm_1/scale", [2])
+    assert leaf.max_abs == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_swapped_layers_fail_numerically_at_first_wrong_layer(pair, tmp_path):
+    loop, _, _ = pair
+
+    def swap(blocks):
+        for sub in blocks["self_attention"].values():
+            for name, leaf in sub.items():
+                sub[name] = leaf[[0, 2, 1]]
+
+    bad = _tampered(pair, tmp_path, swap)
+    rep = ckptconv.verify(loop, bad, block=models.NormAttentionBlock, block_kwargs=KW, input_shape=(2, 8, 16))
+    assert not rep.passed and not rep.numeric_passed
+    assert rep.first_bad_layer == 1
+    assert all(r.passed for r in rep.rows if r.layer == 0)
+    assert not rep.rows[0].passed and rep.rows[0].worst > 1
+    assert "first wrong layer: 1" in rep.table()
+
+
+def test_swapped_layers_exit_1_on_cli(pair, cli, tmp_path):
+    loop, _, _ = pair
+
+    def swap(blocks):
+        blocks["Dense_0"]["kernel"] = blocks["Dense_0"]["kernel"][[1, 0, 2]]
+
+    bad = _tampered(pair, tmp_path, swap)
+    r = cli("verify", loop, bad, "--block", "ckptconv.models:NormAttentionBlock", "--block-kwargs", KW_JSON, "--input-shape", "2,4,16", "--json", "-")
+    assert r.exit_code == 1
+    rep = json.loads(r.output)
+    assert rep["passed"] is False and rep["first_bad_layer"] == 0
+    assert [c["layers"] for c in rep["leaves"] if c["status"] != "equal"] == [[0, 1]]
+
+
+def test_wrong_axis_is_caught(pair, cli, tmp_path):
+    loop, _, params = pair
+    ckptconv.save(ckptconv.to_scan(params, axis=1), tmp_path / "axis1")
+    r = cli("verify", loop, tmp_path / "axis1")
+    assert r.exit_code == 1
+    assert "  params/blocks/Dense_0/kernel: expected shape (3, 16, 16), found (16, 3, 16)" in r.output
+    r = cli("verify", loop, tmp_path / "axis1", "--axis", "1")
+    assert r.exit_code == 0, r.output
+
+
+def test_layer_left_at_random_init_is_caught(pair, tmp_path):
+    loop, _, _ = pair
+    _, scan_model, (x,) = models.seed1(num_layers=N, **KW)
+    import jax
+
+    fresh = scan_model.init(jax.random.PRNGKey(99), x)["params"]["blocks"]
+
+    def reinit_layer_1(blocks):
+        for path, leaf in ckptconv.tree.leaves_with_paths(blocks):
+            src = fresh
+            for k in path:
+                src = src[k]
+            leaf[1] = np.asarray(src)[1]
+
+    bad = _tampered(pair, tmp_path, reinit_layer_1)
+    rep = ckptconv.verify(loop, bad, block=models.NormAttentionBlock, block_kwargs=KW, input_shape=(2, 8, 16))
+    assert not rep.passed and rep.first_bad_layer == 1
+    # zero-initialised biases and unit norm scales are the same in a fresh init
+    assert {c.path for c in rep.leaves if not c.ok} == {f"params/blocks/{p}" for p in (
+        "Dense_0/kernel", "self_attention/key/kernel", "self_attention/out/kernel",
+        "self_attention/query/kernel", "self_attention/value/kernel")}
+
+
+def test_causal_lm_with_kv_cache_decodes_the_same(tmp_path, cli):
+    cfg = {"num_layers": 3, "hidden_dim": 16, "num_heads": 2, "vocab_size": 32, "prompt_len": 5, "decode_steps": 3}
+    loop, _, inputs = models.causal_lm(**cfg)
+    params = {"params": models.init_loop_params(loop, inputs, seed=1)}
+    ckptconv.save(params, tmp_path / "lm", format="msgpack")
+    assert cli("to-scan", tmp_path / "lm", tmp_path / "lm_scan").exit_code == 0
+    r = cli("verify", tmp_path / "lm", tmp_path / "lm_scan", "--model", "ckptconv.models:causal_lm",
+            "--block-kwargs", json.dumps(cfg), "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    rows = {(row["name"], row["layer"]): row for row in rep["rows"]}
+    for step in range(cfg["decode_steps"]):
+        tok = rows[(f"step_tokens[{step}]", None)]
+        assert tok["dtype"] == "int32" and tok["max_abs"] == 0 and tok["passed"]
+    for step in range(cfg["decode_steps"] + 1):
+        assert rows[(f"step_logits[{step}]", None)]["max_abs"] <= 1e-5
+    # every layer's attention output at every decode step was compared
+    assert all(("self_attention/__call__[%d]" % c, i) in rows for c in range(4) for i in range(3))
+
+
+def test_bfloat16_model_passes_with_default_tolerance(tmp_path):
+    kw = {**KW, "dtype": "bfloat16"}
+    loop, _, inputs = models.seed0(num_layers=N, **kw)
+    params = {"params": models.init_loop_params(loop, inputs)}
+    rep = ckptconv.verify(params, ckptconv.to_scan(params), block=models.AttentionDenseBlock, block_kwargs=kw, input_shape=(2, 8, 16))
+    assert rep.passed, rep.table()
+    assert rep.tolerances["bfloat16"] == (2e-2, 2e-2)
+    assert any(r.dtype == "bfloat16" for r in rep.rows)
+
+
+def test_report_object_for_pipelines(pair):
+    loop, scan, _ = pair
+    rep = ckptconv.verify(loop, scan, block="ckptconv.models:NormAttentionBlock", block_kwargs=KW, input_shape=(1, 4, 16), atol=1e-6, rtol=0)
+    assert isinstance(rep, ckptconv.Report) and rep.passed
+    assert rep.rows == sorted(rep.rows, key=lambda r: (r.passed, -r.worst, r.layer if r.layer is not None else -1))
+    assert {r.layer for r in rep.rows} == {None, 0, 1, 2}
+
+
+def test_bad_targets_exit_2(pair, cli):
+    loop, scan, _ = pair
+    r = cli("verify", loop, scan, "--block", "ckptconv.models:Nope", "--input-shape", "1,4,16")
+    assert r.exit_code == 2
+    assert "Error: 'ckptconv.models:Nope': module 'ckptconv.models' has no attribute 'Nope'." in r.output
+    r = cli("verify", loop, scan, "--block", "ckptconv.models:NormAttentionBlock")
+    assert r.exit_code == 2 and "Error: --block needs --input-shape B,T,D or --input FILE.npy." in r.output
+    r = cli("verify", loop, scan, "--block", "ckptconv.models:NormAttentionBlock", "--input-shape", "1,4,8",
+            "--block-kwargs", KW_JSON)
+    assert r.exit_code == 2 and "Error: running the models failed" in r.output and "Traceback" not in r.output
