@@ -363,9 +363,18 @@ def find_stacks(tree: Any, source: str = "blocks", *, axis: int = 0) -> list[Sta
 # Stacking
 
 
-def _check_members(group_path: tuple, keys: tuple, members: list[Any]) -> None:
-    """Raise one GroupError listing every leaf where a layer differs from layer 0."""
+def _check_members(group_path: tuple, keys: tuple, members: list[Any], axis: int) -> None:
+    """Raise one GroupError listing every leaf where a layer differs from layer 0,
+    or that has too few dimensions for the layer axis."""
     ref = leaves_with_paths(members[0])
+    for p, x in ref:
+        shape = leaf_shape(x)
+        if shape is not None and len(shape) < axis:
+            raise GroupError(
+                f"{format_path(group_path + (keys[0],) + p)}: shape {shape} has no room "
+                f"for a layer axis at position {axis} (layer 0). Use a smaller --axis, "
+                "or leave this leaf out with --pattern."
+            )
     ref_paths = {p: x for p, x in ref}
     problems: list[str] = []
     name0 = format_path(group_path + (keys[0],))
@@ -520,7 +529,7 @@ def to_scan(
         if here and here[0].template == "{i}":
             g = here[0]
             members = [node[k] for k in g.keys]
-            _check_members(path, g.keys, members)
+            _check_members(path, g.keys, members, axis)
             return _stack_trees(members, axis, axis_name)
         if here:
             return _stack_groups(node, path, here, into, axis, axis_name, convert)
@@ -547,7 +556,7 @@ def _stack_groups(
         )
     g = groups[0]
     members = [node[k] for k in g.keys]
-    _check_members(path, g.keys, members)
+    _check_members(path, g.keys, members, axis)
     stacked = _stack_trees(members, axis, axis_name)
     items: list[tuple[Any, Any]] = []
     member_keys = set(g.keys)

@@ -123,6 +123,12 @@ def test_stacking_layers_with_0d_leaves():
     np.testing.assert_array_equal(out["blocks"]["gate"], np.array([0, 1, 2], np.float32))
 
 
+def test_0d_leaf_cannot_take_axis_1():
+    t = {f"layer_{i}": {"gate": np.float32(i), "w": np.zeros((2, 2))} for i in range(2)}
+    with pytest.raises(ckptconv.GroupError, match=r"^layer_0/gate: shape \(\) has no room for a layer axis at position 1 \(layer 0\)\."):
+        ckptconv.to_scan(t, axis=1)
+
+
 def test_digit_keyed_nnx_list_stacks_in_place_and_back():
     t = {"model": {"layers": {str(i): _layer(np.random.default_rng(i)) for i in range(3)}, "head": {"w": np.ones(2)}}}
     (g,) = ckptconv.find_groups(t)

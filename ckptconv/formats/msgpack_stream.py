@@ -1,0 +1,1036 @@
+"""Streaming, bounded-memory reading and writing of Flax msgpack checkpoints.
+
+Flax (``flax.serialization.msgpack_serialize`` / ``to_bytes``, and the
+``checkpoint_<step>`` files of ``flax.training.checkpoints``) writes one msgpack
+object, normally a map. Its array leaves are msgpack *ext* values:
+
+* ext 1 (ndarray): the payload is itself msgpack,
+  ``[shape, dtype_name, raw_bytes]`` with the raw bytes in C order;
+* ext 2 (native complex): msgpack ``[real, imag]``;
+* ext 3 (numpy scalar): like ext 1, for a 0-d array turned back into a scalar.
+
+Arrays bigger than ``flax.serialization.MAX_CHUNK_SIZE`` bytes that are reached
+from the root through maps only (never through a list) are written as a map
+``{"__msgpack_chunked_array__": True, "shape": {"0": d0, ...},
+"chunks": {"0": flat_chunk_0, ...}}`` of 1-d chunks of at most
+``MAX_CHUNK_SIZE // itemsize`` elements.
+
+This module parses that structure itself over a memory map, so reading the
+layout of a checkpoint of any size touches only the headers, and writes a new
+checkpoint leaf by leaf, straight from views of the input.
+
+Byte spans (``Ref.source``) for msgpack:
+
+* a plain array: ``(offset, nbytes)``, the raw array bytes in the file;
+* a chunked array: a tuple of such pairs, ``((offset, nbytes), ...)``, one per
+  chunk in order; the array is their concatenation (C order), reshaped.
+  Even a one-chunk array uses this nested form, so it stays recognisable.
+
+`spans` turns either form into the tuple of pairs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import mmap
+import os
+import secrets
+import struct
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import ml_dtypes
+import msgpack
+import numpy as np
+
+from ckptconv.errors import FormatError
+from ckptconv.lazy import LAZY, Ref, Slice, Stack
+
+__all__ = [
+    "encoded_size",
+    "is_msgpack",
+    "load",
+    "read_array",
+    "read_lazy",
+    "save",
+    "spans",
+    "write",
+]
+
+_EXT_NDARRAY = 1
+_EXT_COMPLEX = 2
+_EXT_NPSCALAR = 3
+_EXT_TIMESTAMP = -1
+_CHUNKED = "__msgpack_chunked_array__"
+
+# The reader and writer cut data into pieces of at most this many bytes: the
+# size of one gathered block (bounds memory) and of one write (paces progress).
+_BLOCK = 32 << 20
+# Output segments at least this long are written straight from the input
+# mapping; shorter ones (a layer axis deep inside small rows) are gathered into
+# blocks with numpy first, since one write per tiny segment would be slow.
+_SEG_MIN = 64 << 10
+# The largest page-cache folio the kernel may map at once (x86-64 PMD size).
+_FOLIO = 2 << 20
+# Writes shorter than this are collected and written together.
+_SMALL = 64 << 10
+_FLUSH = 1 << 20
+
+_INCOMPLETE = "is not a complete msgpack checkpoint"
+_ADVICE = (
+    "The file may be truncated (an interrupted copy or save) or not a Flax msgpack "
+    "checkpoint; copy or save it again."
+)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _keypath(path: list[Any]) -> str:
+    return "/".join(str(k) for k in path) or "<root>"
+
+
+def _dtype_from_name(name: str) -> np.dtype:
+    # As flax does: bfloat16 comes from ml_dtypes; numpy knows the other
+    # ml_dtypes names (float8_*, int4 ...) once ml_dtypes is imported.
+    if name == "bfloat16":
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+class _Parser:
+    """A msgpack parser over a buffer that records array payloads as spans."""
+
+    def __init__(self, buf: Any, path: str) -> None:
+        self.buf = buf
+        self.path = path
+        self.pos = 0
+        self.end = len(buf)
+        self.keys: list[Any] = []
+
+    def fail(self, what: str) -> FormatError:
+        where = f" at leaf '{_keypath(self.keys)}'" if self.keys else ""
+        return FormatError(
+            f"'{self.path}' {_INCOMPLETE}: {what}{where} (byte {self.pos} of "
+            f"{len(self.buf)}). {_ADVICE}"
+        )
+
+    def take(self, n: int) -> int:
+        start = self.pos
+        if start + n > self.end:
+            if self.end == len(self.buf):
+                raise self.fail(f"the data ends {start + n - self.end} bytes early")
+            raise self.fail("an array record is shorter than its contents")
+        self.pos = start + n
+        return start
+
+    def unpack(self, fmt: str, n: int) -> Any:
+        return struct.unpack_from(fmt, self.buf, self.take(n))[0]
+
+    def header(self) -> tuple[str, Any, Any]:
+        """Reads one type header: (kind, length or value, ext code)."""
+        b = self.buf[self.take(1)]
+        if b <= 0x7F:
+            return "int", b, None
+        if b >= 0xE0:
+            return "int", b - 0x100, None
+        if b <= 0x8F:
+            return "map", b & 0x0F, None
+        if b <= 0x9F:
+            return "array", b & 0x0F, None
+        if b <= 0xBF:
+            return "str", b & 0x1F, None
+        if b in _FIXED:
+            kind, fmt, n = _FIXED[b]
+            return kind, self.unpack(fmt, n), None
+        if 0xD4 <= b <= 0xD8:
+            return "ext", 1 << (b - 0xD4), self.unpack(">b", 1)
+        if b in _EXT_LEN:
+            fmt, n = _EXT_LEN[b]
+            length = self.unpack(fmt, n)
+            return "ext", length, self.unpack(">b", 1)
+        if b == 0xC0:
+            return "nil", None, None
+        if b == 0xC2:
+            return "bool", False, None
+        if b == 0xC3:
+            return "bool", True, None
+        self.pos -= 1
+        raise self.fail(f"byte 0x{b:02x} starts no msgpack value")
+
+    def value(self, via_dicts: bool) -> Any:
+        kind, arg, code = self.header()
+        if kind in ("int", "float", "nil", "bool"):
+            return arg
+        if kind == "str":
+            start = self.take(arg)
+            try:
+                return bytes(self.buf[start : start + arg]).decode("utf-8")
+            except UnicodeDecodeError:
+                self.pos = start
+                raise self.fail("a string is not valid UTF-8") from None
+        if kind == "bin":
+            start = self.take(arg)
+            return bytes(self.buf[start : start + arg])
+        if kind == "array":
+            out = []
+            for i in range(arg):
+                self.keys.append(i)
+                # Flax never chunks (nor unchunks) arrays below a list.
+                out.append(self.value(False))
+                self.keys.pop()
+            return out
+        if kind == "map":
+            return self.map(arg, via_dicts)
+        return self.ext(code, arg)
+
+    def map(self, n: int, via_dicts: bool) -> Any:
+        out: dict[Any, Any] = {}
+        for _ in range(n):
+            key_pos = self.pos
+            key = self.value(False)
+            try:
+                hash(key)
+            except TypeError:
+                self.pos = key_pos
+                raise self.fail("a map key is an array or a map") from None
+            self.keys.append(key)
+            out[key] = self.value(via_dicts)
+            self.keys.pop()
+        if via_dicts and _CHUNKED in out:
+            return self.unchunk(out)
+        return out
+
+    def unchunk(self, d: dict[Any, Any]) -> Ref:
+        """The Ref for a flax chunked-array map (as flax's ``_unchunk``)."""
+        try:
+            shape_d, chunks_d = d["shape"], d["chunks"]
+            shape = tuple(int(shape_d[str(i)]) for i in range(len(shape_d)))
+            chunks = [chunks_d[str(i)] for i in range(len(chunks_d))]
+        except (KeyError, TypeError, ValueError):
+            raise self.fail("a chunked array lacks its shape or chunks") from None
+        if not chunks or not all(isinstance(c, Ref) and len(c.shape) == 1 for c in chunks):
+            raise self.fail("a chunked array's chunks are not 1-d arrays")
+        dtype = chunks[0].dtype
+        if any(c.dtype != dtype for c in chunks):
+            raise self.fail("a chunked array's chunks differ in dtype")
+        ref = Ref(tuple(c.source for c in chunks), shape, dtype)
+        if sum(c.nbytes for c in chunks) != ref.nbytes:
+            raise self.fail(f"a chunked array's chunks do not fill its shape {shape}")
+        return ref
+
+    def ext(self, code: int, n: int) -> Any:
+        start = self.take(n)
+        if code in (_EXT_NDARRAY, _EXT_NPSCALAR):
+            shape, dtype, span = self.ndarray(start, n)
+            # Reading the header mapped its pages, and the page cache may hold
+            # the file in folios of up to 2 MiB, all mapped at once: drop them,
+            # or a header-only pass over a big file keeps ~2 MiB per array.
+            _dontneed(self.buf, max(0, start - _FOLIO), start + n)
+            if code == _EXT_NDARRAY:
+                return Ref(span, shape, dtype)
+            off, size = span
+            arr = np.frombuffer(bytes(self.buf[off : off + size]), dtype=dtype)
+            return arr.reshape(shape)[()]
+        data = bytes(self.buf[start : start + n])
+        if code == _EXT_COMPLEX:
+            try:
+                real, imag = msgpack.unpackb(data)
+                return complex(real, imag)
+            except (ValueError, TypeError, msgpack.UnpackException):
+                self.pos = start
+                raise self.fail("a complex number record is malformed") from None
+        if code == _EXT_TIMESTAMP:
+            # msgpack's unpacker decodes this one before flax's ext hook.
+            try:
+                return msgpack.Timestamp.from_bytes(data)
+            except ValueError:
+                self.pos = start
+                raise self.fail("a timestamp record is malformed") from None
+        return msgpack.ExtType(code, data)
+
+    def ndarray(self, start: int, n: int) -> tuple[tuple[int, ...], np.dtype, tuple[int, int]]:
+        """Parses ``[shape, dtype_name, raw]`` inside an ext payload."""
+        outer_end, self.pos, self.end = self.end, start, start + n
+        kind, count, _ = self.header()
+        if kind != "array" or count != 3:
+            raise self.fail("an array record is not [shape, dtype, data]")
+        kind, ndim, _ = self.header()
+        if kind != "array":
+            raise self.fail("an array record has no shape")
+        shape = []
+        for _ in range(ndim):
+            kind, dim, _ = self.header()
+            if kind != "int" or dim < 0:
+                raise self.fail("an array record has a bad shape")
+            shape.append(dim)
+        kind, length, _ = self.header()
+        if kind not in ("str", "bin"):
+            raise self.fail("an array record has no dtype name")
+        name_at = self.take(length)
+        name = bytes(self.buf[name_at : name_at + length]).decode("ascii", "replace")
+        try:
+            dtype = _dtype_from_name(name)
+        except TypeError:
+            self.pos = name_at
+            raise self.fail(f"unknown dtype {name!r}") from None
+        if dtype.hasobject:
+            self.pos = name_at
+            raise self.fail(f"dtype {name!r} holds Python objects")
+        kind, size, _ = self.header()
+        if kind not in ("bin", "str"):
+            raise self.fail("an array record has no data")
+        data_at = self.take(size)
+        if self.pos != self.end:
+            raise self.fail("an array record has trailing bytes")
+        if math.prod(shape) * dtype.itemsize != size:
+            self.pos = data_at
+            raise self.fail(
+                f"an array of shape {tuple(shape)} and dtype {name} has {size} bytes of data"
+            )
+        self.end = outer_end
+        return tuple(shape), dtype, (data_at, size)
+
+    def root(self) -> Any:
+        try:
+            tree = self.value(True)
+        except RecursionError:
+            raise self.fail("the structure is nested too deeply") from None
+        if self.pos != len(self.buf):
+            raise self.fail(f"{len(self.buf) - self.pos} bytes follow the end of the data")
+        return tree
+
+
+_FIXED = {
+    0xC4: ("bin", ">B", 1),
+    0xC5: ("bin", ">H", 2),
+    0xC6: ("bin", ">I", 4),
+    0xCA: ("float", ">f", 4),
+    0xCB: ("float", ">d", 8),
+    0xCC: ("int", ">B", 1),
+    0xCD: ("int", ">H", 2),
+    0xCE: ("int", ">I", 4),
+    0xCF: ("int", ">Q", 8),
+    0xD0: ("int", ">b", 1),
+    0xD1: ("int", ">h", 2),
+    0xD2: ("int", ">i", 4),
+    0xD3: ("int", ">q", 8),
+    0xD9: ("str", ">B", 1),
+    0xDA: ("str", ">H", 2),
+    0xDB: ("str", ">I", 4),
+    0xDC: ("array", ">H", 2),
+    0xDD: ("array", ">I", 4),
+    0xDE: ("map", ">H", 2),
+    0xDF: ("map", ">I", 4),
+}
+_EXT_LEN = {0xC7: (">B", 1), 0xC8: (">H", 2), 0xC9: (">I", 4)}
+
+
+_MADV = getattr(mmap, "MADV_DONTNEED", None)
+
+
+def _dontneed(buf: Any, start: int, stop: int) -> None:
+    """Unmaps bytes ``[start, stop)`` of a file mapping from this process.
+
+    The data stays in the page cache and is mapped again if touched; this only
+    keeps the process's resident size from growing with what it has read.
+    """
+    if isinstance(buf, mmap.mmap) and _MADV is not None:
+        start -= start % mmap.PAGESIZE
+        stop = min(stop, len(buf))
+        if stop > start:
+            buf.madvise(_MADV, start, stop - start)
+
+
+def _open_mmap(path: str) -> mmap.mmap:
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise FormatError(f"'{path}' {_INCOMPLETE}: the file is empty. {_ADVICE}")
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except FormatError:
+        raise
+    except OSError as e:
+        raise FormatError(
+            f"cannot read '{path}': {e.strerror or e}. Check the path and its permissions."
+        ) from e
+
+
+def _close(mm: mmap.mmap) -> None:
+    # Views handed out (read_array, load(copy=False)) keep the map alive; it
+    # closes itself when the last one goes.
+    try:
+        mm.close()
+    except BufferError:
+        pass
+
+
+def read_lazy(path: str | os.PathLike[str]) -> Any:
+    """Reads the structure of a Flax msgpack checkpoint without its array data.
+
+    The file is memory-mapped and only the msgpack headers are touched.
+
+    Args:
+      path: a file written by ``flax.serialization.msgpack_serialize`` or
+        ``to_bytes`` (e.g. a ``checkpoint_<step>`` file).
+
+    Returns:
+      The tree as ``msgpack_restore`` would give it, in the file's key order,
+      except that every array (ext 1, including flax's chunked arrays) is a
+      `ckptconv.lazy.Ref` whose ``source`` is its byte span(s) in the file
+      (see the module docstring). Maps are dicts, msgpack arrays are lists,
+      numpy scalars are numpy scalars, other values are Python values.
+
+    Raises:
+      FormatError: the file cannot be read or is not complete, valid msgpack.
+    """
+    path = os.fspath(path)
+    mm = _open_mmap(path)
+    try:
+        return _Parser(mm, path).root()
+    finally:
+        _close(mm)
+
+
+def is_msgpack(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a regular file holding one complete msgpack value.
+
+    This parses the whole structure (headers only), so it is exact, and costs
+    about as much as `read_lazy`.
+    """
+    if not os.path.isfile(path):
+        return False
+    try:
+        read_lazy(path)
+    except FormatError:
+        return False
+    return True
+
+
+def spans(ref: Ref) -> tuple[tuple[int, int], ...]:
+    """The byte spans ``((offset, nbytes), ...)`` holding ``ref``'s data, in order.
+
+    Raises:
+      FormatError: ``ref`` does not come from a msgpack file.
+    """
+    src = ref.source
+    try:
+        if len(src) == 2 and all(isinstance(v, int) for v in src):
+            return (src,)
+        if all(len(s) == 2 and all(isinstance(v, int) for v in s) for s in src):
+            return tuple(src)
+    except TypeError:
+        pass
+    raise FormatError(
+        f"array source {src!r} is not a byte span of a msgpack file; read the "
+        "tree with ckptconv.formats.msgpack_stream.read_lazy."
+    )
+
+
+def _as_buffer(src: Any) -> tuple[Any, str]:
+    if isinstance(src, (str, os.PathLike)):
+        return _open_mmap(os.fspath(src)), os.fspath(src)
+    return src, "the msgpack buffer"
+
+
+def _check_spans(sp: tuple[tuple[int, int], ...], size: int, name: str, where: str) -> None:
+    for off, n in sp:
+        if off < 0 or n < 0 or off + n > size:
+            raise FormatError(
+                f"array {where} lies at bytes {off}..{off + n} but '{name}' has {size} "
+                "bytes: the tree was read from another file, or the file changed since; "
+                "read it again with read_lazy."
+            )
+
+
+def read_array(src: Any, ref: Ref, *, copy: bool = False) -> np.ndarray:
+    """Reads one array of a msgpack checkpoint.
+
+    Args:
+      src: the file's path, or an open ``mmap`` / bytes-like object holding the
+        whole file.
+      ref: a `Ref` from `read_lazy` of that file.
+      copy: return an independent, writable array. Otherwise a plain array is a
+        read-only, zero-copy view on the mapping (which stays open as long as
+        the view lives; don't change the file meanwhile), and a chunked one is a
+        fresh concatenation.
+
+    Returns:
+      The array, with ``ref.shape`` and ``ref.dtype``.
+
+    Raises:
+      FormatError: the span does not fit in the file.
+    """
+    buf, name = _as_buffer(src)
+    sp = spans(ref)
+    _check_spans(sp, len(buf), name, f"of shape {ref.shape}")
+    dtype = np.dtype(ref.dtype)
+    parts = [
+        np.frombuffer(
+            buf, dtype=dtype, count=n // dtype.itemsize if dtype.itemsize else 0, offset=off
+        )
+        for off, n in sp
+    ]
+    arr = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    arr = arr.reshape(ref.shape)
+    if copy and len(parts) == 1:
+        arr = arr.copy()
+    return arr
+
+
+def _map_refs(tree: Any, fn: Callable[[Ref], Any]) -> Any:
+    if isinstance(tree, Ref):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: _map_refs(v, fn) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_map_refs(v, fn) for v in tree]
+    return tree
+
+
+def _load_one(mm: mmap.mmap, ref: Ref, copy: bool) -> np.ndarray:
+    arr = read_array(mm, ref, copy=copy)
+    if copy:
+        # The copy is all that is kept: unmap the file pages read for it, so
+        # loading costs the tree's size, not twice that.
+        for off, n in spans(ref):
+            _dontneed(mm, off, off + n)
+    return arr
+
+
+def load(path: str | os.PathLike[str], *, copy: bool = True) -> Any:
+    """Reads a whole msgpack checkpoint into numpy.
+
+    Args:
+      path: the checkpoint file.
+      copy: give independent, writable arrays (the file is then closed).
+        ``copy=False`` gives read-only views on a memory map of the file
+        instead, which costs no memory until the data is touched.
+
+    Returns:
+      The tree ``flax.serialization.msgpack_restore`` gives for the file's
+      bytes: same keys and order, same values and dtypes.
+
+    Raises:
+      FormatError: the file cannot be read or is not a complete checkpoint.
+    """
+    path = os.fspath(path)
+    mm = _open_mmap(path)
+    try:
+        lazy = _Parser(mm, path).root()
+        return _map_refs(lazy, lambda ref: _load_one(mm, ref, copy))
+    finally:
+        if copy:
+            _close(mm)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _map_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x80 | n,))
+    if n < 1 << 16:
+        return struct.pack(">BH", 0xDE, n)
+    return struct.pack(">BI", 0xDF, n)
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return struct.pack(">BH", 0xDC, n)
+    return struct.pack(">BI", 0xDD, n)
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 1 << 8:
+        return struct.pack(">BB", 0xC4, n)
+    if n < 1 << 16:
+        return struct.pack(">BH", 0xC5, n)
+    return struct.pack(">BI", 0xC6, n)
+
+
+_FIXEXT = {1: 0xD4, 2: 0xD5, 4: 0xD6, 8: 0xD7, 16: 0xD8}
+
+
+def _ext_header(code: int, n: int) -> bytes:
+    # The same choice msgpack's packer makes: fixext for lengths 1..16 that
+    # are powers of two, else the smallest ext8/16/32.
+    if n in _FIXEXT:
+        return struct.pack(">Bb", _FIXEXT[n], code)
+    if n < 1 << 8:
+        return struct.pack(">BBb", 0xC7, n, code)
+    if n < 1 << 16:
+        return struct.pack(">BHb", 0xC8, n, code)
+    return struct.pack(">BIb", 0xC9, n, code)
+
+
+def _ext_pack(x: Any) -> Any:
+    """Flax's ``_msgpack_ext_pack`` for the values that reach it here."""
+    if isinstance(x, np.generic):
+        a = np.asarray(x)
+        data = msgpack.packb((a.shape, a.dtype.name, a.tobytes("C")), use_bin_type=True)
+        return msgpack.ExtType(_EXT_NPSCALAR, data)
+    if isinstance(x, complex):
+        return msgpack.ExtType(_EXT_COMPLEX, msgpack.packb((x.real, x.imag)))
+    return x
+
+
+def _pack(x: Any) -> bytes:
+    # strict_types as flax: a bool is not an int, an np.float64 not a float.
+    return msgpack.packb(x, default=_ext_pack, strict_types=True)
+
+
+class _Strand:
+    """One input's share of an output array.
+
+    The input is the concatenation of ``spans`` of ``buf``; output row ``p``
+    takes ``seg`` bytes from input offset ``offset + p * stride``.
+    """
+
+    def __init__(self, buf: Any, sp: tuple[tuple[int, int], ...], stride: int, offset: int) -> None:
+        self.buf = buf
+        self.spans = sp
+        self.starts = []
+        total = 0
+        for _, n in sp:
+            self.starts.append(total)
+            total += n
+        self.stride = stride
+        self.offset = offset
+        self.view = memoryview(buf).cast("B") if buf is not None else None
+
+    def pieces(self, a: int, n: int) -> Iterator[memoryview]:
+        """Zero-copy views of input bytes ``[a, a + n)``."""
+        while n > 0:
+            i = bisect.bisect_right(self.starts, a) - 1
+            off, size = self.spans[i]
+            within = a - self.starts[i]
+            k = min(n, size - within, _BLOCK)
+            start = off + within
+            yield self.view[start : start + k]
+            self.release(start, start + k)
+            a += k
+            n -= k
+
+    def gather(self, a: int, b: int) -> np.ndarray:
+        """Input bytes ``[a, b)`` as a uint8 array (a view when in one span)."""
+        parts = [np.frombuffer(p, dtype=np.uint8) for p in self._spans_of(a, b)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _spans_of(self, a: int, b: int) -> Iterator[memoryview]:
+        while a < b:
+            i = bisect.bisect_right(self.starts, a) - 1
+            off, size = self.spans[i]
+            within = a - self.starts[i]
+            k = min(b - a, size - within)
+            yield self.view[off + within : off + within + k]
+            a += k
+
+    def release_range(self, a: int, b: int) -> None:
+        """`release` for input bytes ``[a, b)``."""
+        while a < b:
+            i = bisect.bisect_right(self.starts, a) - 1
+            off, size = self.spans[i]
+            within = a - self.starts[i]
+            k = min(b - a, size - within)
+            self.release(off + within, off + within + k)
+            a += k
+
+    def release(self, start: int, stop: int) -> None:
+        """Unmaps mapped bytes ``[start, stop)`` and one folio either side.
+
+        Pages of the input mapping already written out are dropped from this
+        process (they stay in the page cache), so resident memory stays near
+        one block instead of growing to the size of the input file. The page
+        cache may map up to a whole folio around what was touched, and over
+        many strands (layers) such leftovers would add up; the next piece
+        maps its folio again, cheaply.
+        """
+        _dontneed(self.buf, max(0, start - _FOLIO), stop + _FOLIO)
+
+
+class _Gather:
+    """The C-order bytes of one output array, as ``rows`` rows of strand segments.
+
+    Row ``p`` of the output is ``seg`` bytes of each strand in turn. A copy is
+    one row and one strand; a stack on axis ``k`` has one strand per part and
+    ``prod(shape[:k])`` rows; a slice on axis ``k`` has one strand striding over
+    the source.
+    """
+
+    def __init__(self, rows: int, seg: int, strands: list[_Strand]) -> None:
+        self.rows = rows
+        self.seg = seg
+        self.strands = strands
+        self.nbytes = rows * seg * len(strands)
+
+    def pieces(self, start: int, stop: int) -> Iterator[Any]:
+        """Output bytes ``[start, stop)`` as a sequence of buffers."""
+        seg = self.seg
+        rowbytes = seg * len(self.strands)
+        off = start
+        if seg >= _SEG_MIN or self.rows == 1:
+            while off < stop:
+                p, r = divmod(off, rowbytes)
+                j, s = divmod(r, seg)
+                n = min(seg - s, stop - off)
+                strand = self.strands[j]
+                yield from strand.pieces(strand.offset + p * strand.stride + s, n)
+                off += n
+            return
+        per_row = rowbytes + sum(st.stride for st in self.strands)
+        block_rows = max(1, _BLOCK // per_row)
+        while off < stop:
+            p0 = off // rowbytes
+            p1 = min(self.rows, p0 + block_rows, -(-stop // rowbytes))
+            block = self._rows(p0, p1)
+            lo = off - p0 * rowbytes
+            hi = min(stop - p0 * rowbytes, block.size)
+            yield memoryview(block[lo:hi])
+            off = p0 * rowbytes + hi
+
+    def _rows(self, p0: int, p1: int) -> np.ndarray:
+        block = np.empty((p1 - p0, len(self.strands), self.seg), np.uint8)
+        for j, st in enumerate(self.strands):
+            a = st.offset + p0 * st.stride
+            b = a + (p1 - p0 - 1) * st.stride + self.seg
+            raw = st.gather(a, b)
+            block[:, j, :] = np.lib.stride_tricks.as_strided(
+                raw, shape=(p1 - p0, self.seg), strides=(st.stride, 1), writeable=False
+            )
+            del raw
+            # Each input as soon as it is copied: one strand mapped at a time.
+            st.release_range(a, b)
+        return block.reshape(-1)
+
+
+class _Out:
+    """The output file: small writes are batched; reports progress."""
+
+    def __init__(self, f: Any, progress: Callable[[int], Any] | None) -> None:
+        self.f = f
+        self.progress = progress
+        self.buf = bytearray()
+
+    def put(self, data: Any) -> None:
+        n = len(data)
+        if n < _SMALL:
+            self.buf += data
+            if len(self.buf) >= _FLUSH:
+                self.flush()
+            return
+        self.flush()
+        self.f.write(data)
+        if self.progress is not None:
+            self.progress(n)
+
+    def payload(self, gather: _Gather, start: int, stop: int) -> None:
+        for piece in gather.pieces(start, stop):
+            self.put(piece)
+
+    def flush(self) -> None:
+        if self.buf:
+            self.f.write(self.buf)
+            if self.progress is not None:
+                self.progress(len(self.buf))
+            self.buf = bytearray()
+
+
+class _Count:
+    """A sink that only counts bytes (for `encoded_size`)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def put(self, data: Any) -> None:
+        self.n += len(data)
+
+    def payload(self, gather: _Gather, start: int, stop: int) -> None:
+        self.n += stop - start
+
+
+class _Emitter:
+    """Walks the output tree and writes it as flax would serialize it."""
+
+    def __init__(self, sink: Any, buf: Any, dst: str, sort_keys: bool, max_chunk: int) -> None:
+        self.sink = sink
+        self.buf = buf
+        self.dst = dst
+        self.sort_keys = sort_keys
+        self.max_chunk = max_chunk
+        self.strands: dict[tuple[Any, ...], _Strand] = {}
+        self.jax_array = _jax_array_type()
+
+    def fail(self, path: list[Any], what: str) -> FormatError:
+        return FormatError(f"cannot write '{self.dst}': leaf '{_keypath(path)}' {what}")
+
+    def node(self, x: Any, path: list[Any], via_dicts: bool) -> None:
+        if isinstance(x, (*LAZY, np.ndarray)) or (
+            self.jax_array is not None and isinstance(x, self.jax_array)
+        ):
+            self.array(x, path, via_dicts)
+        elif isinstance(x, Mapping):
+            keys = list(x)
+            if self.sort_keys:
+                # msgpack_serialize copies the tree with jax.tree_util, which
+                # sorts every dict's keys.
+                try:
+                    keys = sorted(keys)
+                except TypeError:
+                    raise self.fail(
+                        path, "has keys that cannot be sorted; write with sort_keys=False"
+                    ) from None
+            self.sink.put(_map_header(len(keys)))
+            for k in keys:
+                self.sink.put(self.scalar(k, path))
+                path.append(k)
+                self.node(x[k], path, via_dicts)
+                path.pop()
+        elif isinstance(x, (list, tuple)):
+            self.sink.put(_array_header(len(x)))
+            for i, v in enumerate(x):
+                path.append(i)
+                self.node(v, path, False)
+                path.pop()
+        else:
+            self.sink.put(self.scalar(x, path))
+
+    def scalar(self, x: Any, path: list[Any]) -> bytes:
+        try:
+            return _pack(x)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise self.fail(
+                path,
+                f"holds {type(x).__name__} {x!r:.60}, which msgpack cannot store ({e}); "
+                "convert it to a numpy array or a plain Python value",
+            ) from None
+
+    def array(self, x: Any, path: list[Any], via_dicts: bool) -> None:
+        shape, dtype, gather = self.plan(x, path)
+        if via_dicts and gather.nbytes > self.max_chunk:
+            self.chunked(shape, dtype, gather, path)
+        else:
+            self.ext(shape, dtype, gather, 0, gather.nbytes, path)
+
+    def ext(
+        self,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        gather: _Gather,
+        start: int,
+        stop: int,
+        path: list[Any],
+    ) -> None:
+        n = stop - start
+        inner = b"\x93" + msgpack.packb(list(shape)) + msgpack.packb(dtype.name) + _bin_header(n)
+        size = len(inner) + n
+        if size >= 1 << 32:
+            raise self.fail(
+                path,
+                f"is {n} bytes, more than one msgpack record can hold, and flax does not "
+                "chunk arrays below a list; keep it under a dict, or write Orbax",
+            )
+        self.sink.put(_ext_header(_EXT_NDARRAY, size) + inner)
+        self.sink.payload(gather, start, stop)
+
+    def chunked(
+        self, shape: tuple[int, ...], dtype: np.dtype, gather: _Gather, path: list[Any]
+    ) -> None:
+        # Flax's _chunk: 1-d chunks of max(1, int(MAX_CHUNK_SIZE / itemsize)) items.
+        items = max(1, int(self.max_chunk / dtype.itemsize))
+        step = items * dtype.itemsize
+        starts = range(0, gather.nbytes, step)
+        head = [_map_header(3), _pack(_CHUNKED), _pack(True), _pack("shape")]
+        head.append(_map_header(len(shape)))
+        for i, d in enumerate(shape):
+            head += [_pack(str(i)), _pack(d)]
+        head += [_pack("chunks"), _map_header(len(starts))]
+        self.sink.put(b"".join(head))
+        for i, start in enumerate(starts):
+            stop = min(start + step, gather.nbytes)
+            self.sink.put(_pack(str(i)))
+            self.ext(((stop - start) // dtype.itemsize,), dtype, gather, start, stop, path)
+
+    def strand(self, ref: Ref, stride: int, offset: int, path: list[Any]) -> _Strand:
+        sp = spans(ref)
+        if self.buf is None and not isinstance(self.sink, _Count):
+            raise self.fail(path, "refers to an input file, but no source file was given")
+        if self.buf is not None:
+            _check_spans(sp, len(self.buf), "the source file", f"at '{_keypath(path)}'")
+        return _Strand(self.buf, sp, stride, offset)
+
+    def plan(self, x: Any, path: list[Any]) -> tuple[tuple[int, ...], np.dtype, _Gather]:
+        """Shape, dtype and byte layout of one output array."""
+        if isinstance(x, Ref):
+            dtype = np.dtype(x.dtype)
+            shape = tuple(int(d) for d in x.shape)
+            return shape, dtype, _Gather(1, x.nbytes, [self.strand(x, 0, 0, path)])
+        if isinstance(x, Stack):
+            return self.plan_stack(x, path)
+        if isinstance(x, Slice):
+            return self.plan_slice(x, path)
+        a = np.asarray(x)
+        if not a.flags.c_contiguous:
+            # Not np.ascontiguousarray: it turns a 0-d array into a 1-d one.
+            a = a.copy(order="C")
+        if a.dtype.hasobject or a.dtype.isalignedstruct:
+            raise self.fail(path, f"has dtype {a.dtype}, which flax cannot serialize")
+        flat = a.reshape(-1).view(np.uint8)
+        return a.shape, a.dtype, _Gather(1, a.nbytes, [_Strand(flat, ((0, a.nbytes),), 0, 0)])
+
+    def plan_stack(self, x: Stack, path: list[Any]) -> tuple[tuple[int, ...], np.dtype, _Gather]:
+        parts = x.parts
+        if not parts or not all(isinstance(p, Ref) for p in parts):
+            raise self.fail(path, "is a Stack whose parts are not all Refs")
+        first = parts[0]
+        dtype = np.dtype(first.dtype)
+        inner = tuple(int(d) for d in first.shape)
+        for i, p in enumerate(parts):
+            if tuple(p.shape) != inner or np.dtype(p.dtype) != dtype:
+                raise self.fail(
+                    path,
+                    f"stacks layer {i} of shape {tuple(p.shape)} {np.dtype(p.dtype)} with "
+                    f"layer 0 of shape {inner} {dtype}",
+                )
+        axis = x.axis + len(inner) + 1 if x.axis < 0 else x.axis
+        if not 0 <= axis <= len(inner):
+            raise self.fail(path, f"stacks on axis {x.axis}, out of range for {inner}")
+        shape = inner[:axis] + (len(parts),) + inner[axis:]
+        self.check(x, shape, dtype, path)
+        seg = math.prod(inner[axis:]) * dtype.itemsize
+        strands = [self.strand(p, seg, 0, path) for p in parts]
+        return shape, dtype, _Gather(math.prod(inner[:axis]), seg, strands)
+
+    def plan_slice(self, x: Slice, path: list[Any]) -> tuple[tuple[int, ...], np.dtype, _Gather]:
+        src = x.source
+        if not isinstance(src, Ref):
+            raise self.fail(path, "is a Slice of something other than a Ref")
+        dtype = np.dtype(src.dtype)
+        full = tuple(int(d) for d in src.shape)
+        axis = x.axis + len(full) if x.axis < 0 else x.axis
+        if not 0 <= axis < len(full):
+            raise self.fail(path, f"slices axis {x.axis}, out of range for {full}")
+        n = full[axis]
+        index = x.index + n if x.index < 0 else x.index
+        if not 0 <= index < n:
+            raise self.fail(path, f"takes index {x.index} of axis {axis}, which has length {n}")
+        shape = full[:axis] + full[axis + 1 :]
+        self.check(x, shape, dtype, path)
+        seg = math.prod(full[axis + 1 :]) * dtype.itemsize
+        strand = self.strand(src, n * seg, index * seg, path)
+        return shape, dtype, _Gather(math.prod(full[:axis]), seg, [strand])
+
+    def check(self, x: Any, shape: tuple[int, ...], dtype: np.dtype, path: list[Any]) -> None:
+        if tuple(x.shape) != shape or np.dtype(x.dtype) != dtype:
+            raise self.fail(
+                path,
+                f"says {tuple(x.shape)} {np.dtype(x.dtype)} but its inputs give {shape} {dtype}",
+            )
+
+
+def _jax_array_type() -> type | None:
+    try:
+        import jax
+    except ImportError:
+        return None
+    return jax.Array
+
+
+def _max_chunk_size() -> int:
+    # Read at every write, so a changed (e.g. monkeypatched) flax constant is honoured.
+    from flax import serialization
+
+    return serialization.MAX_CHUNK_SIZE
+
+
+def encoded_size(out_tree: Any, *, sort_keys: bool = True) -> int:
+    """The exact size in bytes of the file `write` would produce for ``out_tree``.
+
+    Reads no array data (for sizing a progress bar or checking free space).
+    """
+    sink = _Count()
+    _Emitter(sink, None, "<size>", sort_keys, _max_chunk_size()).node(out_tree, [], True)
+    return sink.n
+
+
+def write(
+    src_path: str | os.PathLike[str] | None,
+    out_tree: Any,
+    dst_path: str | os.PathLike[str],
+    *,
+    progress: Callable[[int], Any] | None = None,
+    sort_keys: bool = True,
+) -> None:
+    """Writes ``out_tree`` as a Flax msgpack checkpoint, streaming from ``src_path``.
+
+    The bytes written are exactly ``flax.serialization.msgpack_serialize(t)``
+    where ``t`` is ``out_tree`` with every lazy leaf replaced by its numpy
+    value: `Ref` the array itself, `Stack` ``np.stack(parts, axis)``, `Slice`
+    ``np.take(source, index, axis)``; that includes flax's chunking of arrays
+    above ``flax.serialization.MAX_CHUNK_SIZE`` (read at call time).
+
+    Memory stays near one block (32 MiB) whatever the sizes: payloads are
+    written straight from a memory map of ``src_path`` where the output bytes
+    are contiguous in the input (copies, stacks and slices on axis 0, long
+    rows), and gathered block by block otherwise.
+
+    The file appears at ``dst_path`` only when complete: it is written to a
+    hidden temporary file beside it and renamed over ``dst_path`` (replacing
+    any file there); on any error or interrupt the temporary file is removed.
+
+    Args:
+      src_path: the msgpack file the lazy leaves refer to (from `read_lazy`);
+        may be None when ``out_tree`` has no lazy leaves.
+      out_tree: nested dicts (any Mapping), lists and tuples (both written as
+        msgpack arrays) whose leaves are lazy leaves, numpy or jax arrays,
+        numpy scalars, or Python values msgpack stores (None, bool, int, float,
+        complex, str, bytes).
+      dst_path: the file to write.
+      progress: called with a number of bytes each time output is written;
+        the calls add up to the file's size (see `encoded_size`).
+      sort_keys: sort every dict's keys, as ``msgpack_serialize`` does (it
+        copies the tree with ``jax.tree_util``). False keeps ``out_tree``'s
+        order, as ``to_bytes`` / ``msgpack_serialize(..., in_place=True)`` do.
+
+    Raises:
+      FormatError: the source cannot be read, a leaf cannot be written (the
+        message names its path), or the output cannot be written.
+    """
+    dst = os.fspath(dst_path)
+    max_chunk = _max_chunk_size()
+    mm = _open_mmap(os.fspath(src_path)) if src_path is not None else None
+    folder, name = os.path.split(os.path.abspath(dst))
+    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            out = _Out(f, progress)
+            _Emitter(out, mm, dst, sort_keys, max_chunk).node(out_tree, [], True)
+            out.flush()
+        os.replace(tmp, dst)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and not isinstance(e, FormatError):
+            raise FormatError(
+                f"cannot write '{dst}': {e.strerror or e}. Check that its folder exists, "
+                "is writable and has free space."
+            ) from e
+        raise
+    finally:
+        if mm is not None:
+            _close(mm)
+
+
+def save(tree: Any, dst_path: str | os.PathLike[str], *, sort_keys: bool = True) -> None:
+    """Writes an in-memory tree (numpy/jax arrays) as a Flax msgpack checkpoint.
+
+    Same bytes as ``flax.serialization.msgpack_serialize(tree)``, written leaf by
+    leaf (jax arrays are copied to host one at a time) and renamed into place
+    when complete; see `write` for ``sort_keys`` and errors.
+    """
+    write(None, tree, dst_path, sort_keys=sort_keys)

@@ -1,0 +1,328 @@
+"""File-to-file conversion through the CLI and `ckptconv.convert`, on real models,
+restored with plain Orbax and flax.serialization."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from conftest import digest
+
+import ckptconv
+from ckptconv import models
+
+HIDDEN, HEADS, LAYERS = 16, 2, 3
+
+
+def save_plain(tree, path: Path, fmt: str) -> Path:
+    """Save with the libraries' own API, as a user would."""
+    if fmt == "msgpack":
+        path.write_bytes(flax.serialization.to_bytes(tree))
+    else:
+        with ocp.StandardCheckpointer() as c:
+            c.save(path.absolute(), tree)
+    return path
+
+
+def restore_plain(path: Path, fmt: str, target=None):
+    if fmt == "msgpack":
+        if target is None:
+            return flax.serialization.msgpack_restore(path.read_bytes())
+        return flax.serialization.from_bytes(target, path.read_bytes())
+    with ocp.StandardCheckpointer() as c:
+        return c.restore(path.absolute(), target)
+
+
+def bits(tree):
+    return jax.tree.map(lambda x: (np.asarray(x).dtype.str, np.asarray(x).shape, np.asarray(x).tobytes()), tree)
+
+
+def _apply(module, params, x):
+    return np.asarray(module.apply({"params": params}, x))
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "orbax"])
+@pytest.mark.parametrize("make", [models.seed0, models.seed1], ids=["seed0", "seed1"])
+def test_loop_checkpoint_to_scan_model(tmp_path, cli, make, fmt):
+    loop, scan, (x,) = make(num_layers=LAYERS, hidden_dim=HIDDEN, num_heads=HEADS, batch=2, seq=4)
+    params = loop.init(jax.random.PRNGKey(0), x)["params"]
+    src = save_plain({"params": params}, tmp_path / "loop", fmt)
+    out = tmp_path / "scan"
+    r = cli("to-scan", src, out)
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[0] == f"params/layer_{{i}}: {LAYERS} layers -> params/blocks"
+    target = jax.eval_shape(lambda: scan.init(jax.random.PRNGKey(1), x))
+    restored = restore_plain(out, fmt, {"params": target["params"]})
+    if make is models.seed1:  # RMSNorm_0 and RMSNorm_1 stay apart, each stacked
+        assert sorted(restored["params"]["blocks"]) == ["Dense_0", "RMSNorm_0", "RMSNorm_1", "self_attention"]
+        assert restored["params"]["blocks"]["RMSNorm_1"]["scale"].shape == (LAYERS, HIDDEN)
+    np.testing.assert_allclose(
+        _apply(scan, restored["params"], x), _apply(loop, params, x), rtol=0, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "orbax"])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_scan_checkpoint_to_loop_model(tmp_path, cli, fmt, axis):
+    loop, scan, (x,) = models.seed1(num_layers=LAYERS, hidden_dim=HIDDEN, num_heads=HEADS, batch=2, seq=4, axis=axis)
+    params = scan.init(jax.random.PRNGKey(0), x)["params"]
+    src = save_plain({"params": params}, tmp_path / "scan", fmt)
+    out = tmp_path / "loop"
+    r = cli("to-loop", src, out, "--axis", axis)
+    assert r.exit_code == 0, r.output
+    target = jax.eval_shape(lambda: loop.init(jax.random.PRNGKey(1), x))
+    restored = restore_plain(out, fmt, {"params": target["params"]})
+    assert sorted(restored["params"]) == [f"layer_{i}" for i in range(LAYERS)]
+    np.testing.assert_allclose(
+        _apply(loop, restored["params"], x), _apply(scan, params, x), rtol=0, atol=1e-6
+    )
+
+
+def _train_state():
+    loop, _, (x,) = models.seed1(num_layers=LAYERS, hidden_dim=HIDDEN, num_heads=HEADS, batch=2, seq=4)
+    params = loop.init(jax.random.PRNGKey(0), x)["params"]
+    tx = optax.adamw(1e-2)
+    opt = tx.init(params)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.25), params)
+    _, opt = tx.update(grads, opt, params)
+    return {"params": params, "opt_state": opt}
+
+
+def test_adamw_train_state_converts_in_one_call(tmp_path, cli):
+    state = _train_state()
+    src = save_plain(state, tmp_path / "state", "orbax")
+    r = cli("to-scan", src, tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[:3] == [  # in Orbax's (sorted) key order
+        "opt_state/0/mu/layer_{i}: 3 layers -> opt_state/0/mu/blocks",
+        "opt_state/0/nu/layer_{i}: 3 layers -> opt_state/0/nu/blocks",
+        "params/layer_{i}: 3 layers -> params/blocks",
+    ]
+    raw = restore_plain(tmp_path / "out", "orbax")  # raw: lists and dicts
+    adam = raw["opt_state"][0]
+    assert raw["opt_state"][1:] == [None, None]
+    assert int(adam["count"]) == 1 and np.asarray(adam["count"]).dtype == np.int32
+    for name in ("mu", "nu"):
+        kernel = adam[name]["blocks"]["Dense_0"]["kernel"]
+        want = np.stack([np.asarray(getattr(state["opt_state"][0], name)[f"layer_{i}"]["Dense_0"]["kernel"]) for i in range(LAYERS)])
+        assert kernel.dtype == want.dtype and np.array_equal(kernel, want)
+        assert sorted(adam[name]) == ["blocks"]
+    # ... and back, bit for bit, to what Orbax restores from the original.
+    assert cli("to-loop", tmp_path / "out", tmp_path / "back").exit_code == 0
+    assert bits(restore_plain(tmp_path / "back", "orbax")) == bits(restore_plain(src, "orbax"))
+
+
+def _odd_tree(seed=0, axis=0):
+    rng = np.random.default_rng(seed)
+    layers = {
+        f"layer_{i}": {
+            "f32": rng.standard_normal((3, 4)).astype(np.float32),
+            "bf16": rng.standard_normal((4, 2)).astype(jnp.bfloat16),
+            "i8": rng.integers(-128, 127, (2, 3)).astype(np.int8),
+            # a 0-d leaf has no axis 1 to stack on
+            **({"scalar": np.float32(i)} if axis == 0 else {"vec": np.full(1, i, np.float32)}),
+            "empty": {},
+        }
+        for i in range(4)
+    }
+    return {
+        "params": {**layers, "step": np.int32(3), "none": None, "empty": {}},
+        "nnx": {"layers": {str(i): {"w": rng.standard_normal((2, 2)).astype(np.float32)} for i in range(3)}},
+        "encoder": {f"layer_{i}": {"w": rng.standard_normal(2).astype(np.float32)} for i in range(2)},
+    }
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "orbax"])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_round_trip_is_bit_exact(tmp_path, fmt, axis):
+    tree = _odd_tree(axis=axis)
+    src = save_plain(tree, tmp_path / "in", fmt)
+    before = digest(src)
+    res = ckptconv.convert(src, tmp_path / "scan", to="scan", axis=axis)
+    assert sorted(ckptconv.tree.format_path(g.target) for g in res.groups) == ["encoder/blocks", "nnx/layers", "params/blocks"]
+    scan = restore_plain(tmp_path / "scan", fmt)
+    want = ckptconv.to_scan(restore_plain(src, fmt), axis=axis)
+    assert bits(scan) == bits(want)
+    assert scan["params"]["blocks"]["bf16"].dtype == jnp.bfloat16
+    assert scan["params"]["blocks"]["i8"].shape == ((4, 2, 3) if axis == 0 else (2, 4, 3))
+    # NNX lists go back with pattern {i}; the rest with the default layer_{i}.
+    ckptconv.convert(tmp_path / "scan", tmp_path / "mid", to="loop", axis=axis)
+    ckptconv.convert(tmp_path / "mid", tmp_path / "loop", to="loop", axis=axis, source="layers", pattern="{i}")
+    assert bits(restore_plain(tmp_path / "loop", fmt)) == bits(restore_plain(src, fmt))
+    assert digest(src) == before
+
+
+def test_format_option_switches_format(tmp_path):
+    tree = _odd_tree()
+    src = save_plain(tree, tmp_path / "in.msgpack", "msgpack")
+    ckptconv.convert(src, tmp_path / "out", to="scan", format="orbax")
+    assert (tmp_path / "out" / "_METADATA").is_file()
+    assert bits(restore_plain(tmp_path / "out", "orbax")) == bits(ckptconv.to_scan(restore_plain(src, "msgpack")))
+
+
+def test_flax_training_checkpoint_file(tmp_path, cli):
+    from flax.training import checkpoints
+
+    state = {"params": {f"layer_{i}": {"w": np.full((2,), i, np.float32)} for i in range(3)}}
+    path = checkpoints.save_checkpoint(tmp_path / "ckpts", state, step=7)
+    assert Path(path).name == "checkpoint_7"
+    r = cli("to-scan", path, tmp_path / "checkpoint_7_scan")
+    assert r.exit_code == 0, r.output
+    out = checkpoints.restore_checkpoint(tmp_path / "checkpoint_7_scan", target=None)
+    np.testing.assert_array_equal(out["params"]["blocks"]["w"], [[0, 0], [1, 1], [2, 2]])
+
+
+def _manager(tmp_path: Path) -> Path:
+    root = tmp_path / "run"
+    state = _train_state()
+    with ocp.CheckpointManager(root.absolute(), item_names=("state", "metrics")) as m:
+        for step in (10, 20):
+            m.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), metrics=ocp.args.JsonSave({"loss": step / 10})))
+        m.wait_until_finished()
+    return root
+
+
+def test_checkpoint_manager_root_latest_and_step(tmp_path, cli):
+    root = _manager(tmp_path)
+    r = cli("to-scan", root, tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    assert "[state] params/layer_{i}: 3 layers -> params/blocks" in r.output.splitlines()
+    with ocp.CheckpointManager((tmp_path / "out").absolute(), item_names=("state", "metrics")) as m:
+        assert m.all_steps() == [20] and m.latest_step() == 20
+        got = m.restore(20, args=ocp.args.Composite(state=ocp.args.StandardRestore(), metrics=ocp.args.JsonRestore()))
+    assert got.metrics == {"loss": 2.0}
+    assert got.state["params"]["blocks"]["Dense_0"]["kernel"].shape == (LAYERS, HIDDEN, HIDDEN)
+    r = cli("to-scan", root, tmp_path / "out10", "--step", 10)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "out10").iterdir() if p.name[0].isdigit()) == ["10"]
+    r = cli("to-scan", root, tmp_path / "out30", "--step", 30)
+    assert r.exit_code == 2
+    assert f"Error: {root}: no step 30; the steps here are 10, 20. Pass one of them with --step." in r.output
+
+
+def test_checkpoint_manager_step_directory(tmp_path, cli):
+    root = _manager(tmp_path)
+    r = cli("to-scan", root / "20", tmp_path / "step_out")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "step_out").iterdir()) == sorted(p.name for p in (root / "20").iterdir())
+    assert json.loads((tmp_path / "step_out" / "metrics" / "metrics").read_text()) == {"loss": 2.0}
+
+
+def test_dry_run_writes_nothing(tmp_path, cli):
+    src = save_plain(_odd_tree(), tmp_path / "in", "orbax")
+    r = cli("to-scan", src, tmp_path / "out", "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[-1].startswith(f"dry run: would write {tmp_path / 'out'} (orbax, ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_force_replaces_and_inspect(tmp_path, cli):
+    src = save_plain(_odd_tree(), tmp_path / "in.msgpack", "msgpack")
+    (tmp_path / "out").write_text("old")
+    assert cli("to-scan", src, tmp_path / "out", "--force").exit_code == 0
+    assert flax.serialization.msgpack_restore((tmp_path / "out").read_bytes())["params"]["blocks"]["f32"].shape == (4, 3, 4)
+    r = cli("inspect", src, "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert rep["format"] == "msgpack" and rep["layout"] == "file"
+    (item,) = rep["items"]
+    assert item["to_scan"]["groups"][0] == {"path": "params", "template": "layer_{i}", "layers": 4, "into": "params/blocks"}
+    rows = {row["path"]: row for row in item["leaves"]}
+    assert rows["params/layer_{i}/bf16"] == {"path": "params/layer_{i}/bf16", "shape": [4, 2], "dtype": "bfloat16", "bytes": 16, "layers": 4}
+    text = cli("inspect", tmp_path / "out")
+    assert text.output.endswith("to-loop would unstack:\n  encoder/blocks  2 layers\n  params/blocks  4 layers\n")
+
+
+# -- errors: exit 2, a clear message, IN unchanged, no OUT -----------------------
+
+
+def _loop_tree():
+    rng = np.random.default_rng(0)
+    return {"params": {f"layer_{i}": {"w": rng.standard_normal((2, 3)).astype(np.float32)} for i in range(3)}}
+
+
+def _expect_error(cli, tmp_path, src, args, message):
+    before = digest(src)
+    siblings = sorted(p.name for p in tmp_path.iterdir())
+    r = cli(*args)
+    assert r.exit_code == 2, r.output
+    assert message in r.output, r.output
+    assert "Traceback" not in r.output
+    assert digest(src) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == siblings  # no OUT, no temp left
+    return r
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "orbax"])
+def test_error_no_group(tmp_path, cli, fmt):
+    src = save_plain({"params": {"Dense_0": {"w": np.zeros(2, np.float32)}, "Dense_1": {"w": np.zeros(2, np.float32)}}}, tmp_path / "in", fmt)
+    _expect_error(cli, tmp_path, src, ["to-scan", src, tmp_path / "out"],
+                  f"Error: {src}: no layer groups found (looked for layer_0, layer_1 …")
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "orbax"])
+def test_error_gap(tmp_path, cli, fmt):
+    t = _loop_tree()
+    del t["params"]["layer_1"]
+    src = save_plain(t, tmp_path / "in", fmt)
+    _expect_error(cli, tmp_path, src, ["to-scan", src, tmp_path / "out"],
+                  f"Error: {src}: params: layers layer_{{i}} must be numbered 0 … N-1, but found 0, 2; missing layer_1.")
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "orbax"])
+def test_error_shape(tmp_path, cli, fmt):
+    t = _loop_tree()
+    t["params"]["layer_2"]["w"] = np.zeros((2, 4), np.float32)
+    src = save_plain(t, tmp_path / "in", fmt)
+    _expect_error(cli, tmp_path, src, ["to-scan", src, tmp_path / "out"],
+                  "  layer 2: params/layer_2/w: expected shape (2, 3) (as in layer 0), found (2, 4)")
+
+
+def test_error_into_collision(tmp_path, cli):
+    t = _loop_tree()
+    t["params"]["blocks"] = {"w": np.zeros(1, np.float32)}
+    src = save_plain(t, tmp_path / "in", "orbax")
+    _expect_error(cli, tmp_path, src, ["to-scan", src, tmp_path / "out"],
+                  "params: cannot put the stacked layers under 'blocks': params/blocks already exists. Choose another name with --into.")
+
+
+def test_error_unknown_format(tmp_path, cli):
+    src = tmp_path / "notes.txt"
+    src.write_text("hello")
+    _expect_error(cli, tmp_path, src, ["to-scan", src, tmp_path / "out"],
+                  f"Error: {src}: not a checkpoint ckptconv can read.\n  msgpack: does not start with a msgpack map\n  orbax: not a directory\n")
+    empty = tmp_path / "emptydir"
+    empty.mkdir()
+    _expect_error(cli, tmp_path, empty, ["inspect", empty], "orbax: a directory without _METADATA")
+    r = cli("to-scan", src, tmp_path / "out", "--format", "safetensors")
+    assert r.exit_code == 2 and "Invalid value for '--format'" in r.output
+
+
+def test_error_output_exists(tmp_path, cli):
+    src = save_plain(_loop_tree(), tmp_path / "in", "msgpack")
+    (tmp_path / "out").mkdir()
+    _expect_error(cli, tmp_path, src, ["to-scan", src, tmp_path / "out"],
+                  f"Error: {tmp_path / 'out'} already exists; pass --force to replace it, or choose another path.")
+
+
+def test_error_to_loop_nothing_and_debug(tmp_path, cli):
+    src = save_plain(_loop_tree(), tmp_path / "in", "orbax")
+    _expect_error(cli, tmp_path, src, ["to-loop", src, tmp_path / "out"],
+                  f"Error: {src}: no subtree named 'blocks' to unstack; the top-level keys are params.")
+    r = cli("--debug", "to-loop", src, tmp_path / "out")
+    assert r.exit_code != 0 and isinstance(r.exception, ckptconv.NothingToConvertError)
+
+
+def test_error_corrupt_inputs(tmp_path, cli):
+    src = save_plain(_loop_tree(), tmp_path / "in.msgpack", "msgpack")
+    cut = tmp_path / "cut.msgpack"
+    cut.write_bytes(src.read_bytes()[:-10])
+    r = _expect_error(cli, tmp_path, cut, ["to-scan", cut, tmp_path / "out"], f"Error: {cut}")
+    assert "msgpack" in r.output
