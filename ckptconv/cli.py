@@ -7,6 +7,7 @@ difference, 2 bad usage or bad input.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from contextlib import contextmanager
@@ -71,6 +72,9 @@ def main(ctx: click.Context, debug: bool) -> None:
     scan form (one `blocks` subtree with a layer axis), and verify the result."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    if not debug:
+        # Orbax logs through absl at WARNING for things ckptconv handles itself.
+        logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 @main.command()

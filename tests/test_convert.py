@@ -326,3 +326,13 @@ def test_error_corrupt_inputs(tmp_path, cli):
     cut.write_bytes(src.read_bytes()[:-10])
     r = _expect_error(cli, tmp_path, cut, ["to-scan", cut, tmp_path / "out"], f"Error: {cut}")
     assert "msgpack" in r.output
+
+
+def test_relative_paths(tmp_path, cli, monkeypatch):
+    save_plain(_loop_tree(), tmp_path / "in", "orbax")
+    monkeypatch.chdir(tmp_path)
+    r = cli("to-scan", "in", "out")
+    assert r.exit_code == 0, r.output
+    r = cli("verify", "in", "out")
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[-1] == "PASS"

@@ -95,6 +95,18 @@ def test_load_keeps_file_key_order(tmp_path):
     assert_same(ms.load(src), restore(src))
 
 
+def test_to_bytes_state_dict(tmp_path):
+    # to_bytes turns lists into {"0": .., "1": ..} maps, in insertion order ("10" before "2").
+    state = {"opt": [np.full(2, i, np.float32) for i in range(12)], "count": np.int32(4)}
+    path = tmp_path / "checkpoint_4"
+    path.write_bytes(fs.to_bytes(state))
+    got = ms.load(path)
+    assert list(got["opt"]) == [str(i) for i in range(12)]
+    assert_same(got, restore(path))
+    ms.write(path, ms.read_lazy(path), tmp_path / "same", sort_keys=False)
+    assert (tmp_path / "same").read_bytes() == path.read_bytes()
+
+
 def test_read_lazy_refs_point_at_array_bytes(tmp_path):
     tree = rich_tree()
     src = save_flax(tmp_path / "a", tree)

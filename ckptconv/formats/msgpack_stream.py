@@ -272,7 +272,7 @@ class _Parser:
         name = bytes(self.buf[name_at : name_at + length]).decode("ascii", "replace")
         try:
             dtype = _dtype_from_name(name)
-        except TypeError:
+        except (TypeError, ValueError):
             self.pos = name_at
             raise self.fail(f"unknown dtype {name!r}") from None
         if dtype.hasobject:
@@ -970,7 +970,10 @@ def write(
     where ``t`` is ``out_tree`` with every lazy leaf replaced by its numpy
     value: `Ref` the array itself, `Stack` ``np.stack(parts, axis)``, `Slice`
     ``np.take(source, index, axis)``; that includes flax's chunking of arrays
-    above ``flax.serialization.MAX_CHUNK_SIZE`` (read at call time).
+    above ``flax.serialization.MAX_CHUNK_SIZE`` (read at call time). One
+    difference: a 0-d `Slice` (a layer of a stacked 1-d array) is written as a
+    0-d array, which is what the layer held before stacking, where ``np.take``
+    would give a numpy scalar (written by flax as ext 3).
 
     Memory stays near one block (32 MiB) whatever the sizes: payloads are
     written straight from a memory map of ``src_path`` where the output bytes

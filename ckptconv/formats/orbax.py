@@ -122,6 +122,7 @@ def write(item: Path, out_tree: Any, dst: Path, progress: Any = None) -> None:
 
 def load_item(item: Path) -> Any:
     """Restore one item as numpy arrays, whatever device the arrays were saved from."""
+    item = Path(item).absolute()  # Orbax refuses relative paths
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
             meta = ckptr.metadata(item)
