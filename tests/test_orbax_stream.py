@@ -433,3 +433,47 @@ def test_other_orbax_layouts(tmp_path, kind):
         "step": 3,
     }
     _restore_all_ways(tmp_path / "out", want)
+
+
+def test_crash_leaves_nothing_orbax_accepts(src, tmp_path, monkeypatch):
+    """Killed before the final rename: no output, and Orbax refuses the leftover."""
+    lazy = orbax_stream.read_lazy(src)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # As if the process died just before renaming (so no cleanup either).
+    monkeypatch.setattr(orbax_stream.shutil, "rmtree", lambda *a, **k: None)
+    monkeypatch.setattr(orbax_stream.os, "rename", killed)
+    with pytest.raises(KeyboardInterrupt):
+        orbax_stream.write(src, _to_scan(lazy, 0), tmp_path / "out")
+    monkeypatch.undo()
+    assert not (tmp_path / "out").exists()
+    [left] = os.listdir(tmp_path)
+    assert orbax_stream.TMP_DIR_SUFFIX in left
+    with pytest.raises(ValueError, match="incomplete"):
+        ocp.StandardCheckpointer().restore(tmp_path / left)
+
+
+def test_named_sharding_gets_layer_axis(tmp_path):
+    """A NamedSharding's partition spec gains (loses) the layer axis as None."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    sharding = NamedSharding(mesh, PartitionSpec("data", "model"))
+    tree = {
+        f"layer_{i}": jax.device_put(jnp.arange(8.0).reshape(4, 2) + i, sharding) for i in range(N)
+    }
+    _save(tmp_path / "src", tree)
+    lazy = orbax_stream.read_lazy(tmp_path / "src")
+    orbax_stream.write(
+        tmp_path / "src", {"blocks": stack(list(lazy.values()), 1)}, tmp_path / "scan"
+    )
+    got = ocp.StandardCheckpointer().restore(tmp_path / "scan")["blocks"]
+    assert got.sharding.spec == PartitionSpec("data", None, "model")
+    np.testing.assert_array_equal(got, np.stack([np.asarray(x) for x in tree.values()], 1))
+    scan = orbax_stream.read_lazy(tmp_path / "scan")
+    orbax_stream.write(tmp_path / "scan", {"l": unstack(scan["blocks"], 1)}, tmp_path / "loop")
+    got = ocp.StandardCheckpointer().restore(tmp_path / "loop")["l"]
+    assert got[1].sharding.spec == PartitionSpec("data", "model")
+    np.testing.assert_array_equal(got[1], np.asarray(tree["layer_1"]))

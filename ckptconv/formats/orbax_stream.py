@@ -227,7 +227,7 @@ def write(
     tmp = dst.with_name(f"{dst.name}{TMP_DIR_SUFFIX}-{os.getpid()}-{time.time_ns()}")
     tmp.mkdir()
     try:
-        _run(plan.write_data(tmp, progress))
+        _run(plan.write_data(tmp, progress, sync=sync))
         plan.write_files(tmp, dst, sync=sync)
         os.rename(tmp, dst)
         if sync:
@@ -557,10 +557,16 @@ class _Plan:
 
     # -- data ---------------------------------------------------------------
 
-    async def write_data(self, tmp: Path, progress: Progress | None) -> None:
+    async def write_data(self, tmp: Path, progress: Progress | None, *, sync: bool) -> None:
         """Writes every array's chunks into a new OCDBT store under `tmp`."""
-        dst = _Destination(tmp, self.src.context)
+        dst = _Destination(tmp, self.src.context, sync=sync)
         await dst.open()
+        try:
+            await self._write_arrays(dst, progress)
+        finally:
+            await dst.close()
+
+    async def _write_arrays(self, dst: _Destination, progress: Progress | None) -> None:
         array_leaves = [leaf for leaf in self.leaves if isinstance(leaf.value, (*LAZY, np.ndarray))]
         lazy_sources = sorted(
             {
@@ -651,7 +657,7 @@ class _Plan:
         if jax_leaves:
             entries = []
             for leaf in jax_leaves:
-                shape = list(_leaf_shape(leaf.value))
+                shape = list(leaf.value.shape)
                 entries.append(
                     {
                         "array_metadata": {
@@ -709,11 +715,8 @@ class _Plan:
 
 def _copy_ops(leaf: _Leaf, source: str, zarray: dict[str, Any], nbytes: int) -> list[_ChunkOp]:
     """Ops that copy every chunk of `source` verbatim under `leaf`'s name."""
-    keys = [
-        (_chunk_key(idx, zarray), _chunk_key(idx, zarray))
-        for idx in _grid(zarray["shape"], zarray["chunks"])
-    ]
-    return _ops(leaf, [(f"{source}/{s}", d) for s, d in keys], zarray, nbytes)
+    keys = [_chunk_key(idx, zarray) for idx in _grid(zarray["shape"], zarray["chunks"])]
+    return _ops(leaf, [(f"{source}/{key}", key) for key in keys], zarray, nbytes)
 
 
 def _stack_ops(
@@ -801,7 +804,7 @@ def _batches(ops: Iterable[_ChunkOp]) -> Iterator[list[_ChunkOp]]:
 class _Destination:
     """A new OCDBT store at an item directory's root, as Orbax configures it."""
 
-    def __init__(self, path: Path, context: ts.Context) -> None:
+    def __init__(self, path: Path, context: ts.Context, *, sync: bool) -> None:
         self.path = path
         self.context = context
         base = {"driver": "file", "path": str(path) + "/"}
@@ -826,9 +829,35 @@ class _Destination:
         self.txn: ts.Transaction | None = None
         self.txn_bytes = 0
         self.txn_done = 0
+        # With `sync`, data files finished by a commit are fsynced in a thread
+        # while copying goes on: the OS would otherwise start writing them
+        # back only when the final fsync asks for it, and wait there.
+        self.sync_pool = concurrent.futures.ThreadPoolExecutor(1) if sync else None
+        self.syncing: dict[str, concurrent.futures.Future[None]] = {}
 
     async def open(self) -> None:
         self.kv = await ts.KvStore.open(self.spec, context=self.context)
+
+    def _start_writeback(self) -> None:
+        """fsyncs, in the background, the data files of past commits."""
+        data_dir = self.path / "d"
+        if self.sync_pool is None or not data_dir.is_dir():
+            return
+        # No commit is in flight here, so every file in d/ is complete (OCDBT
+        # never rewrites a data file).
+        for entry in os.scandir(data_dir):
+            if entry.name not in self.syncing:
+                self.syncing[entry.name] = self.sync_pool.submit(_fsync, Path(entry.path))
+
+    async def close(self) -> None:
+        """Waits for background fsyncs."""
+        if self.sync_pool is None:
+            return
+        try:
+            for future in self.syncing.values():
+                await asyncio.wrap_future(future)
+        finally:
+            self.sync_pool.shutdown(wait=True)
 
     async def copy_chunks(
         self,
@@ -846,37 +875,43 @@ class _Destination:
         assert self.kv is not None
         pending: asyncio.Future[Any] | None = None
         pending_done = 0
-        for batch in _batches(ops):
-            txn = ts.Transaction()
-            kv = self.kv.with_transaction(txn)
+        try:
+            for batch in _batches(ops):
+                txn = ts.Transaction()
+                kv = self.kv.with_transaction(txn)
 
-            async def copy(op: _ChunkOp, kv: ts.KvStore = kv) -> None:
-                if not op.src_key:
-                    await kv.write(op.dst_key, values[op.dst_key])
-                    return
-                try:
-                    res = await src_kv.read(op.src_key)
-                except Exception as e:
-                    raise FormatError(
-                        f"{src_path}: cannot read chunk {op.src_key} (for leaf {op.leaf!r}): {e}"
-                    ) from e
-                # A missing chunk stays missing: the output reads as the source does.
-                if res.state == "value":
-                    await kv.write(op.dst_key, res.value)
+                async def copy(op: _ChunkOp, kv: ts.KvStore = kv) -> None:
+                    if not op.src_key:
+                        await kv.write(op.dst_key, values[op.dst_key])
+                        return
+                    try:
+                        res = await src_kv.read(op.src_key)
+                    except Exception as e:
+                        raise FormatError(
+                            f"{src_path}: cannot read chunk {op.src_key} (for leaf {op.leaf!r}): {e}"
+                        ) from e
+                    # A missing chunk stays missing: the output reads as the source does.
+                    if res.state == "value":
+                        await kv.write(op.dst_key, res.value)
 
-            await asyncio.gather(*(copy(op) for op in batch))
+                await asyncio.gather(*(copy(op) for op in batch))
+                if pending is not None:
+                    await self._commit(pending, progress, pending_done)
+                pending = asyncio.ensure_future(_await(txn.commit_async()))
+                pending_done = sum(op.done for op in batch)
             if pending is not None:
                 await self._commit(pending, progress, pending_done)
-            pending = asyncio.ensure_future(_await(txn.commit_async()))
-            pending_done = sum(op.done for op in batch)
-        if pending is not None:
-            await self._commit(pending, progress, pending_done)
+                pending = None
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
 
     async def _commit(self, future: Any, progress: Progress | None, done: int) -> None:
         try:
             await future
         except Exception as e:
             raise FormatError(f"{self.path}: writing the output failed: {e}") from e
+        self._start_writeback()
         if progress is not None and done:
             progress(done)
 
@@ -1032,10 +1067,6 @@ def _refs(value: Any) -> list[Ref]:
     if isinstance(value, Stack):
         return list(value.parts)
     return [value.source]
-
-
-def _leaf_shape(value: Any) -> tuple[int, ...]:
-    return tuple(value.shape)
 
 
 def _leaf_dtype(value: Any) -> np.dtype:
