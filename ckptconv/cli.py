@@ -16,9 +16,9 @@ from typing import Any
 
 import click
 
-from ckptconv.convert import convert as run_convert
 from ckptconv import report as report_mod
 from ckptconv import tree
+from ckptconv.convert import convert as run_convert
 from ckptconv.errors import CkptconvError
 
 
@@ -49,18 +49,27 @@ def _human(n: float) -> str:
     return f"{n} B"
 
 
-@contextmanager
-def _progress(total: int, label: str):
-    """A bytes/s progress bar on a terminal; nothing when stderr is piped."""
-    if not sys.stderr.isatty() or total <= 0:
-        yield None
-        return
-    from tqdm import tqdm
+class _Progress:
+    """A bytes/s progress bar on a terminal, created on the first update;
+    nothing at all when stderr is not a terminal (piped, CI)."""
 
-    with tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, file=sys.stderr
-    ) as bar:
-        yield bar.update
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar: Any = None
+
+    def __call__(self, n: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                desc=self.label, file=sys.stderr, leave=False,
+            )
+        self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -135,6 +144,7 @@ def inspect(
 
 def _common_options(fn: Any) -> Any:
     fn = click.option("--dry-run", is_flag=True, help="Check and report; write nothing.")(fn)
+    fn = click.option("--fsync", is_flag=True, help="Flush OUT to disk before renaming it into place (durable against power loss; slower).")(fn)
     fn = click.option("--force", is_flag=True, help="Replace OUT if it exists.")(fn)
     fn = click.option("--step", type=int, help="CheckpointManager step (default: latest).")(fn)
     fn = click.option(
@@ -151,14 +161,15 @@ def _common_options(fn: Any) -> Any:
 def _run_convert(ctx: click.Context, src: Path, dst: Path, to: str, **kw: Any) -> None:
     verb = {"scan": "stack", "loop": "unstack"}[to]
     dry_run = kw.get("dry_run", False)
-    with _errors(ctx):
-        # Plan first (reads metadata only) so the progress bar knows its total.
-        start = time.perf_counter()
-        result = run_convert(src, dst, to=to, **{**kw, "dry_run": True})
-        if not dry_run:
-            with _progress(result.nbytes, f"to-{to}") as update:
-                result = run_convert(src, dst, to=to, progress=update, **kw)
-        elapsed = time.perf_counter() - start
+    bar = _Progress(f"to-{to}") if sys.stderr.isatty() else None
+    start = time.perf_counter()
+    try:
+        with _errors(ctx):
+            result = run_convert(src, dst, to=to, progress=bar, **kw)
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - start
     for item in result.items:
         prefix = f"[{item.name}] " if item.name else ""
         if not item.groups:

@@ -121,7 +121,8 @@ def convert(
     step: int | None = None,
     force: bool = False,
     dry_run: bool = False,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    fsync: bool = False,
     **options: Any,
 ) -> Result:
     """Convert the checkpoint at ``src`` and write it to ``dst``, in bounded memory.
@@ -137,7 +138,13 @@ def convert(
       step: for a CheckpointManager root, the step to convert (default: latest).
       force: replace an existing ``dst``.
       dry_run: plan and check everything, write nothing.
-      progress: called with a byte count as output data is written.
+      progress: called as ``progress(nbytes, total)`` as output data is
+        written (``total``: all the array bytes to write).
+      fsync: flush every output file to disk before the output is renamed
+        into place, for durability against power loss (Orbax's own saves do;
+        ``cp`` does not). Off by default: it costs the time to write the
+        whole checkpoint to disk, while atomicity against crashes and
+        interrupts holds without it.
       **options: for to-scan ``pattern``, ``into``, ``axis``; for to-loop
         ``source``, ``pattern``, ``axis`` (as `to_scan` / `to_loop`).
 
@@ -157,11 +164,15 @@ def convert(
     if dry_run:
         return result
     in_fmt = formats.get(layout.format)
+    total = result.nbytes
+    update = (lambda n: progress(n, total)) if progress else None
     with _atomic_output(dst, force) as tmp:
         if out_format == layout.format:
-            _write_same_format(layout, items, in_fmt, tmp, progress)
+            _write_same_format(layout, items, in_fmt, tmp, update, fsync)
         else:
-            _write_other_format(layout, items, in_fmt, out_fmt, tmp, progress)
+            _write_other_format(layout, items, in_fmt, out_fmt, tmp, update)
+        if fsync:
+            _fsync_tree(tmp)
     result.written = True
     return result
 
@@ -182,11 +193,11 @@ def _check_paths(src: Path, dst: Path, force: bool) -> None:
 
 
 def _write_same_format(
-    layout: Layout, items: list[ItemPlan], fmt: Any, out: Path, progress: Any
+    layout: Layout, items: list[ItemPlan], fmt: Any, out: Path, progress: Any, fsync: bool
 ) -> None:
     if layout.kind in ("file", "item"):
         (item,) = items
-        fmt.write(item.source, item.out_tree, out, progress)
+        fmt.write(item.source, item.out_tree, out, progress, fsync)
         return
     out.mkdir()
     for item in items:
@@ -195,7 +206,7 @@ def _write_same_format(
         if item.out_tree is None:
             shutil.copytree(item.source, dest)
         else:
-            fmt.write(item.source, item.out_tree, dest, progress)
+            fmt.write(item.source, item.out_tree, dest, progress, fsync)
     for path, rel in layout.others:
         dest = out / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -219,6 +230,17 @@ def _write_other_format(
             progress(item.nbytes)
     tree_out = trees[""] if list(trees) == [""] else trees
     out_fmt.save(tree_out, out)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file and directory under ``path`` (or the file itself)."""
+    paths = [path] if path.is_file() else [*path.rglob("*"), path]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager

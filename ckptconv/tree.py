@@ -13,16 +13,12 @@ as Orbax and ``flax.traverse_util`` spell them.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from flax.core import FrozenDict
-from flax.core import meta as flax_meta
 
 from ckptconv import lazy
 from ckptconv.errors import GroupError, NothingToConvertError
@@ -81,34 +77,70 @@ class Stacked:
 # Walking trees
 
 
+def _types(module: str, *names: str) -> tuple[type, ...]:
+    """Classes of ``module`` if it is imported, else ``()``.
+
+    An object of such a class cannot exist before its module is imported, so
+    ckptconv recognises JAX and Flax types without importing JAX or Flax
+    itself: file-to-file conversion never needs them, and importing them costs
+    about a second per command.
+    """
+    m = sys.modules.get(module)
+    return tuple(getattr(m, n) for n in names if hasattr(m, n)) if m else ()
+
+
+def _jax_array() -> tuple[type, ...]:
+    return _types("jax", "Array")
+
+
+def _axis_metadata() -> tuple[type, ...]:
+    return _types("flax.core.meta", "AxisMetadata")
+
+
+def _nnx_variable() -> tuple[type, ...]:
+    return _types("flax.nnx", "Variable")
+
+
+def _nnx_state() -> tuple[type, ...]:
+    return _types("flax.nnx", "State")
+
+
+def _frozen_dict() -> tuple[type, ...]:
+    return _types("flax.core.frozen_dict", "FrozenDict")
+
+
+def _partitioned() -> tuple[type, ...]:
+    return _types("flax.core.meta", "Partitioned")
+
+
 def format_path(path: Sequence[Any]) -> str:
     """``('params', 'layer_0', 'kernel')`` -> ``'params/layer_0/kernel'``."""
     return "/".join(str(k) for k in path) or "<root>"
 
 
 def _is_boxed(x: Any) -> bool:
-    return isinstance(x, (flax_meta.AxisMetadata, nnx.Variable))
+    return isinstance(x, _axis_metadata() + _nnx_variable())
 
 
 def is_leaf(x: Any) -> bool:
     """True for values ckptconv treats as one leaf (never descends into)."""
     return (
         x is None
-        or isinstance(x, (np.ndarray, np.generic, jax.Array, str, bytes, int, float, complex))
+        or isinstance(x, (np.ndarray, np.generic, str, bytes, int, float, complex) + _jax_array())
         or isinstance(x, lazy.LAZY)
         or _is_boxed(x)
     )
 
 
 def _is_mapping(x: Any) -> bool:
-    return isinstance(x, (Mapping, nnx.State))
+    return isinstance(x, (Mapping,) + _nnx_state())
 
 
 def _rebuild_mapping(like: Any, items: list[tuple[Any, Any]]) -> Any:
     """A mapping of ``like``'s type holding ``items`` in order."""
-    if isinstance(like, FrozenDict):
-        return FrozenDict(items)
-    if isinstance(like, nnx.State):
+    if isinstance(like, _frozen_dict()):
+        return type(like)(items)
+    if isinstance(like, _nnx_state()):
         return type(like)(dict(items))
     return dict(items)
 
@@ -122,6 +154,8 @@ def _children(node: Any) -> tuple[list[tuple[Any, Any]], Any]:
     if isinstance(node, tuple):  # namedtuple: optax states
         return [(f, getattr(node, f)) for f in node._fields], lambda xs: type(node)(*xs)
     # Any other registered pytree node (flax struct dataclasses such as TrainState).
+    import jax
+
     keyed, treedef = jax.tree_util.tree_flatten_with_path(
         node, is_leaf=lambda y: y is not node
     )
@@ -141,6 +175,10 @@ def _is_container(x: Any) -> bool:
         return False
     if _is_mapping(x) or isinstance(x, (list, tuple)):
         return True
+    if "jax" not in sys.modules:  # no pytree node can be registered without JAX
+        return False
+    import jax
+
     leaves, treedef = jax.tree_util.tree_flatten(x, is_leaf=lambda y: y is not x)
     return not jax.tree_util.treedef_is_leaf(treedef)
 
@@ -185,9 +223,9 @@ def leaf_dtype(x: Any) -> np.dtype | None:
 
 
 def _unbox(x: Any) -> Any:
-    if isinstance(x, flax_meta.AxisMetadata):
+    if isinstance(x, _axis_metadata()):
         return x.unbox()
-    if isinstance(x, nnx.Variable):
+    if isinstance(x, _nnx_variable()):
         return x.get_value()
     return x
 
@@ -430,26 +468,25 @@ def _stack_leaves(xs: list[Any], axis: int, axis_name: str) -> Any:
         return None
     if isinstance(x0, lazy.Ref):
         return lazy.stack(list(xs), axis)
-    if isinstance(x0, flax_meta.AxisMetadata):
+    if isinstance(x0, _axis_metadata()):
         value = _stack_leaves([x.unbox() for x in xs], axis, axis_name)
         boxed = x0.replace_boxed(value)
-        if isinstance(boxed, nnx_partitioned_types()):
-            boxed = boxed.add_axis(axis, {flax_meta.PARTITION_NAME: axis_name})
+        if isinstance(boxed, _partitioned()):
+            boxed = boxed.add_axis(axis, {"partition_name": axis_name})
         return boxed
-    if isinstance(x0, nnx.Variable):
+    if isinstance(x0, _nnx_variable()):
         return x0.replace(_stack_leaves([x.get_value() for x in xs], axis, axis_name))
-    if any(isinstance(x, jax.Array) for x in xs):
+    if any(isinstance(x, _jax_array()) for x in xs):
         return _stack_jax(xs, axis)
     return np.stack([np.asarray(x) for x in xs], axis=axis)
 
 
-def nnx_partitioned_types() -> tuple[type, ...]:
-    return (flax_meta.Partitioned,)
-
-
-def _stack_jax(xs: list[Any], axis: int) -> jax.Array:
+def _stack_jax(xs: list[Any], axis: int) -> Any:
     """Stack where the data lives: the output is sharded like the inputs, with the
     new layer axis unsharded, and no array is gathered to one host."""
+    import jax
+    import jax.numpy as jnp
+
     sharding = getattr(xs[0], "sharding", None)
     if isinstance(sharding, jax.sharding.NamedSharding):
         spec = list(sharding.spec) + [None] * (xs[0].ndim - len(sharding.spec))
@@ -620,25 +657,27 @@ def _unstack_leaf(x: Any, n: int, axis: int, axis_name: str) -> list[Any]:
         return [None] * n
     if isinstance(x, lazy.Ref):
         return lazy.unstack(x, axis)
-    if isinstance(x, flax_meta.AxisMetadata):
+    if isinstance(x, _axis_metadata()):
         values = _unstack_leaf(x.unbox(), n, axis, axis_name)
         out = []
         for v in values:
             boxed = x.replace_boxed(v)
-            if isinstance(boxed, nnx_partitioned_types()):
-                boxed = boxed.remove_axis(axis, {flax_meta.PARTITION_NAME: axis_name})
+            if isinstance(boxed, _partitioned()):
+                boxed = boxed.remove_axis(axis, {"partition_name": axis_name})
             out.append(boxed)
         return out
-    if isinstance(x, nnx.Variable):
+    if isinstance(x, _nnx_variable()):
         return [x.replace(v) for v in _unstack_leaf(x.get_value(), n, axis, axis_name)]
-    if isinstance(x, jax.Array):
+    if isinstance(x, _jax_array()):
         return _unstack_jax(x, n, axis)
     x = np.asarray(x)
     index: list[Any] = [slice(None)] * axis
     return [x[tuple(index + [i])] for i in range(n)]
 
 
-def _unstack_jax(x: jax.Array, n: int, axis: int) -> list[jax.Array]:
+def _unstack_jax(x: Any, n: int, axis: int) -> list[Any]:
+    import jax
+
     sharding = x.sharding
     if isinstance(sharding, jax.sharding.NamedSharding):
         spec = list(sharding.spec) + [None] * (x.ndim - len(sharding.spec))

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from ckptconv import tree as treelib
@@ -287,6 +286,7 @@ def _run(module: Any, variables: Any, inputs: tuple, repeats: int) -> tuple[Any,
     """Time the plain forward (compile, then steps), then run once capturing
     every intermediate. Timing the plain forward keeps the figures about the
     model, not about copying out its intermediates."""
+    import jax
 
     def plain(v: Any, *a: Any) -> Any:
         return module.apply(v, *a, mutable=True)
@@ -467,6 +467,8 @@ def verify(
         loop_state.get("intermediates", {}), scan_state.get("intermediates", {}),
         pattern=template, into=into, atol=atol, rtol=rtol,
     )
+    import jax
+
     dev = jax.devices()[0]
     report.numeric = True
     report.rows = rows

@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flax import serialization
-
 from ckptconv.errors import FormatError
+from ckptconv.formats import msgpack_stream
 from ckptconv.formats.layout import Layout
 
 NAME = "msgpack"
@@ -37,32 +36,26 @@ def describe(path: Path, step: int | None = None) -> Layout:
 
 
 def read_lazy(item: Path) -> Any:
-    from ckptconv.formats import msgpack_stream
-
     return msgpack_stream.read_lazy(item)
 
 
 def read_array(item: Path, ref: Any) -> Any:
-    from ckptconv.formats import msgpack_stream
-
     return msgpack_stream.read_array(item, ref)
 
 
-def write(item: Path, out_tree: Any, dst: Path, progress: Any = None) -> None:
-    from ckptconv.formats import msgpack_stream
-
+def write(item: Path, out_tree: Any, dst: Path, progress: Any = None, fsync: bool = False) -> None:
     msgpack_stream.write(item, out_tree, dst, progress=progress)
 
 
 def load(path: Path, step: int | None = None) -> Any:
     describe(path, step)
-    from ckptconv.formats import msgpack_stream
-
     return msgpack_stream.load(path)
 
 
 def save(tree: Any, path: Path) -> None:
     """Write ``tree`` as one msgpack file (``flax.serialization.msgpack_serialize``)."""
+    from flax import serialization
+
     # Plain dicts are written as they are (lists stay msgpack arrays); objects
     # such as a TrainState go through their flax state dict, as to_bytes does.
     state = tree if isinstance(tree, dict) else serialization.to_state_dict(tree)

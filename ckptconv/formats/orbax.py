@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orbax.checkpoint as ocp
 
 from ckptconv.errors import FormatError
+from ckptconv.formats import orbax_stream
 from ckptconv.formats.layout import Layout
 
 NAME = "orbax"
@@ -103,25 +103,21 @@ def _step_layout(root: Path, step_dir: Path, kind: str, step: int | None) -> Lay
 
 
 def read_lazy(item: Path) -> Any:
-    from ckptconv.formats import orbax_stream
-
     return orbax_stream.read_lazy(item)
 
 
 def read_array(item: Path, ref: Any) -> np.ndarray:
-    from ckptconv.formats import orbax_stream
-
     return orbax_stream.read_array(item, ref.source)
 
 
-def write(item: Path, out_tree: Any, dst: Path, progress: Any = None) -> None:
-    from ckptconv.formats import orbax_stream
-
-    orbax_stream.write(item, out_tree, dst, progress=progress)
+def write(item: Path, out_tree: Any, dst: Path, progress: Any = None, fsync: bool = False) -> None:
+    orbax_stream.write(item, out_tree, dst, progress=progress, sync=fsync)
 
 
 def load_item(item: Path) -> Any:
     """Restore one item as numpy arrays, whatever device the arrays were saved from."""
+    import orbax.checkpoint as ocp
+
     item = Path(item).absolute()  # Orbax refuses relative paths
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
@@ -140,6 +136,8 @@ def load_item(item: Path) -> Any:
 
 
 def _restore_args(tree: Any) -> Any:
+    import orbax.checkpoint as ocp
+
     if isinstance(tree, dict):
         return {k: _restore_args(v) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
@@ -158,6 +156,8 @@ def load(path: Path, step: int | None = None) -> Any:
 
 def save(tree: Any, path: Path) -> None:
     """Write ``tree`` as one Orbax item (``StandardCheckpointer``) at ``path``."""
+    import orbax.checkpoint as ocp
+
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path.absolute(), tree)
         ckptr.wait_until_finished()
