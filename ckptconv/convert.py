@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptconv import formats, lazy, tree
-from ckptconv.errors import CkptconvError, NothingToConvertError, OutputExistsError
+from ckptconv.errors import CkptconvError, GroupError, NothingToConvertError, OutputExistsError
 from ckptconv.formats.layout import Layout
 
 
@@ -102,7 +102,8 @@ def plan(
         except NothingToConvertError as e:
             # Items without layers (metrics, dataset state) are copied as they are.
             first_error = first_error or e
-        except CkptconvError as e:
+        except GroupError as e:
+            # Tree errors name the leaf; add the file (format errors have it).
             where = f"{path}" + (f" (item {name!r})" if name else "")
             raise type(e)(f"{where}: {e}") from e
         items.append(item)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class CkptconvError(Exception):
     """Base of every error ckptconv raises on purpose.
@@ -13,6 +15,14 @@ class CkptconvError(Exception):
 
 class FormatError(CkptconvError, OSError):
     """A checkpoint could not be recognised or read."""
+
+    def __init__(self, message: str) -> None:
+        # TensorStore appends its whole JSON spec to every error; the reason
+        # before it is what a user needs.
+        super().__init__(re.sub(r"\s*\[tensorstore_spec='.*?'\]", "", message, flags=re.S))
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class GroupError(CkptconvError, ValueError):

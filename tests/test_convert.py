@@ -336,3 +336,31 @@ def test_relative_paths(tmp_path, cli, monkeypatch):
     r = cli("verify", "in", "out")
     assert r.exit_code == 0, r.output
     assert r.output.splitlines()[-1] == "PASS"
+
+
+def test_error_corrupt_orbax(tmp_path, cli):
+    src = save_plain(_loop_tree(), tmp_path / "in", "orbax")
+    for f in (src / "d").iterdir():
+        f.write_bytes(f.read_bytes()[:100])
+    r = _expect_error(cli, tmp_path, src, ["to-scan", src, tmp_path / "out"], f"Error: {src.absolute()}: cannot read")
+    assert r.output.rstrip().endswith(
+        "The checkpoint looks incomplete or damaged: check that its save finished and that it was copied whole."
+    )
+    assert "tensorstore_spec" not in r.output
+
+
+def test_progress_bar_on_a_terminal(capsys):
+    from ckptconv.cli import _Progress
+
+    bar = _Progress("to-scan")
+    bar(1024, 4096)
+    bar(1024, 4096)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "to-scan" in err and "50%" in err and "2.00k/4.00k" in err
+
+
+def test_quiet_when_piped(tmp_path, cli):
+    src = save_plain(_loop_tree(), tmp_path / "in", "orbax")
+    r = cli("to-scan", src, tmp_path / "out")
+    assert r.exit_code == 0 and "\r" not in r.output and "%" not in r.output

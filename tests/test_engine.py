@@ -110,3 +110,15 @@ def test_manager_output_restores_with_checkpoint_manager(tmp_path):
         assert m.latest_step() == 3
         got = m.restore(3)
     assert bits(got) == bits(ckptconv.to_scan(ckptconv.load(tmp_path / "run")["default"]))
+
+
+@pytest.mark.parametrize("kind", ["train", "pattern", "nnx"])
+def test_fast_metadata_reader_agrees_with_orbax(tmp_path, kind):
+    from ckptconv.formats import orbax_stream
+
+    tree, _ = _state(kind)
+    tree["extra"] = {"none": None, "empty": {}, "lst": [np.int8(1), [np.zeros(2, jnp.bfloat16)], None], "s": np.float32(2)}
+    _save(tree, tmp_path / "ck", "orbax")
+    fast = orbax_stream.read_lazy(tmp_path / "ck")
+    assert fast == orbax_stream.read_lazy_with_orbax(tmp_path / "ck")
+    assert fast["extra"]["lst"][1][0] == ckptconv.lazy.Ref("extra.lst.1.0", (2,), np.dtype(jnp.bfloat16))

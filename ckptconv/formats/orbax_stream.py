@@ -141,7 +141,13 @@ def read_lazy(item_dir: str | os.PathLike) -> Any:
     return _run(_read_lazy_fast(src))
 
 
-_EMPTY_VALUES: dict[str, Any] = {"None": None, "Dict": {}, "List": [], "Tuple": (), "NamedTuple": ()}
+_EMPTY_VALUES: dict[str, Any] = {
+    "None": None,
+    "Dict": {},
+    "List": [],
+    "Tuple": (),
+    "NamedTuple": (),
+}
 
 
 async def _read_lazy_fast(src: _Source) -> Any:
@@ -167,7 +173,11 @@ async def _read_lazy_fast(src: _Source) -> Any:
         vtype = meta.get("value_type")
         if name in specs:
             z = specs[name]
-            value: Any = Ref(source=name, shape=tuple(int(d) for d in z["shape"]), dtype=_zarr_dtype(z["dtype"], src.path, name))
+            value: Any = Ref(
+                source=name,
+                shape=tuple(int(d) for d in z["shape"]),
+                dtype=_zarr_dtype(z["dtype"], src.path, name),
+            )
         elif vtype == "string":
             if strings is None:
                 strings = _read_json(src.path / STRINGS_FILE, what="strings file")
@@ -211,7 +221,9 @@ def _zarr_dtype(name: Any, path: Path, leaf: str) -> np.dtype:
             return np.dtype(name)
         return ts.dtype(name).numpy_dtype
     except Exception as e:
-        raise FormatError(f"{path}: leaf {leaf!r} has a dtype ckptconv cannot read ({name!r}): {e}") from e
+        raise FormatError(
+            f"{path}: leaf {leaf!r} has a dtype ckptconv cannot read ({name!r}): {e}"
+        ) from e
 
 
 def read_lazy_with_orbax(item_dir: str | os.PathLike) -> Any:
@@ -224,7 +236,10 @@ def read_lazy_with_orbax(item_dir: str | os.PathLike) -> Any:
     try:
         tree_metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
     except Exception as e:  # Orbax raises many kinds; all mean "unreadable".
-        raise FormatError(f"{path}: Orbax could not read the checkpoint's metadata: {e}") from e
+        raise FormatError(
+            f"{path}: Orbax could not read the checkpoint's metadata: {e}. "
+            "The checkpoint looks incomplete or damaged: check that its save finished and that it was copied whole."
+        ) from e
     strings: dict[str, Any] | None = None
 
     def convert(node: Any, keys: tuple[str, ...]) -> Any:
@@ -432,7 +447,10 @@ class _Source:
         try:
             res = await kv.read(key)
         except Exception as e:
-            raise FormatError(f"{self.path}: cannot read {key}: {e}") from e
+            raise FormatError(
+                f"{self.path}: cannot read {key}: {e}. "
+                "The checkpoint looks incomplete or damaged: check that its save finished and that it was copied whole."
+            ) from e
         if res.state != "value":
             raise FormatError(
                 f"{self.path}: array {name!r} has no zarr metadata ({key} is missing)"
@@ -461,7 +479,10 @@ class _Source:
         try:
             return await ts.open(self.array_spec(name), open=True, read=True, context=self.context)
         except Exception as e:
-            raise FormatError(f"{self.path}: cannot open array {name!r}: {e}") from e
+            raise FormatError(
+                f"{self.path}: cannot open array {name!r}: {e}. "
+                "The checkpoint looks incomplete or damaged: check that its save finished and that it was copied whole."
+            ) from e
 
     async def read_region(self, name: str, index: tuple[Any, ...]) -> np.ndarray:
         """Reads ``array[index]`` of one array (decodes the chunks it touches)."""
@@ -469,7 +490,10 @@ class _Source:
         try:
             return np.asarray(await arr[index].read())
         except Exception as e:
-            raise FormatError(f"{self.path}: cannot read array {name!r}: {e}") from e
+            raise FormatError(
+                f"{self.path}: cannot read array {name!r}: {e}. "
+                "The checkpoint looks incomplete or damaged: check that its save finished and that it was copied whole."
+            ) from e
 
 
 # --------------------------------------------------------------------------
@@ -1038,7 +1062,8 @@ class _Destination:
                         res = await src_kv.read(op.src_key)
                     except Exception as e:
                         raise FormatError(
-                            f"{src_path}: cannot read chunk {op.src_key} (for leaf {op.leaf!r}): {e}"
+                            f"{src_path}: cannot read chunk {op.src_key} (for leaf {op.leaf!r}): {e}. "
+                            "The checkpoint looks incomplete or damaged: check that its save finished and that it was copied whole."
                         ) from e
                     # A missing chunk stays missing: the output reads as the source does.
                     if res.state == "value":
