@@ -310,7 +310,7 @@ def run() -> None:
             os.execve(sys.executable, argv, env)
         except OSError:
             pass  # run as we are
-    main()
+    main(prog_name="ckptconv")
 
 
 if __name__ == "__main__":  # pragma: no cover

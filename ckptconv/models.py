@@ -87,6 +87,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -770,49 +771,17 @@ def seed0(
     )
 
 
-def seed1(
-    num_layers: int = 4,
-    hidden_dim: int = 32,
-    num_heads: int = 4,
-    batch: int = 2,
-    seq: int = 8,
-    dtype: Any = "float32",
-    seed: int = 0,
-    pattern: str = "layer_{i}",
-    into: str = "blocks",
-    axis: int = 0,
-) -> tuple[LoopModel, ScanModel, tuple[np.ndarray]]:
+def seed1(**kwargs: Any) -> tuple[LoopModel, ScanModel, tuple[np.ndarray]]:
     """Seed-1's model: `NormAttentionBlock` in loop and scan form.
 
-    Args:
-        num_layers: N.
-        hidden_dim: model width.
-        num_heads: attention heads.
-        batch: input batch size.
-        seq: input sequence length.
-        dtype: computation dtype, a name such as ``"bfloat16"`` or a dtype.
-        seed: seed of the numpy RNG drawing the input.
-        pattern: layer names of the loop form.
-        into: key of the scan form's stacked subtree.
-        axis: layer axis of the scan form's params.
-
-    Returns:
-        ``(loop_module, scan_module, (x,))`` with ``x`` float32
-        ``(batch, seq, hidden_dim)``.
+    Takes the same keyword arguments, with the same defaults, as `seed0`.
     """
-    return _block_models(
-        NormAttentionBlock,
-        num_layers=num_layers,
-        hidden_dim=hidden_dim,
-        num_heads=num_heads,
-        batch=batch,
-        seq=seq,
-        dtype=dtype,
-        seed=seed,
-        pattern=pattern,
-        into=into,
-        axis=axis,
-    )
+    params = inspect.signature(seed0).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise TypeError(f"seed1() got unexpected keyword arguments: {', '.join(unknown)}")
+    args = {name: p.default for name, p in params.items()} | kwargs
+    return _block_models(NormAttentionBlock, **args)
 
 
 def causal_lm(
