@@ -126,7 +126,7 @@ def inspect(
             click.echo("to-scan would stack:")
             for g in it.to_scan:
                 click.echo(
-                    f"  {tree.format_path(g.path + (g.template,))}  "
+                    f"  {tree.format_path(g.members_path)}  "
                     f"{g.num_layers} layers -> {tree.format_path(g.target)}"
                 )
         elif it.to_scan_error:
@@ -178,7 +178,7 @@ def _run_convert(ctx: click.Context, src: Path, dst: Path, to: str, **kw: Any) -
         for g in item.groups:
             if to == "scan":
                 click.echo(
-                    f"{prefix}{tree.format_path(g.path + (g.template,))}: "
+                    f"{prefix}{tree.format_path(g.members_path)}: "
                     f"{g.num_layers} layers -> {tree.format_path(g.target)}"
                 )
             else:
@@ -192,6 +192,30 @@ def _run_convert(ctx: click.Context, src: Path, dst: Path, to: str, **kw: Any) -
         click.echo(f"dry run: would write {dst} ({result.out_format}, {_human(result.nbytes)}); nothing written")
     else:
         click.echo(f"wrote {dst} ({result.out_format}, {_human(result.nbytes)}) in {elapsed:.1f} s")
+    if to == "scan" and not dry_run:
+        for undo in _undo_commands(result, dst, kw.get("axis", 0)):
+            click.echo(f"to undo: {undo}")
+
+
+def _undo_commands(result: Any, dst: Path, axis: int) -> list[str]:
+    """The to-loop command(s) that give the input's layer names back."""
+    import shlex
+
+    out = []
+    seen = set()
+    for g in result.groups:
+        if (g.into, g.template) in seen:
+            continue
+        seen.add((g.into, g.template))
+        args = ["ckptconv", "to-loop", str(dst), "LOOP_OUT"]
+        if g.into != "blocks":
+            args += ["--from", g.into]
+        if g.template != "layer_{i}":
+            args += ["--pattern", g.template]
+        if axis:
+            args += ["--axis", str(axis)]
+        out.append(" ".join(shlex.quote(a) if a != "LOOP_OUT" else a for a in args))
+    return out
 
 
 @main.command("to-scan")

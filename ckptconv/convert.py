@@ -187,6 +187,17 @@ def _check_paths(src: Path, dst: Path, force: bool) -> None:
             f"{dst}: the output must not be the input, inside it, or contain it ({src}). "
             "Choose another output path."
         )
+    check_output(dst, force)
+
+
+def check_output(dst: Path, force: bool) -> None:
+    """Raise unless ``dst`` may be written: its folder exists, and ``dst`` does
+    not (or ``force``)."""
+    if not dst.absolute().parent.is_dir():
+        raise CkptconvError(
+            f"{dst}: the folder {dst.absolute().parent} does not exist; create it first "
+            "(ckptconv does not create folders, so a typo cannot scatter output)."
+        )
     if (dst.exists() or dst.is_symlink()) and not force:
         raise OutputExistsError(
             f"{dst} already exists; pass --force to replace it, or choose another path."
@@ -249,7 +260,6 @@ def _atomic_output(dst: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary path beside ``dst``; move it into place only on success."""
     tmp = dst.parent / f".{dst.name}.ckptconv-tmp-{os.getpid()}"
     old = dst.parent / f".{dst.name}.ckptconv-old-{os.getpid()}"
-    dst.parent.mkdir(parents=True, exist_ok=True)
     _remove(tmp)
     try:
         yield tmp

@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptconv import formats
-from ckptconv.convert import _atomic_output
-from ckptconv.errors import OutputExistsError
+from ckptconv.convert import _atomic_output, check_output
 
 
 def load(path: str | Path, *, format: str | None = None, step: int | None = None) -> Any:
@@ -43,7 +42,6 @@ def save(tree: Any, path: str | Path, *, format: str = "orbax", force: bool = Fa
     """
     path = Path(path)
     fmt = formats.get(format)
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} already exists; pass force=True to replace it.")
+    check_output(path, force)
     with _atomic_output(path, force) as tmp:
         fmt.save(tree, tmp)

@@ -56,6 +56,7 @@ class Inspection:
                     "name": it.name,
                     "path": str(it.path),
                     "bytes": it.nbytes,
+                    "leaf_count": sum(r.count for r in it.leaves),
                     "leaves": [
                         {
                             "path": r.path,
@@ -70,6 +71,7 @@ class Inspection:
                         "groups": [
                             {
                                 "path": tree.format_path(g.path),
+                                "members": tree.format_path(g.members_path),
                                 "template": g.template,
                                 "layers": g.num_layers,
                                 "into": tree.format_path(g.target),

@@ -54,6 +54,13 @@ class Group:
         return len(self.keys)
 
     @property
+    def members_path(self) -> tuple[str, ...]:
+        """The members' path with the layer number as ``{i}`` (for messages)."""
+        if self.template == "{i}":
+            return self.path + (self.into, "{i}")
+        return self.path + (self.template,)
+
+    @property
     def target(self) -> tuple[str, ...]:
         """Path of the stacked subtree in the converted tree."""
         return self.path + (self.into,)
@@ -402,51 +409,61 @@ def find_stacks(tree: Any, source: str = "blocks", *, axis: int = 0) -> list[Sta
 
 
 def _check_members(group_path: tuple, keys: tuple, members: list[Any], axis: int) -> None:
-    """Raise one GroupError listing every leaf where a layer differs from layer 0,
-    or that has too few dimensions for the layer axis."""
-    ref = leaves_with_paths(members[0])
+    """Raise one GroupError listing every layer and leaf that differs from the rest.
+
+    The reference is what most layers have (ties: the lowest layer), so a
+    checkpoint whose layer 0 is the odd one out names layer 0, not all others.
+    """
+    leaves = [leaves_with_paths(m) for m in members]
+    signatures = [tuple(sorted(map(str, (p for p, _ in lv)))) for lv in leaves]
+    ref_i = _majority(signatures)
+    ref = leaves[ref_i]
     for p, x in ref:
         shape = leaf_shape(x)
         if shape is not None and len(shape) < axis:
             raise GroupError(
-                f"{format_path(group_path + (keys[0],) + p)}: shape {shape} has no room "
-                f"for a layer axis at position {axis} (layer 0). Use a smaller --axis, "
-                "or leave this leaf out with --pattern."
+                f"{format_path(group_path + (keys[ref_i],) + p)}: shape {shape} has no room "
+                f"for a layer axis at position {axis}. Use a smaller --axis (MaxText's "
+                "axis 1 needs every stacked leaf to have at least one dimension)."
             )
-    ref_paths = {p: x for p, x in ref}
+    ref_paths = dict(ref)
+    ref_name = format_path(group_path + (keys[ref_i],))
     problems: list[str] = []
-    name0 = format_path(group_path + (keys[0],))
-    for i, member in enumerate(members[1:], start=1):
-        where = group_path + (keys[i],)
-        if not _same_structure(members[0], member):
-            got = {p for p, _ in leaves_with_paths(member)}
-            extra = sorted(got - set(ref_paths), key=str)
-            lacking = sorted(set(ref_paths) - got, key=str)
-            detail = []
-            if lacking:
-                detail.append("lacks " + ", ".join(format_path(p) for p in lacking[:3]))
-            if extra:
-                detail.append("has extra " + ", ".join(format_path(p) for p in extra[:3]))
-            problems.append(
-                f"layer {i} ({format_path(where)}) has a different tree structure "
-                f"from layer 0 ({name0}): it " + (" and ".join(detail) or "nests differently")
-            )
+    same = [i for i, sig in enumerate(signatures) if sig == signatures[ref_i]]
+    for i in range(len(members)):
+        if i in same:
             continue
-        for p, x in leaves_with_paths(member):
-            y = ref_paths[p]
-            leaf = format_path(where + p)
-            sx, sy = leaf_shape(x), leaf_shape(y)
-            if sx != sy:
-                problems.append(
-                    f"layer {i}: {leaf}: expected shape {sy} (as in layer 0), found {sx}"
-                )
-                continue
-            dx, dy = leaf_dtype(x), leaf_dtype(y)
-            if dx != dy:
-                problems.append(
-                    f"layer {i}: {leaf}: expected dtype {dy} (as in layer 0), found {dx}"
-                )
+        got = {p for p, _ in leaves[i]}
+        extra = sorted(got - set(ref_paths), key=str)
+        lacking = sorted(set(ref_paths) - got, key=str)
+        detail = []
+        if lacking:
+            detail.append("lacks " + ", ".join(format_path(p) for p in lacking[:3]))
+        if extra:
+            detail.append("has extra " + ", ".join(format_path(p) for p in extra[:3]))
+        problems.append(
+            f"layer {i} ({format_path(group_path + (keys[i],))}) has a different tree "
+            f"structure from layer {ref_i} ({ref_name}): it "
+            + (" and ".join(detail) or "nests differently")
+        )
+    for p in ref_paths:
+        values = {i: dict(leaves[i])[p] for i in same}
+        for what, get in (("shape", leaf_shape), ("dtype", leaf_dtype)):
+            found = {i: get(x) for i, x in values.items()}
+            order = sorted(found)
+            want_i = order[_majority([found[i] for i in order])]
+            want = found[want_i]
+            for i in order:
+                if found[i] != want:
+                    leaf = format_path(group_path + (keys[i],) + p)
+                    problems.append(
+                        f"layer {i}: {leaf}: expected {what} {want} (as in layer {want_i}), "
+                        f"found {found[i]}"
+                    )
+            if any(found[i] != want for i in order):
+                break  # a shape mismatch makes the dtype line noise
     if problems:
+        problems.sort(key=lambda m: int(m.split()[1].rstrip(":")))
         shown = problems[:_MAX_LISTED]
         more = len(problems) - len(shown)
         raise GroupError(
@@ -457,9 +474,18 @@ def _check_members(group_path: tuple, keys: tuple, members: list[Any], axis: int
             + "):\n  "
             + "\n  ".join(shown)
             + (f"\n  … and {more} more" if more else "")
-            + "\nEvery layer must have the same leaves, shapes and dtypes; "
-            "fix the checkpoint or exclude these keys with --pattern."
+            + "\nEvery layer must have the same leaves, shapes and dtypes: fix the "
+            "checkpoint, or select other layer keys with --pattern."
         )
+
+
+def _majority(values: list[Any]) -> int:
+    """Index of the first occurrence of the most common value (ties: the earliest)."""
+    counts: dict[Any, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    best = max(counts.values())
+    return next(i for i, v in enumerate(values) if counts[v] == best)
 
 
 def _stack_leaves(xs: list[Any], axis: int, axis_name: str) -> Any:

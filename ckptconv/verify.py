@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ckptconv import tree as treelib
-from ckptconv.errors import CkptconvError, VerifyError
+from ckptconv.errors import CkptconvError, GroupError, NothingToConvertError, VerifyError
 
 #: Default (atol, rtol) by the dtype of the compared values.
 DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
@@ -93,7 +93,8 @@ class Report:
 
     @property
     def numeric_passed(self) -> bool:
-        return all(r.passed for r in self.rows)
+        """Every row within tolerance, and nothing left uncompared."""
+        return all(r.passed for r in self.rows) and not self.unmatched
 
     @property
     def passed(self) -> bool:
@@ -126,6 +127,11 @@ class Report:
                 lines.append("  " + _describe_leaf(c))
             if len(bad) > max_rows:
                 lines.append(f"  … and {len(bad) - max_rows} more")
+            if any(c.status == "shape" for c in bad):
+                lines.append(
+                    "  Shapes differ: was SCAN stacked on another layer axis? Pass the --axis "
+                    "it was converted with (MaxText: 1)."
+                )
         if self.numeric:
             lines.append(f"device: {self.device}")
             for form, t in self.timings.items():
@@ -152,15 +158,28 @@ class Report:
                 )
             if len(self.rows) > max_rows:
                 lines.append(f"  … {len(self.rows) - max_rows} more rows (--json for all)")
-            for name in self.unmatched[:5]:
-                lines.append(f"  not compared (only in one form): {name}")
+            if self.unmatched:
+                lines.append(
+                    f"{len(self.unmatched)} intermediates exist in one form only, so they were "
+                    "not compared (FAIL):"
+                )
+                for name in self.unmatched[:5]:
+                    lines.append(f"  only in {name}")
+                if len(self.unmatched) > 5:
+                    lines.append(f"  … and {len(self.unmatched) - 5} more")
+                lines.append(
+                    "  Does the scan module stack the intermediates collection? "
+                    "nn.scan(..., variable_axes={'params': 0, 'intermediates': 0})"
+                )
         lines.append("PASS" if self.passed else "FAIL")
         return "\n".join(lines)
 
 
 def _describe_leaf(c: LeafCheck) -> str:
     if c.status == "differs":
-        where = f" in layers {_ranges(c.layers)}" if c.layers else ""
+        where = ""
+        if c.layers:
+            where = f" in layer{'s' if len(c.layers) > 1 else ''} {_ranges(c.layers)}"
         return f"{c.path}: values differ{where} (max |Δ| {c.max_abs:.3g})"
     if c.status in ("shape", "dtype"):
         return f"{c.path}: expected {c.status} {c.expected}, found {c.found}"
@@ -275,10 +294,15 @@ def resolve(target: str) -> Any:
 
 def _variables(t: Any) -> dict[str, Any]:
     """The model variables in a checkpoint tree: its collections if it has
-    ``params`` at the top (optimizer state and the rest left out), else the
-    whole tree as params."""
+    ``params`` at the top (optimizer state and the rest left out); for a
+    CheckpointManager step (``{item: tree}``), those of the one item that has
+    ``params``; else the whole tree as params."""
     if isinstance(t, dict) and "params" in t:
-        return {k: t[k] for k in ("params", "batch_stats") if k in t}
+        return {k: t[k] for k in ("params", "batch_stats", "cache") if k in t}
+    if isinstance(t, dict):
+        items = [v for v in t.values() if isinstance(v, dict) and "params" in v]
+        if len(items) == 1:
+            return _variables(items[0])
     return {"params": t}
 
 
@@ -359,8 +383,8 @@ def compare_intermediates(
             continue
         for i in range(a.shape[0]):
             rows.append(_compare(name, i, a[i], b[i], atol, rtol))
-    unmatched = [treelib.format_path(p) for p in want if p not in got]
-    unmatched += [treelib.format_path(p) for p in got if p not in want]
+    unmatched = [f"loop: {treelib.format_path(p)}" for p in want if p not in got]
+    unmatched += [f"scan: {treelib.format_path(p)}" for p in got if p not in want]
     rows.sort(key=lambda r: (r.passed, -r.worst, r.layer if r.layer is not None else -1))
     return rows, unmatched
 
@@ -425,7 +449,14 @@ def verify(
         raise VerifyError("give --block or --model, not both.")
     loop_name, loop_tree = _load(loop)
     scan_name, scan_tree = _load(scan)
-    report = Report(loop_name, scan_name, check_structure(loop_tree, scan_tree, pattern=pattern, into=into, axis=axis))
+    try:
+        leaves = check_structure(loop_tree, scan_tree, pattern=pattern, into=into, axis=axis)
+    except GroupError as e:
+        swapped = ""
+        if isinstance(e, NothingToConvertError) and treelib.find_stacks(loop_tree, into, axis=axis):
+            swapped = " LOOP holds a stacked subtree: are LOOP and SCAN swapped? Give the loop form first."
+        raise type(e)(f"{loop_name} (LOOP): {e}{swapped}") from e
+    report = Report(loop_name, scan_name, leaves)
     if block is None and model is None:
         return report
     groups = treelib.find_groups(loop_tree, pattern, into=into)

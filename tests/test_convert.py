@@ -233,11 +233,12 @@ def test_force_replaces_and_inspect(tmp_path, cli):
     rep = json.loads(r.output)
     assert rep["format"] == "msgpack" and rep["layout"] == "file"
     (item,) = rep["items"]
-    assert item["to_scan"]["groups"][0] == {"path": "params", "template": "layer_{i}", "layers": 4, "into": "params/blocks"}
+    assert item["leaf_count"] == sum(row["layers"] for row in item["leaves"]) == 22
+    assert item["to_scan"]["groups"][0] == {"path": "params", "members": "params/layer_{i}", "template": "layer_{i}", "layers": 4, "into": "params/blocks"}
     rows = {row["path"]: row for row in item["leaves"]}
     assert rows["params/layer_{i}/bf16"] == {"path": "params/layer_{i}/bf16", "shape": [4, 2], "dtype": "bfloat16", "bytes": 16, "layers": 4}
     text = cli("inspect", tmp_path / "out")
-    assert text.output.endswith("to-loop would unstack:\n  encoder/blocks  2 layers\n  params/blocks  4 layers\n")
+    assert text.output.endswith("to-loop would unstack:\n  params/blocks  4 layers\n  encoder/blocks  2 layers\n")
 
 
 # -- errors: exit 2, a clear message, IN unchanged, no OUT -----------------------
@@ -352,8 +353,11 @@ def test_error_corrupt_orbax(tmp_path, cli):
 def test_progress_bar_on_a_terminal(capsys):
     from ckptconv.cli import _Progress
 
+    import time
+
     bar = _Progress("to-scan")
     bar(1024, 4096)
+    time.sleep(0.2)  # tqdm redraws at most every 0.1 s
     bar(1024, 4096)
     bar.close()
     err = capsys.readouterr().err
@@ -364,3 +368,28 @@ def test_quiet_when_piped(tmp_path, cli):
     src = save_plain(_loop_tree(), tmp_path / "in", "orbax")
     r = cli("to-scan", src, tmp_path / "out")
     assert r.exit_code == 0 and "\r" not in r.output and "%" not in r.output
+
+
+def test_to_scan_prints_how_to_undo(tmp_path, cli):
+    t = {"params": {f"layers_{i}": {"w": np.full(2, i, np.float32)} for i in range(2)},
+         "nnx": {"stack": {str(i): {"w": np.full(2, i, np.float32)} for i in range(2)}}}
+    src = save_plain(t, tmp_path / "in.msgpack", "msgpack")
+    r = cli("to-scan", src, tmp_path / "out.msgpack", "--axis", "1")
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert "nnx/stack/{i}: 2 layers -> nnx/stack" in lines
+    assert "params/layers_{i}: 2 layers -> params/blocks" in lines
+    out = tmp_path / "out.msgpack"
+    assert f"to undo: ckptconv to-loop {out} LOOP_OUT --from stack --pattern '{{i}}' --axis 1" in lines
+    assert f"to undo: ckptconv to-loop {out} LOOP_OUT --pattern 'layers_{{i}}' --axis 1" in lines
+    # following the two hints gives the input back, byte for byte
+    assert cli("to-loop", out, tmp_path / "a.msgpack", "--from", "stack", "--pattern", "{i}", "--axis", "1").exit_code == 0
+    assert cli("to-loop", tmp_path / "a.msgpack", tmp_path / "b.msgpack", "--pattern", "layers_{i}", "--axis", "1").exit_code == 0
+    assert (tmp_path / "b.msgpack").read_bytes() == src.read_bytes()
+
+
+def test_error_output_folder_missing(tmp_path, cli):
+    src = save_plain(_loop_tree(), tmp_path / "in", "msgpack")
+    out = tmp_path / "nowhere" / "out"
+    _expect_error(cli, tmp_path, src, ["to-scan", src, out],
+                  f"Error: {out}: the folder {tmp_path / 'nowhere'} does not exist; create it first")

@@ -125,7 +125,7 @@ def test_stacking_layers_with_0d_leaves():
 
 def test_0d_leaf_cannot_take_axis_1():
     t = {f"layer_{i}": {"gate": np.float32(i), "w": np.zeros((2, 2))} for i in range(2)}
-    with pytest.raises(ckptconv.GroupError, match=r"^layer_0/gate: shape \(\) has no room for a layer axis at position 1 \(layer 0\)\."):
+    with pytest.raises(ckptconv.GroupError, match=r"^layer_0/gate: shape \(\) has no room for a layer axis at position 1\. Use a smaller --axis"):
         ckptconv.to_scan(t, axis=1)
 
 
@@ -267,6 +267,20 @@ def test_layer_with_different_dtype_and_structure():
     assert lines[0] == "<root>: the layers to stack differ (2 mismatches):"
     assert lines[1] == "  layer 1: layer_1/Dense_0/bias: expected dtype float32 (as in layer 0), found float16"
     assert lines[2] == "  layer 2 (layer_2) has a different tree structure from layer 0 (layer_0): it lacks RMSNorm_1/scale"
+
+
+def test_odd_layer_0_is_named_not_the_others():
+    t = _loop(4)
+    t["layer_0"]["extra"] = {"w": np.zeros(2, np.float32)}
+    t["layer_3"]["Dense_0"]["bias"] = np.zeros(5, np.float32)
+    with pytest.raises(ckptconv.GroupError) as e:
+        ckptconv.to_scan(t)
+    assert str(e.value).splitlines() == [
+        "<root>: the layers to stack differ (2 mismatches):",
+        "  layer 0 (layer_0) has a different tree structure from layer 1 (layer_1): it has extra extra/w",
+        "  layer 3: layer_3/Dense_0/bias: expected shape (4,) (as in layer 1), found (5,)",
+        "Every layer must have the same leaves, shapes and dtypes: fix the checkpoint, or select other layer keys with --pattern.",
+    ]
 
 
 def test_into_collision():

@@ -76,7 +76,7 @@ def test_one_element_off_by_1e3_is_named(pair, cli, tmp_path):
     r = cli("verify", loop, bad)
     assert r.exit_code == 1, r.output
     assert "structure: 1 of 12 leaves differ from to_scan(LOOP):" in r.output
-    assert "  params/blocks/RMSNorm_1/scale: values differ in layers 2 (max |Δ| 0.001)" in r.output
+    assert "  params/blocks/RMSNorm_1/scale: values differ in layer 2 (max |Δ| 0.001)" in r.output
     rep = ckptconv.verify(loop, bad)
     (leaf,) = [c for c in rep.leaves if not c.ok]
     assert (leaf.path, leaf.layers) == ("params/blocks/RMSNorm_1/scale", [2])
@@ -195,3 +195,56 @@ def test_bad_targets_exit_2(pair, cli):
     r = cli("verify", loop, scan, "--block", "ckptconv.models:NormAttentionBlock", "--input-shape", "1,4,8",
             "--block-kwargs", KW_JSON)
     assert r.exit_code == 2 and "Error: running the models failed" in r.output and "Traceback" not in r.output
+
+
+def test_checkpoint_manager_directories_verify(tmp_path, pair, cli):
+    import orbax.checkpoint as ocp
+
+    _, _, params = pair
+    for name, tree in (("loop_run", params), ("scan_run", ckptconv.to_scan(params))):
+        with ocp.CheckpointManager((tmp_path / name).absolute()) as m:
+            m.save(5, args=ocp.args.StandardSave(tree))
+            m.wait_until_finished()
+    for a, b in ((tmp_path / "loop_run", tmp_path / "scan_run"), (tmp_path / "loop_run" / "5", tmp_path / "scan_run" / "5")):
+        r = cli("verify", a, b, "--block", "ckptconv.models:NormAttentionBlock", "--block-kwargs", KW_JSON, "--input-shape", "1,4,16")
+        assert r.exit_code == 0, r.output
+        assert "intermediates: 43 compared over 3 layers, 0 outside" in r.output
+
+
+def test_layers_compared_in_one_form_only_fail(pair):
+    import flax.linen as nn
+
+    loop_path, scan_path, _ = pair
+
+    class ScanNoIntermediates(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            body = nn.scan(
+                models._scan_body(models.NormAttentionBlock),
+                variable_axes={"params": 0},  # intermediates not stacked: flax drops them
+                split_rngs={"params": True},
+                in_axes=nn.broadcast,
+                length=N,
+            )
+            x, _ = body(name="blocks", **KW)(x)
+            return x
+
+    def model():
+        loop, _, (x,) = models.seed1(num_layers=N, **KW)
+        return loop, ScanNoIntermediates(), (x,)
+
+    rep = ckptconv.verify(loop_path, scan_path, model=model)
+    assert not rep.passed and not rep.numeric_passed
+    assert all(r.passed for r in rep.rows)
+    assert "loop: blocks/Dense_0/__call__/0" in rep.unmatched
+    text = rep.table()
+    assert "intermediates exist in one form only, so they were not compared (FAIL):" in text
+    assert "nn.scan(..., variable_axes={'params': 0, 'intermediates': 0})" in text
+
+
+def test_swapped_arguments_are_named(pair, cli):
+    loop, scan, _ = pair
+    r = cli("verify", scan, loop)
+    assert r.exit_code == 2
+    assert f"Error: {scan} (LOOP): no layer groups found" in r.output
+    assert "LOOP holds a stacked subtree: are LOOP and SCAN swapped? Give the loop form first." in r.output

@@ -44,7 +44,9 @@ def read_array(item: Path, ref: Any) -> Any:
 
 
 def write(item: Path, out_tree: Any, dst: Path, progress: Any = None, fsync: bool = False) -> None:
-    msgpack_stream.write(item, out_tree, dst, progress=progress)
+    # Keep the input file's key order (as to_bytes writes it), so round trips
+    # give the input back byte for byte.
+    msgpack_stream.write(item, out_tree, dst, progress=progress, sort_keys=False)
 
 
 def load(path: Path, step: int | None = None) -> Any:

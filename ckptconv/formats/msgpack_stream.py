@@ -77,7 +77,7 @@ _FOLIO = 2 << 20
 _SMALL = 64 << 10
 _FLUSH = 1 << 20
 
-_INCOMPLETE = "is not a complete msgpack checkpoint"
+_INCOMPLETE = "not a complete msgpack checkpoint"
 _ADVICE = (
     "The file may be truncated (an interrupted copy or save) or not a Flax msgpack "
     "checkpoint; copy or save it again."
@@ -112,7 +112,7 @@ class _Parser:
     def fail(self, what: str) -> FormatError:
         where = f" at leaf '{_keypath(self.keys)}'" if self.keys else ""
         return FormatError(
-            f"'{self.path}' {_INCOMPLETE}: {what}{where} (byte {self.pos} of "
+            f"{self.path}: {_INCOMPLETE}: {what}{where} (byte {self.pos} of "
             f"{len(self.buf)}). {_ADVICE}"
         )
 
@@ -347,7 +347,7 @@ def _open_mmap(path: str) -> mmap.mmap:
     try:
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
-                raise FormatError(f"'{path}' {_INCOMPLETE}: the file is empty. {_ADVICE}")
+                raise FormatError(f"{path}: {_INCOMPLETE}: the file is empty. {_ADVICE}")
             return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except FormatError:
         raise
