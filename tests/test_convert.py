@@ -393,3 +393,24 @@ def test_error_output_folder_missing(tmp_path, cli):
     out = tmp_path / "nowhere" / "out"
     _expect_error(cli, tmp_path, src, ["to-scan", src, out],
                   f"Error: {out}: the folder {tmp_path / 'nowhere'} does not exist; create it first")
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "orbax"])
+def test_interrupt_leaves_no_output_and_keeps_old_one(tmp_path, cli, monkeypatch, fmt):
+    from ckptconv import formats
+
+    src = save_plain(_loop_tree(), tmp_path / "in", fmt)
+    module = formats.get(fmt)
+    real_write = module.write
+
+    def write_then_interrupt(item, out_tree, dst, progress=None, fsync=False):
+        real_write(item, out_tree, dst, progress, fsync)  # a complete temp output …
+        raise KeyboardInterrupt  # … then Ctrl-C before the rename
+
+    monkeypatch.setattr(module, "write", write_then_interrupt)
+    _expect_error(cli, tmp_path, src, ["to-scan", src, tmp_path / "out"],
+                  "Error: interrupted; nothing was written and the input is unchanged.")
+    (tmp_path / "out").write_text("old")
+    r = cli("to-scan", src, tmp_path / "out", "--force")
+    assert r.exit_code == 2 and (tmp_path / "out").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
