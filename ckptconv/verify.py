@@ -115,8 +115,11 @@ class Report:
         )
         return _finite(out)
 
-    def table(self, max_rows: int = 20) -> str:
-        """A readable report for a terminal."""
+    def table(self, max_rows: int | None = None) -> str:
+        """A readable report for a terminal: the worst rows first (5 when all
+        pass, 20 otherwise, unless ``max_rows`` says)."""
+        if max_rows is None:
+            max_rows = 5 if self.passed else 20
         lines = [f"verify {self.loop} (loop) against {self.scan} (scan)"]
         bad = [c for c in self.leaves if not c.ok]
         if not bad:

@@ -351,9 +351,9 @@ def test_error_corrupt_orbax(tmp_path, cli):
 
 
 def test_progress_bar_on_a_terminal(capsys):
-    from ckptconv.cli import _Progress
-
     import time
+
+    from ckptconv.cli import _Progress
 
     bar = _Progress("to-scan")
     bar(1024, 4096)
