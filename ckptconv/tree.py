@@ -780,7 +780,10 @@ def to_loop(
                 items.append((k, convert(v, path + (k,))))
                 continue
             if pattern == "{i}":
-                items.append((k, _rebuild_mapping(node, list(zip(names, layers)))))
+                # nnx.State lists have int keys; everything else (Orbax,
+                # msgpack) spells them as strings.
+                keys = range(n) if isinstance(node, _nnx_state()) else names
+                items.append((k, _rebuild_mapping(node, list(zip(keys, layers)))))
                 continue
             taken = [nm for nm in names if nm in node]
             if taken:

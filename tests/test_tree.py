@@ -235,6 +235,10 @@ def test_nnx_state_with_variables():
     kernel = s["layers"]["kernel"]
     assert isinstance(kernel, nnx.Param) and kernel.get_value().shape == (3, 4, 4)
     np.testing.assert_array_equal(kernel.get_value()[2], state["layers"][2]["kernel"].get_value())
+    back = ckptconv.to_loop(s, source="layers", pattern="{i}")
+    assert list(back["layers"].keys()) == [0, 1, 2]
+    for i in range(3):
+        assert np.array_equal(back["layers"][i]["kernel"].get_value(), state["layers"][i]["kernel"].get_value())
 
 
 # -- errors -----------------------------------------------------------------

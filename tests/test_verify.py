@@ -248,3 +248,14 @@ def test_swapped_arguments_are_named(pair, cli):
     assert r.exit_code == 2
     assert f"Error: {scan} (LOOP): no layer groups found" in r.output
     assert "LOOP holds a stacked subtree: are LOOP and SCAN swapped? Give the loop form first." in r.output
+
+
+def test_input_file(pair, cli, tmp_path):
+    loop, scan, _ = pair
+    x = np.random.default_rng(3).standard_normal((1, 5, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    r = cli("verify", loop, scan, "--block", "ckptconv.models:NormAttentionBlock", "--block-kwargs", KW_JSON,
+            "--input", tmp_path / "x.npy", "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert len([row for row in rep["rows"] if row["layer"] == 0]) == 14
