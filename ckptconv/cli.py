@@ -122,7 +122,7 @@ def inspect(
             click.echo(
                 f"  {r.path:<{width}}  {shape:<18} {r.dtype or '-':<9} {_human(r.nbytes):>9}{times}"
             )
-        if it.to_scan:
+        if it.to_scan and not it.to_scan_error:
             click.echo("to-scan would stack:")
             for g in it.to_scan:
                 click.echo(
@@ -209,7 +209,7 @@ def _undo_commands(result: Any, dst: Path, axis: int) -> list[str]:
         seen.add((g.into, g.template))
         args = ["ckptconv", "to-loop", str(dst), "LOOP_OUT"]
         if g.into != "blocks":
-            args += ["--from", g.into]
+            args += ["--from", str(g.into)]
         if g.template != "layer_{i}":
             args += ["--pattern", g.template]
         if axis:

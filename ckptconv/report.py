@@ -112,6 +112,8 @@ def inspect(
         rep = ItemReport(name, item_path)
         try:
             rep.to_scan = tree.find_groups(t, pattern, into=into)
+            # The lazy conversion checks the layers as to-scan will (no data read).
+            tree.to_scan(t, pattern=pattern, into=into)
         except CkptconvError as e:
             rep.to_scan_error = str(e)
         try:
@@ -127,8 +129,9 @@ def _fold_rows(t: Any, groups: list[tree.Group]) -> list[LeafRow]:
     """One row per leaf, with the members of each group folded into one row."""
     members = {}
     for g in groups:
+        parent = g.path + (g.into,) if g.template == "{i}" else g.path
         for k in g.keys:
-            members[g.path + (k,)] = g.template
+            members[parent + (k,)] = g.template
     rows: dict[str, LeafRow] = {}
     for p, x in tree.leaves_with_paths(t):
         folded = list(p)

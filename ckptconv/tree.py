@@ -44,10 +44,10 @@ class Group:
         is its own key.
     """
 
-    path: tuple[str, ...]
+    path: tuple[Any, ...]
     keys: tuple[Any, ...]
     template: str
-    into: str
+    into: Any
 
     @property
     def num_layers(self) -> int:
@@ -241,6 +241,11 @@ def _unbox(x: Any) -> Any:
 # Finding groups
 
 
+def layer_name(template: str, i: int) -> str:
+    """``layer_name("layers_{i}", 3) == "layers_3"`` (other braces are literal)."""
+    return template.replace("{i}", str(i))
+
+
 def _template_regex(pattern: str) -> re.Pattern:
     if pattern.count("{i}") != 1:
         raise GroupError(
@@ -271,7 +276,12 @@ def _candidate_groups(node: Any, pattern: str | None) -> list[tuple[str, dict[in
 
 def _is_digit_list(node: Any) -> bool:
     """An NNX list: a non-empty mapping whose keys are all ``0 … N-1`` style digits,
-    each holding a subtree."""
+    each holding a subtree with at least one array of one or more dimensions.
+
+    The last condition keeps out flax's state-dict spelling of an optimizer's
+    tuple (``opt_state: {'0': {}, '1': {}}`` for SGD, or counts only), whose
+    members may look alike but are no layers.
+    """
     if not node:
         return False
     for k, v in node.items():
@@ -280,6 +290,19 @@ def _is_digit_list(node: Any) -> bool:
         if not (isinstance(k, int) or (isinstance(k, str) and _DIGITS_RE.match(k))):
             return False
         if not _is_container(v):
+            return False
+        if not any(len(leaf_shape(x) or ()) >= 1 for _, x in leaves_with_paths(v)):
+            return False
+    return True
+
+
+def _consistent(members: list[Any]) -> bool:
+    """True when the members have the same structure, shapes and dtypes."""
+    first = {p: (leaf_shape(x), leaf_dtype(x)) for p, x in leaves_with_paths(members[0])}
+    for m in members[1:]:
+        if not _same_structure(members[0], m):
+            return False
+        if {p: (leaf_shape(x), leaf_dtype(x)) for p, x in leaves_with_paths(m)} != first:
             return False
     return True
 
@@ -308,7 +331,7 @@ def _ordered(path: tuple, template: str, by_index: dict[int, Any]) -> tuple[Any,
     n = len(indices)
     if indices != list(range(n)):
         missing = sorted(set(range(max(indices) + 1)) - set(indices))
-        names = ", ".join(template.format(i=i) for i in missing[:_MAX_LISTED])
+        names = ", ".join(layer_name(template, i) for i in missing[:_MAX_LISTED])
         raise GroupError(
             f"{format_path(path)}: layers {template} must be numbered 0 … N-1, "
             f"but found {_summarize(indices)}; missing {names}. "
@@ -336,12 +359,21 @@ def _walk_groups(
             if all(_same_structure(children[0], c) for c in children[1:]):
                 by_index = {int(k): k for k in node.keys()}
                 keys = _ordered(path, "{i}", by_index)
-                out.append(Group(path[:-1], keys, "{i}", str(path[-1])))
+                # `into` keeps the key as it is (an int in nnx.State).
+                out.append(Group(path[:-1], keys, "{i}", path[-1]))
                 return
         grouped: set = set()
         if pattern != "{i}":
             for template, by_index in _candidate_groups(node, pattern):
-                keys = _ordered(path, template, by_index)
+                try:
+                    keys = _ordered(path, template, by_index)
+                except GroupError:
+                    # nn.Sequential names its children layers_0, layers_2 …
+                    # (activations have no params): unlike, misnumbered keys are
+                    # no layer stack. Alike layers with a gap are a missing layer.
+                    if pattern is None and not _consistent([node[k] for k in by_index.values()]):
+                        continue
+                    raise
                 out.append(Group(path, keys, template, into))
                 grouped.update(keys)
         for k, v in node.items():
@@ -419,8 +451,8 @@ def _check_members(group_path: tuple, keys: tuple, members: list[Any], axis: int
     ref_i = _majority(signatures)
     ref = leaves[ref_i]
     for p, x in ref:
-        shape = leaf_shape(x)
-        if shape is not None and len(shape) < axis:
+        shape = leaf_shape(x) or ()  # python scalars are 0-d
+        if len(shape) < axis:
             raise GroupError(
                 f"{format_path(group_path + (keys[ref_i],) + p)}: shape {shape} has no room "
                 f"for a layer axis at position {axis}. Use a smaller --axis (MaxText's "
@@ -654,14 +686,18 @@ def _no_group_message(tree: Any, pattern: str | None) -> str:
 
 def _layer_count(sub: Any, path: tuple, axis: int) -> int:
     counts: dict[int, tuple] = {}
-    leaves = leaves_with_paths(sub)
-    arrays = [(p, x) for p, x in leaves if leaf_shape(x) is not None]
+    arrays = leaves_with_paths(sub)
     if not arrays:
         raise GroupError(
             f"{format_path(path)}: nothing to unstack, the subtree holds no arrays."
         )
     for p, x in arrays:
         shape = leaf_shape(x)
+        if shape is None:
+            raise GroupError(
+                f"{format_path(path + p)}: {type(x).__name__} {x!r} is not an array, so it "
+                "has no layer axis. Is this subtree stacked? Name the stacked one with --from."
+            )
         if len(shape) <= axis:
             raise GroupError(
                 f"{format_path(path + p)}: shape {shape} has no layer axis {axis}. "
@@ -675,7 +711,10 @@ def _layer_count(sub: Any, path: tuple, axis: int) -> int:
             f"{format_path(p0)} has {n0}, {format_path(p1)} has {n1}. "
             "Pass the right --axis, or --from naming the stacked subtree."
         )
-    return next(iter(counts))
+    n = next(iter(counts))
+    if n == 0:
+        raise GroupError(f"{format_path(path)}: the layer axis {axis} has length 0: no layers.")
+    return n
 
 
 def _unstack_leaf(x: Any, n: int, axis: int, axis_name: str) -> list[Any]:
@@ -773,7 +812,7 @@ def to_loop(
             return _map_children(node, convert, path)
         n = counts[path + (source,)]
         layers = _unstack_tree(node[source], n, axis, axis_name)
-        names = [pattern.format(i=i) for i in range(n)]
+        names = [layer_name(pattern, i) for i in range(n)]
         items: list[tuple[Any, Any]] = []
         for k, v in node.items():
             if k != source:

@@ -346,12 +346,16 @@ def _compare(name: str, layer: int | None, a: np.ndarray, b: np.ndarray, atol: f
     x, y = a.astype(np.float64), b.astype(np.float64)
     if x.shape != y.shape:
         return Row(layer, name, dtype.name, math.inf, math.inf, math.inf, math.inf, False)
-    d = np.abs(x - y)
-    d = np.where(np.isnan(x) & np.isnan(y), 0.0, d)
+    with np.errstate(invalid="ignore"):
+        d = np.abs(x - y)
+    # Equal values (equal infinities included) and NaN in both forms agree;
+    # any other NaN difference is infinitely wrong.
+    d = np.where((x == y) | (np.isnan(x) & np.isnan(y)), 0.0, d)
     d = np.where(np.isnan(d), math.inf, d)
     if d.size == 0:
         return Row(layer, name, dtype.name, 0.0, 0.0, 0.0, 0.0, True)
-    bound = at + rt * np.abs(x)
+    # Where the loop value is not finite, only an exact match passes.
+    bound = np.where(np.isfinite(x), at + rt * np.abs(np.where(np.isfinite(x), x, 0.0)), 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(d == 0, 0.0, d / np.abs(x))
         ratio = np.where(d == 0, 0.0, d / bound)

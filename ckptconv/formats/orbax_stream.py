@@ -830,7 +830,10 @@ class _Plan:
             **metadata,
             "use_ocdbt": True,
             "use_zarr3": False,
-            "store_array_data_equal_to_fill_value": True,
+            # Chunks are copied as they are: a source that left out
+            # fill-value chunks (older Orbax) gives an output that does too,
+            # so the output must say so, or Orbax refuses the missing chunks.
+            "store_array_data_equal_to_fill_value": self.src.raise_missing,
             "custom_metadata": self.src.metadata.get("custom_metadata"),
         }
         _write_file(tmp / METADATA_FILE, json.dumps(metadata).encode())
