@@ -298,7 +298,7 @@ def test_error_unknown_format(tmp_path, cli):
     src = tmp_path / "notes.txt"
     src.write_text("hello")
     _expect_error(cli, tmp_path, src, ["to-scan", src, tmp_path / "out"],
-                  f"Error: {src}: not a checkpoint ckptconv can read.\n  msgpack: does not start with a msgpack map\n  orbax: not a directory\n")
+                  f"Error: {src}: not a checkpoint ckptconv can read.\n  msgpack: does not start with a msgpack map or array\n  orbax: not a directory\n")
     empty = tmp_path / "emptydir"
     empty.mkdir()
     _expect_error(cli, tmp_path, empty, ["inspect", empty], "orbax: a directory without _METADATA")
@@ -414,3 +414,13 @@ def test_interrupt_leaves_no_output_and_keeps_old_one(tmp_path, cli, monkeypatch
     r = cli("to-scan", src, tmp_path / "out", "--force")
     assert r.exit_code == 2 and (tmp_path / "out").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+
+
+def test_msgpack_file_with_a_list_at_the_top(tmp_path):
+    tree = [{f"layer_{i}": {"w": np.full(2, i, np.float32)} for i in range(2)}, np.int32(7)]
+    src = tmp_path / "list.msgpack"
+    src.write_bytes(flax.serialization.msgpack_serialize(tree))
+    ckptconv.convert(src, tmp_path / "out.msgpack", to="scan")
+    got = flax.serialization.msgpack_restore((tmp_path / "out.msgpack").read_bytes())
+    np.testing.assert_array_equal(got[0]["blocks"]["w"], [[0, 0], [1, 1]])
+    assert got[1] == 7

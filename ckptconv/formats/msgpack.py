@@ -12,8 +12,9 @@ from ckptconv.formats.layout import Layout
 
 NAME = "msgpack"
 
-# msgpack map headers: fixmap, map16, map32. Flax writes a map at the top.
-_MAP_HEADERS = set(range(0x80, 0x90)) | {0xDE, 0xDF}
+# msgpack map headers (fixmap, map16, map32): flax writes a map at the top;
+# array headers (fixarray, array16, array32) for msgpack_serialize of a list.
+_MAP_HEADERS = set(range(0x80, 0xA0)) | {0xDC, 0xDD, 0xDE, 0xDF}
 
 
 def sniff(path: Path) -> str | None:
@@ -22,7 +23,7 @@ def sniff(path: Path) -> str | None:
     with open(path, "rb") as f:
         head = f.read(1)
     if not head or head[0] not in _MAP_HEADERS:
-        return "does not start with a msgpack map"
+        return "does not start with a msgpack map or array"
     return None
 
 
