@@ -231,17 +231,26 @@ def _write_same_format(
 def _write_other_format(
     layout: Layout, items: list[ItemPlan], in_fmt: Any, out_fmt: Any, out: Path, progress: Any
 ) -> None:
-    """Cross-format output goes through memory: one item at a time is materialised."""
+    """Write the other format. To msgpack this streams: each output leaf is read
+    from the input when the writer reaches it. To Orbax it goes through memory
+    (the Orbax writer moves chunks between Orbax stores only)."""
     trees = {}
     for item in items:
         t = item.out_tree
         if t is None:
             t = in_fmt.read_lazy(item.source)
-        trees[item.name] = lazy.materialize(t, lambda ref, p=item.source: in_fmt.read_array(p, ref))
-        if progress:
-            progress(item.nbytes)
+        read = lambda ref, p=item.source: in_fmt.read_array(p, ref)  # noqa: E731
+        if out_fmt.NAME == "msgpack":
+            trees[item.name] = lazy.defer(t, read)
+        else:
+            trees[item.name] = lazy.materialize(t, read)
+            if progress:
+                progress(item.nbytes)
     tree_out = trees[""] if list(trees) == [""] else trees
-    out_fmt.save(tree_out, out)
+    if out_fmt.NAME == "msgpack":
+        out_fmt.write(None, tree_out, out, progress)
+    else:
+        out_fmt.save(tree_out, out)
 
 
 def _fsync_tree(path: Path) -> None:

@@ -68,6 +68,36 @@ class Slice:
 LAZY = (Ref, Stack, Slice)
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """An array computed only when a writer needs it: ``read()``.
+
+    Used to write another format's lazy leaves one at a time (Orbax in,
+    msgpack out), so memory holds one output leaf, not the checkpoint.
+    """
+
+    read: Any
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def defer(tree: Any, read: Any) -> Any:
+    """`materialize`, but each lazy leaf becomes a `Deferred` read when written."""
+    if isinstance(tree, LAZY):
+        return Deferred(lambda: materialize(tree, read), tuple(tree.shape), np.dtype(tree.dtype))
+    if isinstance(tree, dict):
+        return {k: defer(v, read) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [defer(v, read) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(defer(v, read) for v in tree)
+    return tree
+
+
 def stack(parts: list[Ref], axis: int) -> Stack:
     """The lazy form of ``np.stack(parts, axis)``."""
     first = parts[0]

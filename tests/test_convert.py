@@ -424,3 +424,17 @@ def test_msgpack_file_with_a_list_at_the_top(tmp_path):
     got = flax.serialization.msgpack_restore((tmp_path / "out.msgpack").read_bytes())
     np.testing.assert_array_equal(got[0]["blocks"]["w"], [[0, 0], [1, 1]])
     assert got[1] == 7
+
+
+def test_orbax_to_msgpack_streams_each_leaf(tmp_path, monkeypatch):
+    from ckptconv.formats import orbax as orbax_fmt
+
+    tree = _odd_tree()
+    src = save_plain(tree, tmp_path / "in", "orbax")
+    reads = []
+    real = orbax_fmt.read_array
+    monkeypatch.setattr(orbax_fmt, "read_array", lambda item, ref: reads.append(ref.source) or real(item, ref))
+    ckptconv.convert(src, tmp_path / "out.msgpack", to="scan", format="msgpack")
+    got = flax.serialization.msgpack_restore((tmp_path / "out.msgpack").read_bytes())
+    assert bits(got) == bits(ckptconv.to_scan(restore_plain(src, "orbax")))
+    assert len(reads) == len(set(reads))  # every input array read once, when written

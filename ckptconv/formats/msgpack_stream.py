@@ -45,7 +45,7 @@ import msgpack
 import numpy as np
 
 from ckptconv.errors import FormatError
-from ckptconv.lazy import LAZY, Ref, Slice, Stack
+from ckptconv.lazy import LAZY, Deferred, Ref, Slice, Stack
 
 __all__ = [
     "encoded_size",
@@ -768,7 +768,7 @@ class _Emitter:
         return FormatError(f"cannot write '{self.dst}': leaf '{_keypath(path)}' {what}")
 
     def node(self, x: Any, path: list[Any], via_dicts: bool) -> None:
-        if isinstance(x, (*LAZY, np.ndarray)) or (
+        if isinstance(x, (*LAZY, Deferred, np.ndarray)) or (
             self.jax_array is not None and isinstance(x, self.jax_array)
         ):
             self.array(x, path, via_dicts)
@@ -872,6 +872,8 @@ class _Emitter:
             return self.plan_stack(x, path)
         if isinstance(x, Slice):
             return self.plan_slice(x, path)
+        if isinstance(x, Deferred):
+            x = x.read()  # one leaf of another format, read now, freed once written
         a = np.asarray(x)
         if not a.flags.c_contiguous:
             # Not np.ascontiguousarray: it turns a 0-d array into a 1-d one.
