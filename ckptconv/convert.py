@@ -173,6 +173,9 @@ def convert(
         else:
             _write_other_format(layout, items, in_fmt, out_fmt, tmp, update)
         if fsync:
+            # The Orbax writer already flushed its files before its commit
+            # marker; this pass covers the rest (msgpack files, copied items,
+            # folders) and costs nothing on files already on disk.
             _fsync_tree(tmp)
     result.written = True
     return result

@@ -16,6 +16,10 @@ from typing import Any
 import numpy as np
 
 
+def _nbytes(shape: tuple[int, ...], dtype: Any) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
 @dataclass(frozen=True)
 class Ref:
     """An array stored in the input, not read.
@@ -33,7 +37,7 @@ class Ref:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return _nbytes(self.shape, self.dtype)
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ class Slice:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return _nbytes(self.shape, self.dtype)
 
 
 LAZY = (Ref, Stack, Slice)
@@ -82,20 +86,17 @@ class Deferred:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return _nbytes(self.shape, self.dtype)
 
 
 def defer(tree: Any, read: Any) -> Any:
     """`materialize`, but each lazy leaf becomes a `Deferred` read when written."""
-    if isinstance(tree, LAZY):
-        return Deferred(lambda: materialize(tree, read), tuple(tree.shape), np.dtype(tree.dtype))
-    if isinstance(tree, dict):
-        return {k: defer(v, read) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [defer(v, read) for v in tree]
-    if isinstance(tree, tuple):
-        return tuple(defer(v, read) for v in tree)
-    return tree
+    return _map_lazy(
+        tree,
+        lambda leaf: Deferred(
+            lambda: _value(leaf, read), tuple(leaf.shape), np.dtype(leaf.dtype)
+        ),
+    )
 
 
 def stack(parts: list[Ref], axis: int) -> Stack:
@@ -120,16 +121,25 @@ def materialize(tree: Any, read: Any) -> Any:
       tree: nested dicts and lists with `Ref`, `Stack` and `Slice` leaves.
       read: ``read(ref) -> np.ndarray`` for the input the Refs point into.
     """
-    if isinstance(tree, Ref):
-        return read(tree)
-    if isinstance(tree, Stack):
-        return np.stack([read(p) for p in tree.parts], axis=tree.axis)
-    if isinstance(tree, Slice):
-        return np.take(read(tree.source), tree.index, axis=tree.axis)
+    return _map_lazy(tree, lambda leaf: _value(leaf, read))
+
+
+def _value(leaf: Ref | Stack | Slice, read: Any) -> np.ndarray:
+    if isinstance(leaf, Ref):
+        return read(leaf)
+    if isinstance(leaf, Stack):
+        return np.stack([read(p) for p in leaf.parts], axis=leaf.axis)
+    return np.take(read(leaf.source), leaf.index, axis=leaf.axis)
+
+
+def _map_lazy(tree: Any, fn: Any) -> Any:
+    """``tree`` with ``fn(leaf)`` in place of every lazy leaf (dicts, lists, tuples)."""
+    if isinstance(tree, LAZY):
+        return fn(tree)
     if isinstance(tree, dict):
-        return {k: materialize(v, read) for k, v in tree.items()}
+        return {k: _map_lazy(v, fn) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [materialize(v, read) for v in tree]
+        return [_map_lazy(v, fn) for v in tree]
     if isinstance(tree, tuple):
-        return tuple(materialize(v, read) for v in tree)
+        return tuple(_map_lazy(v, fn) for v in tree)
     return tree
