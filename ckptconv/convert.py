@@ -183,7 +183,7 @@ def convert(
 
 def _check_paths(src: Path, dst: Path, force: bool) -> None:
     if not src.exists():
-        raise CkptconvError(f"{src}: no such file or directory.")
+        raise CkptconvError(f"{src}: no such file or directory; check the path (relative paths start from {Path.cwd()}).")
     s, d = src.resolve(), dst.resolve()
     if d == s or s in d.parents or d in s.parents:
         raise CkptconvError(

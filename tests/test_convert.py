@@ -438,3 +438,10 @@ def test_orbax_to_msgpack_streams_each_leaf(tmp_path, monkeypatch):
     got = flax.serialization.msgpack_restore((tmp_path / "out.msgpack").read_bytes())
     assert bits(got) == bits(ckptconv.to_scan(restore_plain(src, "orbax")))
     assert len(reads) == len(set(reads))  # every input array read once, when written
+
+
+def test_error_missing_input(tmp_path, cli):
+    r = cli("to-scan", tmp_path / "nope", tmp_path / "out")
+    assert r.exit_code == 2
+    assert f"Error: {tmp_path / 'nope'}: no such file or directory; check the path" in r.output
+    assert not (tmp_path / "out").exists()

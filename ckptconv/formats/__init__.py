@@ -43,7 +43,7 @@ def detect(path: str | Path) -> ModuleType:
     """
     path = Path(path)
     if not path.exists():
-        raise FormatError(f"{path}: no such file or directory.")
+        raise FormatError(f"{path}: no such file or directory; check the path (relative paths start from {Path.cwd()}).")
     reasons = []
     for name, module in FORMATS.items():
         why = module.sniff(path)
