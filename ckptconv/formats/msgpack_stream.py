@@ -31,13 +31,12 @@ Byte spans (``Ref.source``) for msgpack:
 
 from __future__ import annotations
 
-import bisect
 import math
 import mmap
 import os
 import secrets
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_dtypes
@@ -45,7 +44,9 @@ import msgpack
 import numpy as np
 
 from ckptconv.errors import FormatError
-from ckptconv.lazy import LAZY, Deferred, Ref, Slice, Stack
+from ckptconv.formats import byteplan
+from ckptconv.formats.byteplan import Gather, Planner
+from ckptconv.lazy import Ref
 
 __all__ = [
     "encoded_size",
@@ -64,18 +65,11 @@ _EXT_NPSCALAR = 3
 _EXT_TIMESTAMP = -1
 _CHUNKED = "__msgpack_chunked_array__"
 
-# The reader and writer cut data into pieces of at most this many bytes: the
-# size of one gathered block (bounds memory) and of one write (paces progress).
-_BLOCK = 32 << 20
-# Output segments at least this long are written straight from the input
-# mapping; shorter ones (a layer axis deep inside small rows) are gathered into
-# blocks with numpy first, since one write per tiny segment would be slow.
-_SEG_MIN = 64 << 10
-# The largest page-cache folio the kernel may map at once (x86-64 PMD size).
-_FOLIO = 2 << 20
-# Writes shorter than this are collected and written together.
-_SMALL = 64 << 10
-_FLUSH = 1 << 20
+# Gathering blocks and zero-copy segment sizes (see `byteplan`); read at every
+# write, so they can be changed here (the tests shrink them).
+_BLOCK = byteplan.BLOCK
+_SEG_MIN = byteplan.SEG_MIN
+_FOLIO = byteplan.FOLIO
 
 _INCOMPLETE = "not a complete msgpack checkpoint"
 _ADVICE = (
@@ -327,20 +321,7 @@ _FIXED = {
 _EXT_LEN = {0xC7: (">B", 1), 0xC8: (">H", 2), 0xC9: (">I", 4)}
 
 
-_MADV = getattr(mmap, "MADV_DONTNEED", None)
-
-
-def _dontneed(buf: Any, start: int, stop: int) -> None:
-    """Unmaps bytes ``[start, stop)`` of a file mapping from this process.
-
-    The data stays in the page cache and is mapped again if touched; this only
-    keeps the process's resident size from growing with what it has read.
-    """
-    if isinstance(buf, mmap.mmap) and _MADV is not None:
-        start -= start % mmap.PAGESIZE
-        stop = min(stop, len(buf))
-        if stop > start:
-            buf.madvise(_MADV, start, stop - start)
+_dontneed = byteplan.dontneed
 
 
 def _open_mmap(path: str) -> mmap.mmap:
@@ -357,13 +338,7 @@ def _open_mmap(path: str) -> mmap.mmap:
         ) from e
 
 
-def _close(mm: mmap.mmap) -> None:
-    # Views handed out (read_array, load(copy=False)) keep the map alive; it
-    # closes itself when the last one goes.
-    try:
-        mm.close()
-    except BufferError:
-        pass
+_close = byteplan.close_map
 
 
 def read_lazy(path: str | os.PathLike[str]) -> Any:
@@ -434,14 +409,7 @@ def _as_buffer(src: Any) -> tuple[Any, str]:
     return src, "the msgpack buffer"
 
 
-def _check_spans(sp: tuple[tuple[int, int], ...], size: int, name: str, where: str) -> None:
-    for off, n in sp:
-        if off < 0 or n < 0 or off + n > size:
-            raise FormatError(
-                f"array {where} lies at bytes {off}..{off + n} but '{name}' has {size} "
-                "bytes: the tree was read from another file, or the file changed since; "
-                "read it again with read_lazy."
-            )
+_check_spans = byteplan.check_spans
 
 
 def read_array(src: Any, ref: Ref, *, copy: bool = False) -> np.ndarray:
@@ -583,194 +551,43 @@ def _pack(x: Any) -> bytes:
     return msgpack.packb(x, default=_ext_pack, strict_types=True)
 
 
-class _Strand:
-    """One input's share of an output array.
-
-    The input is the concatenation of ``spans`` of ``buf``; output row ``p``
-    takes ``seg`` bytes from input offset ``offset + p * stride``.
-    """
-
-    def __init__(self, buf: Any, sp: tuple[tuple[int, int], ...], stride: int, offset: int) -> None:
-        self.buf = buf
-        self.spans = sp
-        self.starts = []
-        total = 0
-        for _, n in sp:
-            self.starts.append(total)
-            total += n
-        self.stride = stride
-        self.offset = offset
-        self.view = memoryview(buf).cast("B") if buf is not None else None
-
-    def pieces(self, a: int, n: int) -> Iterator[memoryview]:
-        """Zero-copy views of input bytes ``[a, a + n)``."""
-        while n > 0:
-            i = bisect.bisect_right(self.starts, a) - 1
-            off, size = self.spans[i]
-            within = a - self.starts[i]
-            k = min(n, size - within, _BLOCK)
-            start = off + within
-            yield self.view[start : start + k]
-            self.release(start, start + k)
-            a += k
-            n -= k
-
-    def gather(self, a: int, b: int) -> np.ndarray:
-        """Input bytes ``[a, b)`` as a uint8 array (a view when in one span)."""
-        parts = [np.frombuffer(p, dtype=np.uint8) for p in self._spans_of(a, b)]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-    def _spans_of(self, a: int, b: int) -> Iterator[memoryview]:
-        while a < b:
-            i = bisect.bisect_right(self.starts, a) - 1
-            off, size = self.spans[i]
-            within = a - self.starts[i]
-            k = min(b - a, size - within)
-            yield self.view[off + within : off + within + k]
-            a += k
-
-    def release_range(self, a: int, b: int) -> None:
-        """`release` for input bytes ``[a, b)``."""
-        while a < b:
-            i = bisect.bisect_right(self.starts, a) - 1
-            off, size = self.spans[i]
-            within = a - self.starts[i]
-            k = min(b - a, size - within)
-            self.release(off + within, off + within + k)
-            a += k
-
-    def release(self, start: int, stop: int) -> None:
-        """Unmaps mapped bytes ``[start, stop)`` and one folio either side.
-
-        Pages of the input mapping already written out are dropped from this
-        process (they stay in the page cache), so resident memory stays near
-        one block instead of growing to the size of the input file. The page
-        cache may map up to a whole folio around what was touched, and over
-        many strands (layers) such leftovers would add up; the next piece
-        maps its folio again, cheaply.
-        """
-        _dontneed(self.buf, max(0, start - _FOLIO), stop + _FOLIO)
-
-
-class _Gather:
-    """The C-order bytes of one output array, as ``rows`` rows of strand segments.
-
-    Row ``p`` of the output is ``seg`` bytes of each strand in turn. A copy is
-    one row and one strand; a stack on axis ``k`` has one strand per part and
-    ``prod(shape[:k])`` rows; a slice on axis ``k`` has one strand striding over
-    the source.
-    """
-
-    def __init__(self, rows: int, seg: int, strands: list[_Strand]) -> None:
-        self.rows = rows
-        self.seg = seg
-        self.strands = strands
-        self.nbytes = rows * seg * len(strands)
-
-    def pieces(self, start: int, stop: int) -> Iterator[Any]:
-        """Output bytes ``[start, stop)`` as a sequence of buffers."""
-        seg = self.seg
-        rowbytes = seg * len(self.strands)
-        off = start
-        if seg >= _SEG_MIN or self.rows == 1:
-            while off < stop:
-                p, r = divmod(off, rowbytes)
-                j, s = divmod(r, seg)
-                n = min(seg - s, stop - off)
-                strand = self.strands[j]
-                yield from strand.pieces(strand.offset + p * strand.stride + s, n)
-                off += n
-            return
-        per_row = rowbytes + sum(st.stride for st in self.strands)
-        block_rows = max(1, _BLOCK // per_row)
-        while off < stop:
-            p0 = off // rowbytes
-            p1 = min(self.rows, p0 + block_rows, -(-stop // rowbytes))
-            block = self._rows(p0, p1)
-            lo = off - p0 * rowbytes
-            hi = min(stop - p0 * rowbytes, block.size)
-            yield memoryview(block[lo:hi])
-            off = p0 * rowbytes + hi
-
-    def _rows(self, p0: int, p1: int) -> np.ndarray:
-        block = np.empty((p1 - p0, len(self.strands), self.seg), np.uint8)
-        for j, st in enumerate(self.strands):
-            a = st.offset + p0 * st.stride
-            b = a + (p1 - p0 - 1) * st.stride + self.seg
-            raw = st.gather(a, b)
-            block[:, j, :] = np.lib.stride_tricks.as_strided(
-                raw, shape=(p1 - p0, self.seg), strides=(st.stride, 1), writeable=False
-            )
-            del raw
-            # Each input as soon as it is copied: one strand mapped at a time.
-            st.release_range(a, b)
-        return block.reshape(-1)
-
-
-class _Out:
-    """The output file: small writes are batched; reports progress."""
-
-    def __init__(self, f: Any, progress: Callable[[int], Any] | None) -> None:
-        self.f = f
-        self.progress = progress
-        self.buf = bytearray()
-
-    def put(self, data: Any) -> None:
-        n = len(data)
-        if n < _SMALL:
-            self.buf += data
-            if len(self.buf) >= _FLUSH:
-                self.flush()
-            return
-        self.flush()
-        self.f.write(data)
-        if self.progress is not None:
-            self.progress(n)
-
-    def payload(self, gather: _Gather, start: int, stop: int) -> None:
-        for piece in gather.pieces(start, stop):
-            self.put(piece)
-
-    def flush(self) -> None:
-        if self.buf:
-            self.f.write(self.buf)
-            if self.progress is not None:
-                self.progress(len(self.buf))
-            self.buf = bytearray()
-
-
-class _Count:
-    """A sink that only counts bytes (for `encoded_size`)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-
-    def put(self, data: Any) -> None:
-        self.n += len(data)
-
-    def payload(self, gather: _Gather, start: int, stop: int) -> None:
-        self.n += stop - start
-
-
 class _Emitter:
-    """Walks the output tree and writes it as flax would serialize it."""
+    """Walks the output tree and writes it as flax would serialize it.
 
-    def __init__(self, sink: Any, buf: Any, dst: str, sort_keys: bool, max_chunk: int) -> None:
+    Array bytes come through a `byteplan.Planner`: from ``buf`` (the one input
+    file) by default, or from wherever ``resolve`` says (several input files).
+    """
+
+    def __init__(
+        self,
+        sink: Any,
+        buf: Any,
+        dst: str,
+        sort_keys: bool,
+        max_chunk: int,
+        resolve: byteplan.Resolver | None = None,
+    ) -> None:
         self.sink = sink
         self.buf = buf
         self.dst = dst
         self.sort_keys = sort_keys
         self.max_chunk = max_chunk
-        self.strands: dict[tuple[Any, ...], _Strand] = {}
-        self.jax_array = _jax_array_type()
+        # _BLOCK and _SEG_MIN are read now, so changing them here takes effect.
+        self.planner = Planner(resolve or self.resolve, self.fail, "flax", _BLOCK, _SEG_MIN)
 
     def fail(self, path: list[Any], what: str) -> FormatError:
         return FormatError(f"cannot write '{self.dst}': leaf '{_keypath(path)}' {what}")
 
+    def resolve(self, ref: Ref, path: list[Any]) -> tuple[Any, byteplan.Spans]:
+        sp = spans(ref)
+        if self.buf is None and not isinstance(self.sink, byteplan.Count):
+            raise self.fail(path, "refers to an input file, but no source file was given")
+        if self.buf is not None:
+            _check_spans(sp, len(self.buf), "the source file", f"at '{_keypath(path)}'")
+        return self.buf, sp
+
     def node(self, x: Any, path: list[Any], via_dicts: bool) -> None:
-        if isinstance(x, (*LAZY, Deferred, np.ndarray)) or (
-            self.jax_array is not None and isinstance(x, self.jax_array)
-        ):
+        if self.planner.is_array(x):
             self.array(x, path, via_dicts)
         elif isinstance(x, Mapping):
             keys = list(x)
@@ -809,7 +626,7 @@ class _Emitter:
             ) from None
 
     def array(self, x: Any, path: list[Any], via_dicts: bool) -> None:
-        shape, dtype, gather = self.plan(x, path)
+        shape, dtype, gather = self.planner.plan(x, path)
         if via_dicts and gather.nbytes > self.max_chunk:
             self.chunked(shape, dtype, gather, path)
         else:
@@ -819,7 +636,7 @@ class _Emitter:
         self,
         shape: tuple[int, ...],
         dtype: np.dtype,
-        gather: _Gather,
+        gather: Gather,
         start: int,
         stop: int,
         path: list[Any],
@@ -837,7 +654,7 @@ class _Emitter:
         self.sink.payload(gather, start, stop)
 
     def chunked(
-        self, shape: tuple[int, ...], dtype: np.dtype, gather: _Gather, path: list[Any]
+        self, shape: tuple[int, ...], dtype: np.dtype, gather: Gather, path: list[Any]
     ) -> None:
         # Flax's _chunk: 1-d chunks of max(1, int(MAX_CHUNK_SIZE / itemsize)) items.
         items = max(1, int(self.max_chunk / dtype.itemsize))
@@ -854,92 +671,6 @@ class _Emitter:
             self.sink.put(_pack(str(i)))
             self.ext(((stop - start) // dtype.itemsize,), dtype, gather, start, stop, path)
 
-    def strand(self, ref: Ref, stride: int, offset: int, path: list[Any]) -> _Strand:
-        sp = spans(ref)
-        if self.buf is None and not isinstance(self.sink, _Count):
-            raise self.fail(path, "refers to an input file, but no source file was given")
-        if self.buf is not None:
-            _check_spans(sp, len(self.buf), "the source file", f"at '{_keypath(path)}'")
-        return _Strand(self.buf, sp, stride, offset)
-
-    def plan(self, x: Any, path: list[Any]) -> tuple[tuple[int, ...], np.dtype, _Gather]:
-        """Shape, dtype and byte layout of one output array."""
-        if isinstance(x, Ref):
-            dtype = np.dtype(x.dtype)
-            shape = tuple(int(d) for d in x.shape)
-            return shape, dtype, _Gather(1, x.nbytes, [self.strand(x, 0, 0, path)])
-        if isinstance(x, Stack):
-            return self.plan_stack(x, path)
-        if isinstance(x, Slice):
-            return self.plan_slice(x, path)
-        if isinstance(x, Deferred):
-            x = x.read()  # one leaf of another format, read now, freed once written
-        a = np.asarray(x)
-        if not a.flags.c_contiguous:
-            # Not np.ascontiguousarray: it turns a 0-d array into a 1-d one.
-            a = a.copy(order="C")
-        if a.dtype.hasobject or a.dtype.isalignedstruct:
-            raise self.fail(path, f"has dtype {a.dtype}, which flax cannot serialize")
-        flat = a.reshape(-1).view(np.uint8)
-        return a.shape, a.dtype, _Gather(1, a.nbytes, [_Strand(flat, ((0, a.nbytes),), 0, 0)])
-
-    def plan_stack(self, x: Stack, path: list[Any]) -> tuple[tuple[int, ...], np.dtype, _Gather]:
-        parts = x.parts
-        if not parts or not all(isinstance(p, Ref) for p in parts):
-            raise self.fail(path, "is a Stack whose parts are not all Refs")
-        first = parts[0]
-        dtype = np.dtype(first.dtype)
-        inner = tuple(int(d) for d in first.shape)
-        for i, p in enumerate(parts):
-            if tuple(p.shape) != inner or np.dtype(p.dtype) != dtype:
-                raise self.fail(
-                    path,
-                    f"stacks layer {i} of shape {tuple(p.shape)} {np.dtype(p.dtype)} with "
-                    f"layer 0 of shape {inner} {dtype}",
-                )
-        axis = x.axis + len(inner) + 1 if x.axis < 0 else x.axis
-        if not 0 <= axis <= len(inner):
-            raise self.fail(path, f"stacks on axis {x.axis}, out of range for {inner}")
-        shape = inner[:axis] + (len(parts),) + inner[axis:]
-        self.check(x, shape, dtype, path)
-        seg = math.prod(inner[axis:]) * dtype.itemsize
-        strands = [self.strand(p, seg, 0, path) for p in parts]
-        return shape, dtype, _Gather(math.prod(inner[:axis]), seg, strands)
-
-    def plan_slice(self, x: Slice, path: list[Any]) -> tuple[tuple[int, ...], np.dtype, _Gather]:
-        src = x.source
-        if not isinstance(src, Ref):
-            raise self.fail(path, "is a Slice of something other than a Ref")
-        dtype = np.dtype(src.dtype)
-        full = tuple(int(d) for d in src.shape)
-        axis = x.axis + len(full) if x.axis < 0 else x.axis
-        if not 0 <= axis < len(full):
-            raise self.fail(path, f"slices axis {x.axis}, out of range for {full}")
-        n = full[axis]
-        index = x.index + n if x.index < 0 else x.index
-        if not 0 <= index < n:
-            raise self.fail(path, f"takes index {x.index} of axis {axis}, which has length {n}")
-        shape = full[:axis] + full[axis + 1 :]
-        self.check(x, shape, dtype, path)
-        seg = math.prod(full[axis + 1 :]) * dtype.itemsize
-        strand = self.strand(src, n * seg, index * seg, path)
-        return shape, dtype, _Gather(math.prod(full[:axis]), seg, [strand])
-
-    def check(self, x: Any, shape: tuple[int, ...], dtype: np.dtype, path: list[Any]) -> None:
-        if tuple(x.shape) != shape or np.dtype(x.dtype) != dtype:
-            raise self.fail(
-                path,
-                f"says {tuple(x.shape)} {np.dtype(x.dtype)} but its inputs give {shape} {dtype}",
-            )
-
-
-def _jax_array_type() -> type | None:
-    try:
-        import jax
-    except ImportError:
-        return None
-    return jax.Array
-
 
 def _max_chunk_size() -> int:
     # Read at every write, so a changed (e.g. monkeypatched) flax constant is honoured.
@@ -953,7 +684,7 @@ def encoded_size(out_tree: Any, *, sort_keys: bool = True) -> int:
 
     Reads no array data (for sizing a progress bar or checking free space).
     """
-    sink = _Count()
+    sink = byteplan.Count()
     _Emitter(sink, None, "<size>", sort_keys, _max_chunk_size()).node(out_tree, [], True)
     return sink.n
 
@@ -965,6 +696,7 @@ def write(
     *,
     progress: Callable[[int], Any] | None = None,
     sort_keys: bool = True,
+    resolve: byteplan.Resolver | None = None,
 ) -> None:
     """Writes ``out_tree`` as a Flax msgpack checkpoint, streaming from ``src_path``.
 
@@ -999,6 +731,9 @@ def write(
       sort_keys: sort every dict's keys, as ``msgpack_serialize`` does (it
         copies the tree with ``jax.tree_util``). False keeps ``out_tree``'s
         order, as ``to_bytes`` / ``msgpack_serialize(..., in_place=True)`` do.
+      resolve: where the lazy leaves' bytes are, when they come from several
+        files (the shards of a Hugging Face directory): ``resolve(ref, path)
+        -> (mapped buffer, spans)``, see `byteplan`. ``src_path`` is then None.
 
     Raises:
       FormatError: the source cannot be read, a leaf cannot be written (the
@@ -1011,8 +746,8 @@ def write(
     tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "xb") as f:
-            out = _Out(f, progress)
-            _Emitter(out, mm, dst, sort_keys, max_chunk).node(out_tree, [], True)
+            out = byteplan.Out(f, progress)
+            _Emitter(out, mm, dst, sort_keys, max_chunk, resolve).node(out_tree, [], True)
             out.flush()
         os.replace(tmp, dst)
     except BaseException as e:
