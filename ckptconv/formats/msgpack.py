@@ -1,29 +1,62 @@
 """Flax msgpack checkpoints: ``flax.serialization.to_bytes`` files, including
-``flax.training.checkpoints``' ``checkpoint_<step>`` files. Recognised by content."""
+``flax.training.checkpoints``' ``checkpoint_<step>`` files (recognised by
+content), and Hugging Face sharded directories (``flax_model-0000K-of-0000N.msgpack``
+shards with ``flax_model.msgpack.index.json``, recognised by the index).
+
+A sharded directory reads as ONE tree, the shards' trees merged (as
+``FlaxPreTrainedModel.from_pretrained`` merges them), and is written back in
+the same layout; see `hf_index`. Its `Ref` sources are ``(shard file name,
+spans)``, so one output shard may take bytes from several input shards.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ckptconv import lazy
 from ckptconv.errors import FormatError
-from ckptconv.formats import msgpack_stream
+from ckptconv.formats import byteplan, hf_index, msgpack_stream
 from ckptconv.formats.layout import Layout
 
 NAME = "msgpack"
+STREAMS = True
 
 # msgpack map headers (fixmap, map16, map32): flax writes a map at the top;
 # array headers (fixarray, array16, array32) for msgpack_serialize of a list.
 _MAP_HEADERS = set(range(0x80, 0xA0)) | {0xDC, 0xDD, 0xDE, 0xDF}
 
 
+def _index(path: Path) -> Path | None:
+    return hf_index.find_index(path, ".msgpack")
+
+
+def _looks_safetensors(path: Path) -> bool:
+    # A safetensors file starts with its header's length (8 bytes, little
+    # endian) whose low byte may well be a msgpack map header: tell them apart
+    # by the '{' that opens the header.
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return int.from_bytes(head[:8], "little") + 8 <= path.stat().st_size
+
+
 def sniff(path: Path) -> str | None:
+    if path.is_dir():
+        if _index(path) is not None:
+            return None
+        return "a directory without flax_model.msgpack.index.json (not a Hugging Face sharded msgpack checkpoint)"
     if not path.is_file():
         return "not a file"
     with open(path, "rb") as f:
         head = f.read(1)
     if not head or head[0] not in _MAP_HEADERS:
         return "does not start with a msgpack map or array"
+    if _looks_safetensors(path):
+        return "starts with a safetensors header"
     return None
 
 
@@ -33,18 +66,138 @@ def describe(path: Path, step: int | None = None) -> Layout:
             f"{path}: --step applies to Orbax CheckpointManager directories, "
             "not to a msgpack file."
         )
-    return Layout(NAME, "file", path, items={"": path})
+    return Layout(NAME, "item" if path.is_dir() else "file", path, items={"": path})
+
+
+# --------------------------------------------------------------------------- sharded
+
+
+def _flatten(tree: Any, path: tuple = ()) -> list[tuple[tuple, Any]]:
+    """``flatten_dict``'s leaves: every non-mapping value (and empty mappings,
+    which flatten_dict would drop, so that they survive), with their key paths."""
+    if isinstance(tree, Mapping) and tree:
+        out = []
+        for k, v in tree.items():
+            out.extend(_flatten(v, path + (k,)))
+        return out
+    return [(path, tree)]
+
+
+def _key(path: tuple) -> str:
+    return "/".join(str(k) for k in path)
+
+
+def _unflatten(items: list[tuple[tuple, Any]]) -> dict:
+    root: dict = {}
+    for path, value in items:
+        node = root
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = value
+    return root
+
+
+def _with_shard(tree: Any, shard: str) -> Any:
+    def wrap(ref: lazy.Ref) -> lazy.Ref:
+        return lazy.Ref((shard, msgpack_stream.spans(ref)), ref.shape, ref.dtype)
+
+    return lazy._map_lazy(tree, wrap)
+
+
+def _read_sharded(item: Path) -> tuple[hf_index.Index, dict]:
+    index = hf_index.read_index(_index(item))
+    merged: dict = {}
+    owner: dict[tuple, str] = {}
+    for shard in index.shards:
+        tree = _with_shard(msgpack_stream.read_lazy(item / shard), shard)
+        if not isinstance(tree, Mapping):
+            raise FormatError(f"{item / shard}: holds a {type(tree).__name__}, not a map of params.")
+        have = set()
+        for path, value in _flatten(tree):
+            if path in owner:
+                raise FormatError(
+                    f"{item}: leaf '{_key(path)}' is in both '{owner[path]}' and '{shard}'; "
+                    "the shards overlap, copy the checkpoint again."
+                )
+            owner[path] = shard
+            have.add(_key(path))
+            node = merged
+            for k in path[:-1]:
+                node = node.setdefault(k, {})
+                if not isinstance(node, dict):
+                    raise FormatError(
+                        f"{item}: '{_key(path)}' in '{shard}' lies below a leaf of another shard."
+                    )
+            node[path[-1]] = value
+        for key in index.keys_of(shard):
+            if key not in have:
+                raise hf_index.missing_leaf(index, shard, key)
+    return index, merged
+
+
+def _resolver(item: Path, maps: byteplan.FileMaps) -> byteplan.Resolver:
+    def resolve(ref: lazy.Ref, path: list[Any]) -> tuple[Any, byteplan.Spans]:
+        shard, sp = _sharded_source(ref)
+        mm = maps.get(shard)
+        byteplan.check_spans(sp, len(mm), str(item / shard), f"at '{_key(tuple(path))}'")
+        return mm, sp
+
+    return resolve
+
+
+def _sharded_source(ref: lazy.Ref) -> tuple[str, byteplan.Spans]:
+    src = ref.source
+    if isinstance(src, tuple) and len(src) == 2 and isinstance(src[0], str):
+        return src[0], src[1]
+    raise FormatError(
+        f"array source {src!r} is not a shard and byte spans; read the tree with "
+        "ckptconv.formats.msgpack.read_lazy of the directory."
+    )
+
+
+def _write_sharded(item: Path, out_tree: Any, dst: Path, progress: Any) -> None:
+    index, in_tree = _read_sharded(item)
+    sizes = {_key(p): getattr(v, "nbytes", 0) for p, v in _flatten(in_tree)}
+    max_size = hf_index.largest_shard(index, sizes)
+    if not isinstance(out_tree, Mapping):
+        raise FormatError(f"cannot write '{dst}': a sharded checkpoint needs a map at the top.")
+    flat = _flatten(out_tree)
+    entries = [(_key(p), v, int(getattr(v, "nbytes", 0))) for p, v in flat]
+
+    with byteplan.FileMaps(lambda name: msgpack_stream._open_mmap(str(item / name))) as maps:
+        resolve = _resolver(item, maps)
+
+        def write_shard(members: list[int], file: Path) -> None:
+            # As save_pretrained: to_bytes(unflatten_dict(shard, sep="/")), in order.
+            shard_tree = _unflatten([flat[i] for i in members])
+            msgpack_stream.write(
+                None, shard_tree, file, progress=progress, sort_keys=False, resolve=resolve
+            )
+
+        hf_index.write_sharded(index, entries, dst, max_size, write_shard)
+
+
+# --------------------------------------------------------------------------- protocol
 
 
 def read_lazy(item: Path) -> Any:
+    if Path(item).is_dir():
+        return _read_sharded(Path(item))[1]
     return msgpack_stream.read_lazy(item)
 
 
 def read_array(item: Path, ref: Any) -> Any:
+    if Path(item).is_dir():
+        shard, sp = _sharded_source(ref)
+        mm = msgpack_stream._open_mmap(os.fspath(Path(item) / shard))
+        return msgpack_stream.read_array(mm, lazy.Ref(sp, ref.shape, ref.dtype))
     return msgpack_stream.read_array(item, ref)
 
 
-def write(item: Path, out_tree: Any, dst: Path, progress: Any = None, fsync: bool = False) -> None:
+def write(item: Path | None, out_tree: Any, dst: Path, progress: Any = None, fsync: bool = False) -> None:
+    if item is not None and Path(item).is_dir():
+        _write_sharded(Path(item), out_tree, Path(dst), progress)
+        return
     # Keep the input file's key order (as to_bytes writes it), so round trips
     # give the input back byte for byte.
     msgpack_stream.write(item, out_tree, dst, progress=progress, sort_keys=False)
@@ -52,6 +205,8 @@ def write(item: Path, out_tree: Any, dst: Path, progress: Any = None, fsync: boo
 
 def load(path: Path, step: int | None = None) -> Any:
     describe(path, step)
+    if path.is_dir():
+        return lazy.materialize(read_lazy(path), lambda ref: read_array(path, ref).copy())
     return msgpack_stream.load(path)
 
 
