@@ -19,9 +19,9 @@ from pathlib import Path
 from types import ModuleType
 
 from ckptconv.errors import FormatError
-from ckptconv.formats import msgpack, orbax
+from ckptconv.formats import msgpack, orbax, safetensors
 
-FORMATS: dict[str, ModuleType] = {"msgpack": msgpack, "orbax": orbax}
+FORMATS: dict[str, ModuleType] = {"msgpack": msgpack, "orbax": orbax, "safetensors": safetensors}
 
 
 def get(name: str) -> ModuleType:
@@ -53,6 +53,7 @@ def detect(path: str | Path) -> ModuleType:
     raise FormatError(
         f"{path}: not a checkpoint ckptconv can read.\n  "
         + "\n  ".join(reasons)
-        + "\nPass a flax msgpack file or an Orbax checkpoint directory "
-        "(or a CheckpointManager directory)."
+        + "\nPass a flax msgpack file, an Orbax checkpoint directory (or a CheckpointManager "
+        "directory), a safetensors file, or a Hugging Face directory with "
+        "flax_model.msgpack.index.json or model.safetensors.index.json."
     )

@@ -35,13 +35,12 @@ def _index(path: Path) -> Path | None:
 
 def _looks_safetensors(path: Path) -> bool:
     # A safetensors file starts with its header's length (8 bytes, little
-    # endian) whose low byte may well be a msgpack map header: tell them apart
-    # by the '{' that opens the header.
+    # endian), whose low byte may well be a msgpack map header: tell them apart
+    # by the '{' that opens the header, after a length below 4 GiB (zero high
+    # bytes, which no flax file has there: they would be inside its first key).
     with open(path, "rb") as f:
         head = f.read(9)
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    return int.from_bytes(head[:8], "little") + 8 <= path.stat().st_size
+    return len(head) == 9 and head[8:9] == b"{" and head[4:8] == b"\0\0\0\0"
 
 
 def sniff(path: Path) -> str | None:
