@@ -18,7 +18,6 @@ from typing import Any
 import click
 
 from ckptconv import report as report_mod
-from ckptconv import tree
 from ckptconv.convert import convert as run_convert
 from ckptconv.errors import CkptconvError
 
@@ -90,13 +89,17 @@ def main(ctx: click.Context, debug: bool) -> None:
 @main.command()
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.option("--step", type=int, help="CheckpointManager step (default: latest).")
-@click.option("--pattern", help="Layer key template with {i}, as for to-scan.")
+@click.option("--pattern", "patterns", multiple=True, help="Layer key template with {i}, as for to-scan (repeatable, paired with --into).")
+@click.option("--into", "intos", multiple=True, help="Stacked key, as for to-scan (repeatable).")
+@click.option("--period", type=click.IntRange(min=1), help="Blocks of K layers, as for to-scan / to-loop.")
+@click.option("--layers", "layer_range", help="START:STOP, as for to-scan.")
 @click.option("--from", "source", default="blocks", show_default=True, help="Stacked key, as for to-loop.")
 @click.option("--axis", type=int, default=0, show_default=True, help="Layer axis, as for to-loop.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
 def inspect(
-    ctx: click.Context, ckpt: Path, step: int | None, pattern: str | None,
+    ctx: click.Context, ckpt: Path, step: int | None, patterns: tuple[str, ...],
+    intos: tuple[str, ...], period: int | None, layer_range: str | None,
     source: str, axis: int, as_json: bool,
 ) -> None:
     """Show a checkpoint's format, tree and the groups to-scan / to-loop would convert.
@@ -104,7 +107,12 @@ def inspect(
     Reads metadata only, never array data.
     """
     with _errors(ctx):
-        rep = report_mod.inspect(ckpt, step=step, pattern=pattern, source=source, axis=axis)
+        scan_opts = _scan_options(patterns, intos, period, layer_range, None)
+        loop_pattern = patterns[0] if len(patterns) == 1 else None
+        rep = report_mod.inspect(
+            ckpt, step=step, scan_options=scan_opts,
+            loop_options={"source": source, "axis": axis, "period": period, "pattern": loop_pattern},
+        )
     if as_json:
         click.echo(json.dumps(rep.to_json(), indent=2))
         return
@@ -125,22 +133,62 @@ def inspect(
         if it.to_scan and not it.to_scan_error:
             click.echo("to-scan would stack:")
             for g in it.to_scan:
-                click.echo(
-                    f"  {tree.format_path(g.members_path)}  "
-                    f"{g.num_layers} layers -> {tree.format_path(g.target)}"
-                )
+                click.echo(f"  {g.describe()}")
         elif it.to_scan_error:
             click.echo(f"to-scan: cannot: {it.to_scan_error}")
         else:
             click.echo("to-scan: no layer groups")
+        for n in it.near:
+            if not it.to_scan_error or n.message not in it.to_scan_error:
+                click.echo(f"left alone: {n.message}")
         if it.to_loop:
             click.echo("to-loop would unstack:")
             for s in it.to_loop:
-                click.echo(f"  {tree.format_path(s.path)}  {s.num_layers} layers")
+                click.echo(f"  {s.describe()}")
         elif it.to_loop_error:
             click.echo(f"to-loop: cannot: {it.to_loop_error}")
         else:
             click.echo(f"to-loop: no {source!r} subtree")
+
+
+def _scan_options(
+    patterns: tuple[str, ...], intos: tuple[str, ...], period: int | None,
+    layer_range: str | None, remainder: str | None,
+) -> dict[str, Any]:
+    """to-scan's options from the command line: repeated --pattern/--into pair up in order."""
+    opts: dict[str, Any] = {"period": period, "layers": layer_range, "remainder": remainder}
+    if len(patterns) > 1 or len(intos) > 1:
+        if len(patterns) != len(intos):
+            raise CkptconvError(
+                f"{len(patterns)} --pattern and {len(intos)} --into given: with several "
+                "groups, give each --pattern its own --into, in order (--pattern "
+                "'dense_layers_{i}' --into dense_layers --pattern 'moe_layers_{i}' --into "
+                "moe_layers)."
+            )
+        opts["groups"] = list(zip(patterns, intos))
+    else:
+        opts["pattern"] = patterns[0] if patterns else None
+        opts["into"] = intos[0] if intos else None
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def _loop_options(
+    sources: tuple[str, ...], patterns: tuple[str, ...], period: int | None, layer_range: str | None,
+) -> dict[str, Any]:
+    """to-loop's options: repeated --from/--pattern pair up in order."""
+    opts: dict[str, Any] = {"period": period, "layers": layer_range}
+    if len(sources) > 1 or len(patterns) > 1:
+        if len(patterns) not in (0, len(sources)):
+            raise CkptconvError(
+                f"{len(sources)} --from and {len(patterns)} --pattern given: with several "
+                "stacks, give each --from its own --pattern, in order."
+            )
+        pats = patterns or ("layer_{i}",) * len(sources)
+        opts["stacks"] = list(zip(sources or ("blocks",), pats))
+    else:
+        opts["source"] = sources[0] if sources else "blocks"
+        opts["pattern"] = patterns[0] if patterns else "layer_{i}"
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 def _common_options(fn: Any) -> Any:
@@ -176,70 +224,88 @@ def _run_convert(ctx: click.Context, src: Path, dst: Path, to: str, **kw: Any) -
         if not item.groups:
             click.echo(f"{prefix}nothing to {verb}; copied unchanged")
         for g in item.groups:
-            if to == "scan":
-                click.echo(
-                    f"{prefix}{tree.format_path(g.members_path)}: "
-                    f"{g.num_layers} layers -> {tree.format_path(g.target)}"
-                )
-            else:
-                pattern = kw.get("pattern") or "layer_{i}"
-                dest = g.path + (pattern,) if pattern == "{i}" else g.path[:-1] + (pattern,)
-                click.echo(
-                    f"{prefix}{tree.format_path(g.path)}: {g.num_layers} layers -> "
-                    f"{tree.format_path(dest)}"
-                )
+            click.echo(f"{prefix}{g.describe()}")
     if dry_run:
         click.echo(f"dry run: would write {dst} ({result.out_format}, {_human(result.nbytes)}); nothing written")
     else:
         click.echo(f"wrote {dst} ({result.out_format}, {_human(result.nbytes)}) in {elapsed:.1f} s")
     if to == "scan" and not dry_run:
-        for undo in _undo_commands(result, dst, kw.get("axis", 0)):
+        undo = _undo_command(result, dst, kw.get("axis", 0))
+        if undo:
             click.echo(f"to undo: {undo}")
 
 
-def _undo_commands(result: Any, dst: Path, axis: int) -> list[str]:
-    """The to-loop command(s) that give the input's layer names back."""
+def _undo_command(result: Any, dst: Path, axis: int) -> str | None:
+    """The to-loop command that gives the input's layer names back."""
     import shlex
 
-    out = []
-    seen = set()
+    pairs: list[tuple[str, str]] = []
+    period = None
+    start = 0
     for g in result.groups:
-        if (g.into, g.template) in seen:
-            continue
-        seen.add((g.into, g.template))
-        args = ["ckptconv", "to-loop", str(dst), "LOOP_OUT"]
-        if g.into != "blocks":
-            args += ["--from", str(g.into)]
-        if g.template != "layer_{i}":
-            args += ["--pattern", g.template]
-        if axis:
-            args += ["--axis", str(axis)]
-        out.append(" ".join(shlex.quote(a) if a != "LOOP_OUT" else a for a in args))
-    return out
+        if g.holder is not None:
+            pattern = "{i}" if g.into == g.holder else f"{g.holder}/{{i}}"
+        else:
+            pattern = g.template
+        if (str(g.into), pattern) not in pairs:
+            pairs.append((str(g.into), pattern))
+        period = period or g.period
+        start = max(start, g.start)
+    if not pairs:
+        return None
+    args = ["ckptconv", "to-loop", str(dst), "LOOP_OUT"]
+    for source, pattern in pairs:
+        if source != "blocks" or len(pairs) > 1:
+            args += ["--from", source]
+        if pattern != "layer_{i}" or len(pairs) > 1:
+            args += ["--pattern", pattern]
+    if period:
+        args += ["--period", str(period)]
+    if start:
+        args += ["--layers", f"{start}:"]
+    if axis:
+        args += ["--axis", str(axis)]
+    return " ".join(shlex.quote(a) if a != "LOOP_OUT" else a for a in args)
 
 
 @main.command("to-scan")
 @click.argument("src", metavar="IN", type=click.Path(path_type=Path))
 @click.argument("dst", metavar="OUT", type=click.Path(path_type=Path))
-@click.option("--pattern", help="Layer key template with {i}, e.g. 'layers_{i}' (default: layer_/layers_/block_/blocks_/h_ and digit keys).")
-@click.option("--into", default="blocks", show_default=True, help="Key of the stacked subtree.")
+@click.option("--pattern", "patterns", multiple=True, help="Layer key template with {i}, e.g. 'layers_{i}' (default: layer_/layers_/block_/blocks_/h_ and digit keys). Repeat it, each with its own --into, for several groups.")
+@click.option("--into", "intos", multiple=True, help="Key of the stacked subtree (default: blocks; a digit-keyed list: its own key).")
+@click.option("--period", type=click.IntRange(min=1), help="Stack blocks of K layers (MaxText scanned Gemma-3: 6): layer K*b+j -> INTO/<name_j>[b]; leftovers -> INTO_remainder.")
+@click.option("--remainder", type=click.Choice(["separate", "extend"]), help="With --period: leftovers unstacked under INTO_remainder (separate, default, MaxText) or extending the first stacks (extend).")
+@click.option("--layers", "layer_range", metavar="START:STOP", help="Stack only these layers (renumbered from 0); the others stay as they are.")
 @_common_options
 @click.pass_context
-def to_scan(ctx: click.Context, src: Path, dst: Path, out_format: str | None, **kw: Any) -> None:
+def to_scan(
+    ctx: click.Context, src: Path, dst: Path, out_format: str | None, patterns: tuple[str, ...],
+    intos: tuple[str, ...], period: int | None, remainder: str | None, layer_range: str | None,
+    **kw: Any,
+) -> None:
     """Stack layer_0 … layer_N-1 subtrees of IN into one scanned subtree, write OUT."""
-    _run_convert(ctx, src, dst, "scan", format=out_format, **kw)
+    with _errors(ctx):
+        opts = _scan_options(patterns, intos, period, layer_range, remainder)
+    _run_convert(ctx, src, dst, "scan", format=out_format, **opts, **kw)
 
 
 @main.command("to-loop")
 @click.argument("src", metavar="IN", type=click.Path(path_type=Path))
 @click.argument("dst", metavar="OUT", type=click.Path(path_type=Path))
-@click.option("--from", "source", default="blocks", show_default=True, help="Key of the stacked subtrees.")
-@click.option("--pattern", default="layer_{i}", show_default=True, help="Layer key template with {i}; '{i}' gives an NNX list under the --from key.")
+@click.option("--from", "sources", multiple=True, help="Key of the stacked subtrees (default: blocks). Repeat it, each with its own --pattern, for several stacks.")
+@click.option("--pattern", "patterns", multiple=True, help="Layer key template with {i} (default: layer_{i}); '{i}' gives a digit-keyed list under the --from key, 'NAME/{i}' adds the layers to the list NAME.")
+@click.option("--period", type=click.IntRange(min=1), help="The stacks hold blocks of K layers (the inverse of to-scan --period).")
+@click.option("--layers", "layer_range", metavar="START:", help="Number the layers from START (the inverse of to-scan --layers).")
 @_common_options
 @click.pass_context
-def to_loop(ctx: click.Context, src: Path, dst: Path, out_format: str | None, **kw: Any) -> None:
+def to_loop(
+    ctx: click.Context, src: Path, dst: Path, out_format: str | None, sources: tuple[str, ...],
+    patterns: tuple[str, ...], period: int | None, layer_range: str | None, **kw: Any,
+) -> None:
     """Unstack every scanned subtree of IN into layer_0 … layer_N-1, write OUT."""
-    _run_convert(ctx, src, dst, "loop", format=out_format, **kw)
+    with _errors(ctx):
+        opts = _loop_options(sources, patterns, period, layer_range)
+    _run_convert(ctx, src, dst, "loop", format=out_format, **opts, **kw)
 
 
 def _shape(value: str | None) -> tuple[int, ...] | None:

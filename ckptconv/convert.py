@@ -55,23 +55,27 @@ class Result:
         return [g for i in self.items for g in i.groups]
 
 
+#: The options `convert` passes on to `tree.to_scan` / `tree.to_loop`.
+SCAN_OPTIONS = ("pattern", "into", "axis", "period", "layers", "remainder", "groups")
+LOOP_OPTIONS = ("source", "pattern", "axis", "period", "layers", "stacks")
+
+
 def plan_item(lazy_tree: Any, to: str, options: dict[str, Any]) -> tuple[Any, list[Any]]:
     """The converted lazy tree and the groups (or stacks) it converts."""
-    if to == "scan":
-        pattern = options.get("pattern")
-        into = options.get("into", "blocks")
-        out = tree.to_scan(
-            lazy_tree, pattern=pattern, into=into, axis=options.get("axis", 0)
+    allowed = SCAN_OPTIONS if to == "scan" else LOOP_OPTIONS
+    unknown = sorted(k for k, v in options.items() if k not in allowed and v is not None)
+    if unknown:
+        raise CkptconvError(
+            f"to={to!r} takes no option {', '.join(unknown)}; its options are "
+            f"{', '.join(allowed)}."
         )
-        return out, tree.find_groups(lazy_tree, pattern, into=into)
-    source = options.get("source", "blocks")
-    out = tree.to_loop(
-        lazy_tree,
-        source=source,
-        pattern=options.get("pattern") or "layer_{i}",
-        axis=options.get("axis", 0),
-    )
-    return out, tree.find_stacks(lazy_tree, source, axis=options.get("axis", 0))
+    opts = {k: v for k, v in options.items() if v is not None}
+    if to == "scan":
+        out = tree.to_scan(lazy_tree, **opts)
+        opts.pop("axis", None)
+        return out, tree.find_groups(lazy_tree, **opts)
+    out = tree.to_loop(lazy_tree, **opts)
+    return out, tree.loop_stacks(lazy_tree, **opts)
 
 
 def _array_bytes(t: Any) -> int:
@@ -146,8 +150,10 @@ def convert(
         ``cp`` does not). Off by default: it costs the time to write the
         whole checkpoint to disk, while atomicity against crashes and
         interrupts holds without it.
-      **options: for to-scan ``pattern``, ``into``, ``axis``; for to-loop
-        ``source``, ``pattern``, ``axis`` (as `to_scan` / `to_loop`).
+      **options: for to-scan ``pattern``, ``into``, ``axis``, ``period``,
+        ``layers``, ``remainder``, ``groups``; for to-loop ``source``,
+        ``pattern``, ``axis``, ``period``, ``layers``, ``stacks`` (as
+        `ckptconv.to_scan` / `ckptconv.to_loop`).
 
     Returns:
       A `Result` describing the groups converted and the bytes written.

@@ -31,6 +31,7 @@ class ItemReport:
     to_scan_error: str | None = None
     to_loop: list[tree.Stacked] = field(default_factory=list)
     to_loop_error: str | None = None
+    near: list[tree.NearGroup] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -75,14 +76,26 @@ class Inspection:
                                 "template": g.template,
                                 "layers": g.num_layers,
                                 "into": tree.format_path(g.target),
+                                "period": g.period,
+                                "first_layer": g.start,
+                                "total_layers": g.total,
+                                "remainder": tree.format_path(g.remainder_target)
+                                if g.remainder_target else None,
+                                "plan": g.describe(),
                             }
                             for g in it.to_scan
+                        ],
+                        "alike_except_few": [
+                            {"path": tree.format_path(n.path), "message": n.message}
+                            for n in it.near
                         ],
                         "error": it.to_scan_error,
                     },
                     "to_loop": {
                         "stacks": [
-                            {"path": tree.format_path(s.path), "layers": s.num_layers}
+                            {"path": tree.format_path(s.path), "layers": s.num_layers,
+                             "period": s.period, "depths": list(s.depths) or None,
+                             "leftover": s.leftover}
                             for s in it.to_loop
                         ],
                         "error": it.to_loop_error,
@@ -97,13 +110,19 @@ def inspect(
     path: str | Path,
     *,
     step: int | None = None,
-    pattern: str | None = None,
-    into: str = "blocks",
-    source: str = "blocks",
-    axis: int = 0,
+    scan_options: dict[str, Any] | None = None,
+    loop_options: dict[str, Any] | None = None,
 ) -> Inspection:
-    """Describe the checkpoint at ``path`` without reading its array data."""
+    """Describe the checkpoint at ``path`` without reading its array data.
+
+    Args:
+      scan_options: `tree.to_scan`'s options (pattern, into, period, layers,
+        groups …) for the "to-scan would stack" part.
+      loop_options: `tree.to_loop`'s options (source, pattern, period, axis).
+    """
     path = Path(path)
+    scan_options = dict(scan_options or {})
+    loop_options = dict(loop_options or {})
     fmt = formats.detect(path)
     layout = fmt.describe(path, step)
     items = []
@@ -111,13 +130,19 @@ def inspect(
         t = fmt.read_lazy(item_path)
         rep = ItemReport(name, item_path)
         try:
-            rep.to_scan = tree.find_groups(t, pattern, into=into)
+            rep.to_scan = tree.find_groups(t, **{k: v for k, v in scan_options.items() if k != "axis"})
+            if not scan_options.get("groups") and scan_options.get("pattern") is None:
+                rep.near = tree.find_near_groups(t)
             # The lazy conversion checks the layers as to-scan will (no data read).
-            tree.to_scan(t, pattern=pattern, into=into)
+            tree.to_scan(t, **scan_options)
         except CkptconvError as e:
             rep.to_scan_error = str(e)
         try:
-            rep.to_loop = tree.find_stacks(t, source, axis=axis)
+            rep.to_loop = tree.find_stacks(
+                t, loop_options.get("source", "blocks"), axis=loop_options.get("axis", 0),
+                period=loop_options.get("period"),
+                pattern=tree.loop_template(loop_options.get("pattern") or "layer_{i}")[1],
+            )
         except CkptconvError as e:
             rep.to_loop_error = str(e)
         rep.leaves = _fold_rows(t, rep.to_scan)
@@ -129,7 +154,7 @@ def _fold_rows(t: Any, groups: list[tree.Group]) -> list[LeafRow]:
     """One row per leaf, with the members of each group folded into one row."""
     members = {}
     for g in groups:
-        parent = g.path + (g.into,) if g.template == "{i}" else g.path
+        parent = g.path + (g.holder,) if g.holder is not None else g.path
         for k in g.keys:
             members[parent + (k,)] = g.template
     rows: dict[str, LeafRow] = {}

@@ -234,11 +234,15 @@ def test_force_replaces_and_inspect(tmp_path, cli):
     assert rep["format"] == "msgpack" and rep["layout"] == "file"
     (item,) = rep["items"]
     assert item["leaf_count"] == sum(row["layers"] for row in item["leaves"]) == 22
-    assert item["to_scan"]["groups"][0] == {"path": "params", "members": "params/layer_{i}", "template": "layer_{i}", "layers": 4, "into": "params/blocks"}
+    assert item["to_scan"]["groups"][0] == {
+        "path": "params", "members": "params/layer_{i}", "template": "layer_{i}", "layers": 4,
+        "into": "params/blocks", "period": None, "first_layer": 0, "total_layers": 4,
+        "remainder": None, "plan": "params/layer_{i}: 4 layers -> params/blocks",
+    }
     rows = {row["path"]: row for row in item["leaves"]}
     assert rows["params/layer_{i}/bf16"] == {"path": "params/layer_{i}/bf16", "shape": [4, 2], "dtype": "bfloat16", "bytes": 16, "layers": 4}
     text = cli("inspect", tmp_path / "out")
-    assert text.output.endswith("to-loop would unstack:\n  params/blocks  4 layers\n  encoder/blocks  2 layers\n")
+    assert text.output.endswith("to-loop would unstack:\n  params/blocks: 4 layers -> params/layer_{i}\n  encoder/blocks: 2 layers -> encoder/layer_{i}\n")
 
 
 # -- errors: exit 2, a clear message, IN unchanged, no OUT -----------------------
@@ -380,11 +384,10 @@ def test_to_scan_prints_how_to_undo(tmp_path, cli):
     assert "nnx/stack/{i}: 2 layers -> nnx/stack" in lines
     assert "params/layers_{i}: 2 layers -> params/blocks" in lines
     out = tmp_path / "out.msgpack"
-    assert f"to undo: ckptconv to-loop {out} LOOP_OUT --from stack --pattern '{{i}}' --axis 1" in lines
-    assert f"to undo: ckptconv to-loop {out} LOOP_OUT --pattern 'layers_{{i}}' --axis 1" in lines
-    # following the two hints gives the input back, byte for byte
-    assert cli("to-loop", out, tmp_path / "a.msgpack", "--from", "stack", "--pattern", "{i}", "--axis", "1").exit_code == 0
-    assert cli("to-loop", tmp_path / "a.msgpack", tmp_path / "b.msgpack", "--pattern", "layers_{i}", "--axis", "1").exit_code == 0
+    assert f"to undo: ckptconv to-loop {out} LOOP_OUT --from blocks --pattern 'layers_{{i}}' --from stack --pattern '{{i}}' --axis 1" in lines
+    # following the hint gives the input back, byte for byte
+    r = cli("to-loop", out, tmp_path / "b.msgpack", "--from", "blocks", "--pattern", "layers_{i}", "--from", "stack", "--pattern", "{i}", "--axis", "1")
+    assert r.exit_code == 0, r.output
     assert (tmp_path / "b.msgpack").read_bytes() == src.read_bytes()
 
 
