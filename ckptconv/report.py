@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptconv import formats, tree
-from ckptconv.errors import CkptconvError
+from ckptconv.errors import CkptconvError, NothingToConvertError
 
 
 @dataclass
@@ -138,11 +138,11 @@ def inspect(
         except CkptconvError as e:
             rep.to_scan_error = str(e)
         try:
-            rep.to_loop = tree.find_stacks(
-                t, loop_options.get("source", "blocks"), axis=loop_options.get("axis", 0),
-                period=loop_options.get("period"),
-                pattern=tree.loop_template(loop_options.get("pattern") or "layer_{i}")[1],
+            rep.to_loop = tree.loop_stacks(
+                t, **{k: v for k, v in loop_options.items() if v is not None}
             )
+        except NothingToConvertError:
+            pass
         except CkptconvError as e:
             rep.to_loop_error = str(e)
         rep.leaves = _fold_rows(t, rep.to_scan)
