@@ -323,6 +323,8 @@ def _shape(value: str | None) -> tuple[int, ...] | None:
 @click.option("--pattern", help="Layer key template with {i}, as given to to-scan.")
 @click.option("--into", default="blocks", show_default=True, help="Stacked key, as given to to-scan.")
 @click.option("--axis", type=click.IntRange(min=0), default=0, show_default=True, help="Layer axis, as given to to-scan.")
+@click.option("--period", type=click.IntRange(min=1), help="Blocks of K layers, as given to to-scan (needs --model for the numbers).")
+@click.option("--remainder", type=click.Choice(["separate", "extend"]), default="separate", show_default=True, help="With --period: as given to to-scan.")
 @click.option("--block", help="MODULE:ATTR of a Flax module for ONE layer; runs both forms.")
 @click.option("--block-kwargs", default="{}", help="JSON keyword arguments for --block (or --model).")
 @click.option("--model", help="MODULE:ATTR of a function returning (loop_module, scan_module, inputs).")
@@ -335,8 +337,8 @@ def _shape(value: str | None) -> tuple[int, ...] | None:
 @click.pass_context
 def verify(
     ctx: click.Context, loop: Path, scan: Path, pattern: str | None, into: str, axis: int,
-    block: str | None, block_kwargs: str, model: str | None, input_shape: str | None,
-    input_file: Path | None, seed: int, atol: float | None, rtol: float | None,
+    period: int | None, remainder: str, block: str | None, block_kwargs: str,
+    model: str | None, input_shape: str | None, input_file: Path | None, seed: int, atol: float | None, rtol: float | None,
     json_dest: str | None,
 ) -> None:
     """Prove SCAN is the scan form of LOOP: structure bit for bit, then (with
@@ -360,7 +362,8 @@ def verify(
 
             inputs = (np.load(input_file),)
         rep = run_verify(
-            loop, scan, pattern=pattern, into=into, axis=axis, block=block,
+            loop, scan, pattern=pattern, into=into, axis=axis, period=period,
+            remainder=remainder, block=block,
             block_kwargs=kwargs, model=model, inputs=inputs, input_shape=shape,
             seed=seed, atol=atol, rtol=rtol,
         )

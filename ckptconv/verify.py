@@ -7,6 +7,10 @@ every layer's intermediates are diffed.
    default JAX device with ``capture_intermediates=True``; the loop form's
    intermediates are stacked with the same `to_scan` (layer axis 0, as
    ``nn.scan`` stacks them) and compared with the scan form's, layer by layer.
+
+With ``period`` K (MaxText's scanned Gemma-3), layer ``K·b + j`` sits at index
+``b`` of ``<into>/<name_j>`` and the leftovers under ``<into>_remainder``; every
+per-layer figure (structure and numbers) still names the real layer number.
 """
 
 from __future__ import annotations
@@ -86,6 +90,10 @@ class Report:
     timings: dict[str, Timing] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
     tolerances: dict[str, tuple[float, float]] = field(default_factory=dict)
+    period: int | None = None
+    #: why the numbers were not compared although a model was given (the scan
+    #: model could not run on a SCAN whose structure is already wrong)
+    not_run: str | None = None
 
     @property
     def structure_passed(self) -> bool:
@@ -122,10 +130,11 @@ class Report:
             max_rows = 5 if self.passed else 20
         lines = [f"verify {self.loop} (loop) against {self.scan} (scan)"]
         bad = [c for c in self.leaves if not c.ok]
+        how = f"to_scan(LOOP, period={self.period})" if self.period else "to_scan(LOOP)"
         if not bad:
-            lines.append(f"structure: OK, {len(self.leaves)} leaves equal to to_scan(LOOP) bit for bit")
+            lines.append(f"structure: OK, {len(self.leaves)} leaves equal to {how} bit for bit")
         else:
-            lines.append(f"structure: {len(bad)} of {len(self.leaves)} leaves differ from to_scan(LOOP):")
+            lines.append(f"structure: {len(bad)} of {len(self.leaves)} leaves differ from {how}:")
             for c in bad[:max_rows]:
                 lines.append("  " + _describe_leaf(c))
             if len(bad) > max_rows:
@@ -135,6 +144,8 @@ class Report:
                     "  Shapes differ: was SCAN stacked on another layer axis? Pass the --axis "
                     "it was converted with (MaxText: 1)."
                 )
+        if self.not_run:
+            lines.append(f"intermediates: not compared: {self.not_run}")
         if self.numeric:
             lines.append(f"device: {self.device}")
             for form, t in self.timings.items():
@@ -221,12 +232,39 @@ def _describe(x: Any) -> str:
     return f"{dtype}{list(shape)}"
 
 
+def _layer_map(groups: Sequence[treelib.Group]) -> list[tuple[tuple, list[int], bool]]:
+    """Where each layer went: ``(path, layer numbers, stacked)`` per subtree of
+    the converted tree. A stacked subtree's ``layer numbers[b]`` is the layer at
+    index ``b`` of its layer axis (with a period K, ``<into>/<name_j>`` holds
+    layers ``j, K + j, 2K + j …``); an unstacked leftover (``<into>_remainder/
+    <name_j>``) holds the one layer listed."""
+    out: list[tuple[tuple, list[int], bool]] = []
+    for g in groups:
+        if not g.period:
+            out.append((g.target, [g.start + i for i in range(g.num_layers)], True))
+            continue
+        stacks, rest = g.blocks()
+        for j, positions in enumerate(stacks):
+            out.append((g.target + (g.sub_name(j),), [g.start + p for p in positions], True))
+        for j, p in enumerate(rest):
+            assert g.remainder_target is not None
+            out.append((g.remainder_target + (g.sub_name(j),), [g.start + p], False))
+    return out
+
+
+def _where(path: tuple, where: list[tuple[tuple, list[int], bool]]) -> tuple[tuple, list[int], bool] | None:
+    return next((w for w in where if path[: len(w[0])] == w[0]), None)
+
+
 def check_structure(
-    loop: Any, scan: Any, *, pattern: str | None = None, into: str = "blocks", axis: int = 0
+    loop: Any, scan: Any, *, pattern: str | None = None, into: str = "blocks", axis: int = 0,
+    period: int | None = None, remainder: str = "separate",
 ) -> list[LeafCheck]:
-    """Compare SCAN with ``to_scan(LOOP)`` leaf by leaf, layer by layer."""
-    expected = treelib.to_scan(loop, pattern=pattern, into=into, axis=axis)
-    targets = {g.target for g in treelib.find_groups(loop, pattern, into=into)}
+    """Compare SCAN with ``to_scan(LOOP)`` (same options) leaf by leaf, layer by
+    layer; ``LeafCheck.layers`` are real layer numbers (``K·b + j`` with a period)."""
+    opts = {"pattern": pattern, "into": into, "period": period, "remainder": remainder}
+    expected = treelib.to_scan(loop, axis=axis, **opts)
+    where = _layer_map(treelib.find_groups(loop, **opts))
     want, got = _flat(expected), _flat(scan)
     checks = []
     for p, e in want.items():
@@ -252,12 +290,14 @@ def check_structure(
         if a.tobytes() == b.tobytes():
             checks.append(LeafCheck(name, "equal"))
             continue
-        stacked = any(p[: len(t)] == t for t in targets)
+        w = _where(p, where)
         layers: list[int] = []
-        if stacked:
+        if w is not None and not w[2]:
+            layers = list(w[1])  # an unstacked leftover layer
+        elif w is not None:
             for i in range(a.shape[axis]):
                 if np.take(a, i, axis).tobytes() != np.take(b, i, axis).tobytes():
-                    layers.append(i)
+                    layers.append(w[1][i] if i < len(w[1]) else i)
         checks.append(LeafCheck(name, "differs", layers=layers, max_abs=_max_abs(a, b)))
     for p, f in got.items():
         if p not in want:
@@ -369,27 +409,35 @@ def _compare(name: str, layer: int | None, a: np.ndarray, b: np.ndarray, atol: f
 def compare_intermediates(
     loop_inter: Any, scan_inter: Any, *, pattern: str | None, into: str,
     atol: float | None = None, rtol: float | None = None,
+    period: int | None = None, remainder: str = "separate",
 ) -> tuple[list[Row], list[str]]:
     """Rows for every intermediate of every layer (worst first), and the names
-    found in only one form."""
-    expected = treelib.to_scan(loop_inter, pattern=pattern, into=into, axis=0)
-    targets = {g.target for g in treelib.find_groups(loop_inter, pattern, into=into)}
+    found in only one form. The loop form's intermediates are stacked as
+    ``to_scan(..., axis=0, period=period)`` would; each row names the real
+    layer number and the intermediate's path inside the layer."""
+    opts = {"pattern": pattern, "into": into, "period": period, "remainder": remainder}
+    expected = treelib.to_scan(loop_inter, axis=0, **opts)
+    where = _layer_map(treelib.find_groups(loop_inter, **opts))
     want, got = _flat(expected), _flat(scan_inter)
     rows: list[Row] = []
     for p, e in want.items():
         if p not in got:
             continue
         a, b = np.asarray(e), np.asarray(got[p])
-        target = next((t for t in targets if p[: len(t)] == t), None)
-        if target is None:
+        w = _where(p, where)
+        if w is None:
             rows.append(_compare(_inter_name(p), None, a, b, atol, rtol))
             continue
-        name = _inter_name(p[len(target):])
-        if a.shape != b.shape:
+        prefix, layers, stacked = w
+        name = _inter_name(p[len(prefix):])
+        if not stacked:
+            rows.append(_compare(name, layers[0], a, b, atol, rtol))
+            continue
+        if a.shape != b.shape or a.shape[0] != len(layers):
             rows.append(_compare(name, None, a, b, atol, rtol))
             continue
-        for i in range(a.shape[0]):
-            rows.append(_compare(name, i, a[i], b[i], atol, rtol))
+        for i, layer in enumerate(layers):
+            rows.append(_compare(name, layer, a[i], b[i], atol, rtol))
     unmatched = [f"loop: {treelib.format_path(p)}" for p in want if p not in got]
     unmatched += [f"scan: {treelib.format_path(p)}" for p in got if p not in want]
     rows.sort(key=lambda r: (r.passed, -r.worst, r.layer if r.layer is not None else -1))
@@ -412,6 +460,13 @@ def _load(path: str | Path | Any) -> tuple[str, Any]:
     return "<tree>", path
 
 
+def _has_stacks(t: Any, into: str, axis: int, period: int | None, pattern: str | None) -> bool:
+    try:
+        return bool(treelib.find_stacks(t, into, axis=axis, period=period, pattern=pattern or "layer_{i}"))
+    except GroupError:
+        return False
+
+
 def verify(
     loop: Any,
     scan: Any,
@@ -419,6 +474,8 @@ def verify(
     pattern: str | None = None,
     into: str = "blocks",
     axis: int = 0,
+    period: int | None = None,
+    remainder: str = "separate",
     block: str | Any | None = None,
     block_kwargs: dict[str, Any] | None = None,
     model: str | Callable[..., Any] | None = None,
@@ -434,6 +491,12 @@ def verify(
     Args:
       loop, scan: checkpoint paths or in-memory trees.
       pattern, into, axis: the options the conversion used (as `to_scan`).
+      period, remainder: with ``period`` K, SCAN holds blocks of K layers
+        (``to_scan(..., period=K)``, MaxText's scanned Gemma-3: layer ``K·b + j``
+        at index ``b`` of ``<into>/<name_j>``, leftovers under
+        ``<into>_remainder``); the loop model's intermediates are stacked the
+        same way. Needs ``model`` for the numbers (``block`` builds one layer
+        per scan step). Rows and leaf checks name real layer numbers.
       block: ``"module:Class"`` or a Flax module class for ONE layer, called as
         ``block(x)``; the N-layer loop and scan models are built around it
         (N from the checkpoint).
@@ -454,19 +517,28 @@ def verify(
     """
     if block is not None and model is not None:
         raise VerifyError("give --block or --model, not both.")
+    if period is not None and block is not None:
+        raise VerifyError(
+            "--block builds a scan model of one layer per step, not blocks of --period "
+            "layers: give --model (a function returning (loop_module, scan_module, inputs)) "
+            "whose scan module holds the K sub-layers."
+        )
     loop_name, loop_tree = _load(loop)
     scan_name, scan_tree = _load(scan)
     try:
-        leaves = check_structure(loop_tree, scan_tree, pattern=pattern, into=into, axis=axis)
+        leaves = check_structure(
+            loop_tree, scan_tree, pattern=pattern, into=into, axis=axis, period=period,
+            remainder=remainder,
+        )
     except GroupError as e:
         swapped = ""
-        if isinstance(e, NothingToConvertError) and treelib.find_stacks(loop_tree, into, axis=axis):
+        if isinstance(e, NothingToConvertError) and _has_stacks(loop_tree, into, axis, period, pattern):
             swapped = " LOOP holds a stacked subtree: are LOOP and SCAN swapped? Give the loop form first."
         raise type(e)(f"{loop_name} (LOOP): {e}{swapped}") from e
-    report = Report(loop_name, scan_name, leaves)
+    report = Report(loop_name, scan_name, leaves, period=period)
     if block is None and model is None:
         return report
-    groups = treelib.find_groups(loop_tree, pattern, into=into)
+    groups = treelib.find_groups(loop_tree, pattern, into=into, period=period, remainder=remainder)
     template = groups[0].template
     if model is not None:
         fn = resolve(model) if isinstance(model, str) else model
@@ -490,20 +562,33 @@ def verify(
             rng = np.random.default_rng(seed)
             inputs = (rng.standard_normal(tuple(input_shape)).astype(np.float32),)
         model_inputs = tuple(inputs)
+    form = "loop"
     try:
         (_, loop_state), t_loop = _run(loop_module, _variables(loop_tree), model_inputs, repeats)
+        form = "scan"
         (_, scan_state), t_scan = _run(scan_module, _variables(scan_tree), model_inputs, repeats)
     except CkptconvError:
         raise
     except Exception as e:  # a model that does not fit its checkpoint
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__
+        if form == "scan" and not report.structure_passed:
+            # The loop model ran on LOOP, so model and inputs are fine; SCAN is
+            # not laid out as to_scan(LOOP) would lay it out, and the scan
+            # model cannot run on it: the conversion is wrong (exit 1), not
+            # the command line (exit 2).
+            report.not_run = (
+                f"the scan model cannot run on SCAN ({why}), whose structure differs from "
+                "to_scan(LOOP) (above)"
+            )
+            return report
         raise VerifyError(
-            f"running the models failed ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
+            f"running the models failed ({why}). "
             "Check that --block/--model and --block-kwargs match the checkpoints "
             "(hidden size, heads, layer count) and the input shape; --debug shows the traceback."
         ) from e
     rows, unmatched = compare_intermediates(
         loop_state.get("intermediates", {}), scan_state.get("intermediates", {}),
-        pattern=template, into=into, atol=atol, rtol=rtol,
+        pattern=template, into=into, atol=atol, rtol=rtol, period=period, remainder=remainder,
     )
     import jax
 
