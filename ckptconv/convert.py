@@ -139,7 +139,9 @@ def convert(
         manager root gives a manager root holding the converted step) unless
         ``format`` names the other format.
       to: ``"scan"`` (stack layers) or ``"loop"`` (unstack).
-      format: ``"msgpack"`` or ``"orbax"`` for the output; default: the input's.
+      format: ``"msgpack"``, ``"orbax"`` or ``"safetensors"`` for the output;
+        default: the input's (and its layout: a sharded Hugging Face directory
+        stays sharded). Another format gives one file (or one Orbax item).
       step: for a CheckpointManager root, the step to convert (default: latest).
       force: replace an existing ``dst``.
       dry_run: plan and check everything, write nothing.
@@ -240,23 +242,25 @@ def _write_same_format(
 def _write_other_format(
     layout: Layout, items: list[ItemPlan], in_fmt: Any, out_fmt: Any, out: Path, progress: Any
 ) -> None:
-    """Write the other format. To msgpack this streams: each output leaf is read
-    from the input when the writer reaches it. To Orbax it goes through memory
+    """Write another format. Formats that stream (``STREAMS``: msgpack,
+    safetensors) get each output leaf read from the input when their writer
+    reaches it, so memory holds one leaf. Orbax output goes through memory
     (the Orbax writer moves chunks between Orbax stores only)."""
+    streams = getattr(out_fmt, "STREAMS", False)
     trees = {}
     for item in items:
         t = item.out_tree
         if t is None:
             t = in_fmt.read_lazy(item.source)
         read = lambda ref, p=item.source: in_fmt.read_array(p, ref)  # noqa: E731
-        if out_fmt.NAME == "msgpack":
+        if streams:
             trees[item.name] = lazy.defer(t, read)
         else:
             trees[item.name] = lazy.materialize(t, read)
             if progress:
                 progress(item.nbytes)
     tree_out = trees[""] if list(trees) == [""] else trees
-    if out_fmt.NAME == "msgpack":
+    if streams:
         out_fmt.write(None, tree_out, out, progress)
     else:
         out_fmt.save(tree_out, out)

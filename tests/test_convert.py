@@ -306,7 +306,7 @@ def test_error_unknown_format(tmp_path, cli):
     empty = tmp_path / "emptydir"
     empty.mkdir()
     _expect_error(cli, tmp_path, empty, ["inspect", empty], "orbax: a directory without _METADATA")
-    r = cli("to-scan", src, tmp_path / "out", "--format", "safetensors")
+    r = cli("to-scan", src, tmp_path / "out", "--format", "zarr")
     assert r.exit_code == 2 and "Invalid value for '--format'" in r.output
 
 
