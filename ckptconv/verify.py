@@ -15,6 +15,7 @@ per-layer figure (structure and numbers) still names the real layer number.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import math
 import time
@@ -139,7 +140,13 @@ class Report:
                 lines.append("  " + _describe_leaf(c))
             if len(bad) > max_rows:
                 lines.append(f"  … and {len(bad) - max_rows} more")
-            if any(c.status == "shape" for c in bad):
+            shape_bad = [c for c in bad if c.status == "shape"]
+            if self.period and any(_one_dim_differs(c) for c in shape_bad):
+                lines.append(
+                    "  Stacks of another depth: was SCAN converted with another --period? "
+                    f"(--period {self.period} stacks N // {self.period} layers deep)"
+                )
+            elif shape_bad:
                 lines.append(
                     "  Shapes differ: was SCAN stacked on another layer axis? Pass the --axis "
                     "it was converted with (MaxText: 1)."
@@ -200,6 +207,15 @@ def _describe_leaf(c: LeafCheck) -> str:
     if c.status == "missing":
         return f"{c.path}: missing from SCAN (expected {c.expected})"
     return f"{c.path}: in SCAN but not in to_scan(LOOP) ({c.found})"
+
+
+def _one_dim_differs(c: LeafCheck) -> bool:
+    """Shapes that differ in one dimension only (a stack's depth), not by a moved axis."""
+    try:
+        a, b = ast.literal_eval(c.expected), ast.literal_eval(c.found)
+    except (ValueError, SyntaxError):
+        return False
+    return len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1
 
 
 def _ranges(xs: Sequence[int]) -> str:
@@ -562,20 +578,19 @@ def verify(
             rng = np.random.default_rng(seed)
             inputs = (rng.standard_normal(tuple(input_shape)).astype(np.float32),)
         model_inputs = tuple(inputs)
-    form = "loop"
+    form = "scan"  # first: on a wrongly structured SCAN it may not run at all
     try:
-        (_, loop_state), t_loop = _run(loop_module, _variables(loop_tree), model_inputs, repeats)
-        form = "scan"
         (_, scan_state), t_scan = _run(scan_module, _variables(scan_tree), model_inputs, repeats)
+        form = "loop"
+        (_, loop_state), t_loop = _run(loop_module, _variables(loop_tree), model_inputs, repeats)
     except CkptconvError:
         raise
     except Exception as e:  # a model that does not fit its checkpoint
         why = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__
         if form == "scan" and not report.structure_passed:
-            # The loop model ran on LOOP, so model and inputs are fine; SCAN is
-            # not laid out as to_scan(LOOP) would lay it out, and the scan
-            # model cannot run on it: the conversion is wrong (exit 1), not
-            # the command line (exit 2).
+            # SCAN is not laid out as to_scan(LOOP) would lay it out (already a
+            # FAIL), and the scan model cannot run on it: report the wrong
+            # conversion (exit 1) rather than a bad command line (exit 2).
             report.not_run = (
                 f"the scan model cannot run on SCAN ({why}), whose structure differs from "
                 "to_scan(LOOP) (above)"

@@ -259,3 +259,100 @@ def test_input_file(pair, cli, tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "r.json").read_text())
     assert len([row for row in rep["rows"] if row["layer"] == 0]) == 14
+
+
+# --------------------------------------------------------------------------
+# --period: MaxText's scanned Gemma-3 layout (blocks of K layers + remainder)
+
+PERIOD_OPTS = {"pattern": "layers_{i}", "into": "layers", "axis": 1}
+PERIOD_CLI = ("--pattern", "layers_{i}", "--into", "layers", "--axis", "1", "--period", "6",
+              "--model", "period_models:period_model")
+
+
+@pytest.fixture(scope="module")
+def period_pair(tmp_path_factory):
+    """13 NormAttentionBlock layers (hidden 16), and their period-6 conversion on axis 1."""
+    import flax
+    import jax
+    from period_models import period_model
+
+    d = tmp_path_factory.mktemp("period")
+    loop, _, inputs = period_model()
+    variables = jax.jit(loop.init)(jax.random.PRNGKey(2), *inputs)  # jit: 3x faster than eager
+    params = {"params": jax.tree.map(np.asarray, flax.core.unfreeze(variables["params"]))}
+    ckptconv.save(params, d / "loop", format="orbax")
+    ckptconv.convert(d / "loop", d / "scan", to="scan", period=6, **PERIOD_OPTS)
+    return d / "loop", d / "scan", d
+
+
+def test_period_6_conversion_verifies_every_layer(period_pair):
+    from period_models import period_model
+
+    loop, scan, _ = period_pair
+    rep = ckptconv.verify(loop, scan, period=6, model=period_model, repeats=1, **PERIOD_OPTS)
+    assert rep.passed, rep.table()
+    assert rep.structure_passed and len(rep.leaves) == 7 * 12  # 6 stacks + 1 leftover layer
+    by_layer: dict = {}
+    for r in rep.rows:
+        by_layer.setdefault(r.layer, set()).add(r.name)
+    assert sorted(k for k in by_layer if k is not None) == list(range(13))  # 12 stacked + layer 12
+    assert by_layer[None] == {"__call__[0]"}
+    names = by_layer[0]
+    assert {"RMSNorm_0/__call__[0]", "Dense_0/__call__[0]", "self_attention/__call__[0]"} <= names
+    assert all(by_layer[i] == names for i in range(13))
+    assert len(rep.rows) == 13 * len(names) + 1 and not rep.unmatched
+    # float32: loop and period-scan forms agree to ~1e-6 here
+    assert max(r.max_abs for r in rep.rows) <= 1e-5
+    text = rep.table()
+    assert "to_scan(LOOP, period=6) bit for bit" in text
+    assert f"intermediates: {len(rep.rows)} compared over 13 layers, 0 outside" in text
+
+
+def _swap_layers_1_and_7(src, dst):
+    """layers/layers_1 holds layers 1 and 7 (index 0, 1 of axis 1): swap them."""
+    t = ckptconv.load(src)
+    sub = t["params"]["layers"]["layers_1"]
+    for path, leaf in ckptconv.tree.leaves_with_paths(sub):
+        node = sub
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = np.asarray(leaf)[:, [1, 0]]
+    t["params"]["layers_remainder"]["layers_0"]["Dense_0"]["bias"] += 1.0
+    ckptconv.save(t, dst, format="orbax")
+
+
+def test_period_wrong_blocks_fail_with_real_layer_numbers(period_pair, cli):
+    loop, scan, d = period_pair
+    bad = d / "swapped"
+    _swap_layers_1_and_7(scan, bad)
+    r = cli("verify", loop, bad, *PERIOD_CLI, "--json", d / "swapped.json")
+    assert r.exit_code == 1, r.output
+    rep = json.loads((d / "swapped.json").read_text())
+    assert rep["passed"] is False and rep["numeric_passed"] is False
+    bad_leaves = {c["path"]: c["layers"] for c in rep["leaves"] if c["status"] != "equal"}
+    assert bad_leaves["params/layers/layers_1/Dense_0/kernel"] == [1, 7]
+    assert bad_leaves["params/layers_remainder/layers_0/Dense_0/bias"] == [12]
+    assert "  params/layers/layers_1/Dense_0/kernel: values differ in layers 1, 7" in r.output
+    # layer 1 is the first to compute differently; layer 0 is untouched
+    assert rep["first_bad_layer"] == 1
+    assert all(row["passed"] for row in rep["rows"] if row["layer"] == 0)
+    assert {row["layer"] for row in rep["rows"] if not row["passed"]} >= {1, 7, 12}
+
+
+def test_period_3_conversion_fails_verify_period_6(period_pair, cli):
+    loop, _, d = period_pair
+    ckptconv.convert(loop, d / "p3", to="scan", period=3, **PERIOD_OPTS)
+    r = cli("verify", loop, d / "p3", *PERIOD_CLI)
+    assert r.exit_code == 1, r.output
+    assert "leaves differ from to_scan(LOOP, period=6):" in r.output
+    assert "  params/layers/layers_0/Dense_0/kernel: expected shape (16, 2, 16), found (16, 4, 16)" in r.output
+    assert "Stacks of another depth: was SCAN converted with another --period?" in r.output
+    assert "intermediates: not compared: the scan model cannot run on SCAN" in r.output
+    assert r.output.splitlines()[-1] == "FAIL"
+
+
+def test_period_needs_model_not_block(period_pair, cli):
+    loop, scan, _ = period_pair
+    r = cli("verify", loop, scan, *PERIOD_CLI[:-2], "--block", "ckptconv.models:NormAttentionBlock",
+            "--input-shape", "1,4,16")
+    assert r.exit_code == 2 and "--block builds a scan model of one layer per step" in r.output
