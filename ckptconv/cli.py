@@ -18,8 +18,10 @@ from typing import Any
 import click
 
 from ckptconv import report as report_mod
+from ckptconv import tree
 from ckptconv.convert import convert as run_convert
 from ckptconv.errors import CkptconvError
+from ckptconv.formats import FORMATS
 
 
 class _Error(click.ClickException):
@@ -138,8 +140,8 @@ def inspect(
             click.echo(f"to-scan: cannot: {it.to_scan_error}")
         else:
             click.echo("to-scan: no layer groups")
-        for n in it.near:
-            if not it.to_scan_error or n.message not in it.to_scan_error:
+        if not it.to_scan_error:  # (an error already names them)
+            for n in it.near:
                 click.echo(f"left alone: {n.message}")
         if it.to_loop:
             click.echo("to-loop would unstack:")
@@ -156,7 +158,9 @@ def _scan_options(
     layer_range: str | None, remainder: str | None,
 ) -> dict[str, Any]:
     """to-scan's options from the command line: repeated --pattern/--into pair up in order."""
-    opts: dict[str, Any] = {"period": period, "layers": layer_range, "remainder": remainder}
+    opts: dict[str, Any] = {
+        "period": period, "layers": tree.parse_layers(layer_range), "remainder": remainder,
+    }
     if len(patterns) > 1 or len(intos) > 1:
         if len(patterns) != len(intos):
             raise CkptconvError(
@@ -176,7 +180,7 @@ def _loop_options(
     sources: tuple[str, ...], patterns: tuple[str, ...], period: int | None, layer_range: str | None,
 ) -> dict[str, Any]:
     """to-loop's options: repeated --from/--pattern pair up in order."""
-    opts: dict[str, Any] = {"period": period, "layers": layer_range}
+    opts: dict[str, Any] = {"period": period, "layers": tree.parse_layers(layer_range)}
     if len(sources) > 1 or len(patterns) > 1:
         if len(patterns) not in (0, len(sources)):
             raise CkptconvError(
@@ -197,7 +201,7 @@ def _common_options(fn: Any) -> Any:
     fn = click.option("--force", is_flag=True, help="Replace OUT if it exists.")(fn)
     fn = click.option("--step", type=int, help="CheckpointManager step (default: latest).")(fn)
     fn = click.option(
-        "--format", "out_format", type=click.Choice(["msgpack", "orbax"]),
+        "--format", "out_format", type=click.Choice(list(FORMATS)),
         help="Output format (default: the input's).",
     )(fn)
     fn = click.option(

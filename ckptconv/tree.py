@@ -634,7 +634,8 @@ def _near_message(path: tuple, template: str, keys: tuple, members: list[Any], r
                         f"{run[0]} has {leaf_shape(a)} {leaf_dtype(a)}"
                     )
                     break
-        parts.append(f"layer {i} ({layer_name(template, i) if template != '{i}' else keys[i]}) " + " and ".join(detail or ["nests differently"]))
+        name = f" ({layer_name(template, i)})" if template != "{i}" else ""
+        parts.append(f"layer {i}{name} " + " and ".join(detail or ["nests differently"]))
     more = f" (and {len(odd) - 3} more)" if len(odd) > 3 else ""
     stop = "" if run[1] == len(members) else str(run[1])
     option = f"--layers {run[0] or ''}:{stop}"
@@ -1198,11 +1199,16 @@ def _stack_groups(
 
 def _no_group_message(tree: Any, specs: list[Spec], near: list[NearGroup]) -> str:
     if near:
-        shown = near[:3]
+        # Sets that differ the same way (T5's encoder and decoder) are named together.
+        by_text: dict[str, list[str]] = {}
+        for n in near:
+            where, _, text = n.message.partition(": ")
+            by_text.setdefault(text, []).append(where)
+        shown = [" and ".join(w) + ": " + text for text, w in by_text.items()]
         return (
             "no layer group can be stacked as it is: "
-            + "; ".join(n.message for n in shown)
-            + (f" (and {len(near) - 3} more such sets)" if len(near) > 3 else "")
+            + "; ".join(shown[:3])
+            + (f" (and {len(shown) - 3} more such sets)" if len(shown) > 3 else "")
             + "."
         )
     top = list(tree.keys())[:_MAX_LISTED] if _is_mapping(tree) else []

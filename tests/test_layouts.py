@@ -225,11 +225,9 @@ def _t5(n=4):
 
 
 T5_MESSAGE = (
-    "no layer group can be stacked as it is: encoder/block: layers 1 … 3 are alike, but layer 0 (0) "
-    "has extra layer/0/SelfAttention/relative_attention_bias/embedding. To stack the alike ones and "
-    "keep the others as they are, pass --layers 1:; decoder/block: layers 1 … 3 are alike, but layer 0 "
-    "(0) has extra layer/0/SelfAttention/relative_attention_bias/embedding. To stack the alike ones and "
-    "keep the others as they are, pass --layers 1:."
+    "no layer group can be stacked as it is: encoder/block and decoder/block: layers 1 … 3 are "
+    "alike, but layer 0 has extra layer/0/SelfAttention/relative_attention_bias/embedding. To stack "
+    "the alike ones and keep the others as they are, pass --layers 1:."
 )
 
 
