@@ -151,6 +151,13 @@ class Report:
                     "  Shapes differ: was SCAN stacked on another layer axis? Pass the --axis "
                     "it was converted with (MaxText: 1)."
                 )
+            if not self.period and any(
+                c.status == "unexpected" and "_remainder/" in c.path for c in bad
+            ):
+                lines.append(
+                    "  SCAN holds <into>_remainder, as a conversion with --period K does "
+                    "(MaxText Gemma-3: 6): pass the --period it was converted with."
+                )
         if self.not_run:
             lines.append(f"intermediates: not compared: {self.not_run}")
         if self.numeric:
@@ -548,7 +555,7 @@ def verify(
         )
     except GroupError as e:
         swapped = ""
-        if isinstance(e, NothingToConvertError) and _has_stacks(loop_tree, into, axis, period, pattern):
+        if (isinstance(e, NothingToConvertError) or period) and _has_stacks(loop_tree, into, axis, period, pattern):
             swapped = " LOOP holds a stacked subtree: are LOOP and SCAN swapped? Give the loop form first."
         raise type(e)(f"{loop_name} (LOOP): {e}{swapped}") from e
     report = Report(loop_name, scan_name, leaves, period=period)

@@ -356,3 +356,20 @@ def test_period_needs_model_not_block(period_pair, cli):
     r = cli("verify", loop, scan, *PERIOD_CLI[:-2], "--block", "ckptconv.models:NormAttentionBlock",
             "--input-shape", "1,4,16")
     assert r.exit_code == 2 and "--block builds a scan model of one layer per step" in r.output
+
+
+def test_period_hints_structure_only():
+    p = {"params": {f"layers_{i}": {"w": np.full((3,), i, np.float32)} for i in range(13)}}
+    s = ckptconv.to_scan(p, period=6, **PERIOD_OPTS)
+    assert ckptconv.verify(p, s, period=6, **PERIOD_OPTS).passed
+    # converted with --period 6, verified without it
+    text = ckptconv.verify(p, s, **PERIOD_OPTS).table()
+    assert "pass the --period it was converted with." in text and text.endswith("FAIL")
+    with pytest.raises(ckptconv.errors.GroupError, match="are LOOP and SCAN swapped"):
+        ckptconv.verify(s, p, period=6, **PERIOD_OPTS)
+    # a changed leftover layer is named by its real number
+    # (a new subtree: to_scan's leftover layers are LOOP's own subtrees, not copies)
+    rest = s["params"]["layers_remainder"]
+    rest["layers_0"] = {"w": rest["layers_0"]["w"] + np.float32([0, 1, 0])}
+    rep = ckptconv.verify(p, s, period=6, **PERIOD_OPTS)
+    assert [(c.path, c.layers) for c in rep.leaves if not c.ok] == [("params/layers_remainder/layers_0/w", [12])]
