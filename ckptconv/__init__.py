@@ -12,8 +12,10 @@ from ckptconv.errors import (
     OutputExistsError,
     VerifyError,
 )
+from ckptconv.groups import Group, NearGroup, Spec, find_groups, find_near_groups
 from ckptconv.io import load, save
-from ckptconv.tree import Group, Stacked, find_groups, find_stacks, to_loop, to_scan
+from ckptconv.stack import to_scan
+from ckptconv.unstack import Stacked, find_stacks, to_loop
 from ckptconv.verify import Report, verify
 
 __all__ = [
@@ -21,14 +23,17 @@ __all__ = [
     "FormatError",
     "Group",
     "GroupError",
+    "NearGroup",
     "NothingToConvertError",
     "OutputExistsError",
     "Report",
     "Result",
+    "Spec",
     "Stacked",
     "VerifyError",
     "convert",
     "find_groups",
+    "find_near_groups",
     "find_stacks",
     "load",
     "save",

@@ -18,10 +18,10 @@ from typing import Any
 import click
 
 from ckptconv import report as report_mod
-from ckptconv import tree
 from ckptconv.convert import convert as run_convert
 from ckptconv.errors import CkptconvError
 from ckptconv.formats import FORMATS
+from ckptconv.groups import parse_layers
 
 
 class _Error(click.ClickException):
@@ -159,7 +159,7 @@ def _scan_options(
 ) -> dict[str, Any]:
     """to-scan's options from the command line: repeated --pattern/--into pair up in order."""
     opts: dict[str, Any] = {
-        "period": period, "layers": tree.parse_layers(layer_range), "remainder": remainder,
+        "period": period, "layers": parse_layers(layer_range), "remainder": remainder,
     }
     if len(patterns) > 1 or len(intos) > 1:
         if len(patterns) != len(intos):
@@ -180,7 +180,7 @@ def _loop_options(
     sources: tuple[str, ...], patterns: tuple[str, ...], period: int | None, layer_range: str | None,
 ) -> dict[str, Any]:
     """to-loop's options: repeated --from/--pattern pair up in order."""
-    opts: dict[str, Any] = {"period": period, "layers": tree.parse_layers(layer_range)}
+    opts: dict[str, Any] = {"period": period, "layers": parse_layers(layer_range)}
     if len(sources) > 1 or len(patterns) > 1:
         if len(patterns) not in (0, len(sources)):
             raise CkptconvError(

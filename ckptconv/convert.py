@@ -21,6 +21,9 @@ from typing import Any
 from ckptconv import formats, lazy, tree
 from ckptconv.errors import CkptconvError, GroupError, NothingToConvertError, OutputExistsError
 from ckptconv.formats.layout import Layout
+from ckptconv.groups import find_groups
+from ckptconv.stack import to_scan
+from ckptconv.unstack import loop_stacks, to_loop
 
 
 @dataclass
@@ -29,7 +32,7 @@ class ItemPlan:
 
     name: str
     source: Path
-    groups: list[Any] = field(default_factory=list)  # tree.Group or tree.Stacked
+    groups: list[Any] = field(default_factory=list)  # groups.Group or unstack.Stacked
     out_tree: Any = None  # None: copied unchanged
     nbytes: int = 0
 
@@ -55,7 +58,7 @@ class Result:
         return [g for i in self.items for g in i.groups]
 
 
-#: The options `convert` passes on to `tree.to_scan` / `tree.to_loop`.
+#: The options `convert` passes on to `stack.to_scan` / `unstack.to_loop`.
 SCAN_OPTIONS = ("pattern", "into", "axis", "period", "layers", "remainder", "groups")
 LOOP_OPTIONS = ("source", "pattern", "axis", "period", "layers", "stacks")
 
@@ -71,11 +74,11 @@ def plan_item(lazy_tree: Any, to: str, options: dict[str, Any]) -> tuple[Any, li
         )
     opts = {k: v for k, v in options.items() if v is not None}
     if to == "scan":
-        out = tree.to_scan(lazy_tree, **opts)
+        out = to_scan(lazy_tree, **opts)
         opts.pop("axis", None)
-        return out, tree.find_groups(lazy_tree, **opts)
-    out = tree.to_loop(lazy_tree, **opts)
-    return out, tree.loop_stacks(lazy_tree, **opts)
+        return out, find_groups(lazy_tree, **opts)
+    out = to_loop(lazy_tree, **opts)
+    return out, loop_stacks(lazy_tree, **opts)
 
 
 def _array_bytes(t: Any) -> int:

@@ -1,8 +1,8 @@
 """Leaves that stand for array data not yet read.
 
 Readers of the streaming engine return trees whose array leaves are `Ref`s (an
-array in the input file, described but not read). `ckptconv.tree.to_scan` and
-`to_loop` accept such trees and answer with `Stack` and `Slice` leaves instead
+array in the input file, described but not read). `ckptconv.stack.to_scan` and
+`ckptconv.unstack.to_loop` accept such trees and answer with `Stack` and `Slice` leaves instead
 of computing anything, so the in-memory and streaming paths share one
 implementation of the tree logic; a format's writer then turns each output leaf
 into bytes, one leaf (or one chunk) at a time.

@@ -11,6 +11,9 @@ from typing import Any
 
 from ckptconv import formats, tree
 from ckptconv.errors import CkptconvError, NothingToConvertError
+from ckptconv.groups import Group, NearGroup, find_groups, find_near_groups
+from ckptconv.stack import to_scan
+from ckptconv.unstack import Stacked, loop_stacks
 
 
 @dataclass
@@ -27,11 +30,11 @@ class ItemReport:
     name: str
     path: Path
     leaves: list[LeafRow] = field(default_factory=list)
-    to_scan: list[tree.Group] = field(default_factory=list)
+    to_scan: list[Group] = field(default_factory=list)
     to_scan_error: str | None = None
-    to_loop: list[tree.Stacked] = field(default_factory=list)
+    to_loop: list[Stacked] = field(default_factory=list)
     to_loop_error: str | None = None
-    near: list[tree.NearGroup] = field(default_factory=list)
+    near: list[NearGroup] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -116,9 +119,9 @@ def inspect(
     """Describe the checkpoint at ``path`` without reading its array data.
 
     Args:
-      scan_options: `tree.to_scan`'s options (pattern, into, period, layers,
+      scan_options: `ckptconv.to_scan`'s options (pattern, into, period, layers,
         groups …) for the "to-scan would stack" part.
-      loop_options: `tree.to_loop`'s options (source, pattern, period, axis).
+      loop_options: `ckptconv.to_loop`'s options (source, pattern, period, axis).
     """
     path = Path(path)
     scan_options = dict(scan_options or {})
@@ -130,15 +133,15 @@ def inspect(
         t = fmt.read_lazy(item_path)
         rep = ItemReport(name, item_path)
         try:
-            rep.to_scan = tree.find_groups(t, **{k: v for k, v in scan_options.items() if k != "axis"})
+            rep.to_scan = find_groups(t, **{k: v for k, v in scan_options.items() if k != "axis"})
             if not scan_options.get("groups") and scan_options.get("pattern") is None:
-                rep.near = tree.find_near_groups(t)
+                rep.near = find_near_groups(t)
             # The lazy conversion checks the layers as to-scan will (no data read).
-            tree.to_scan(t, **scan_options)
+            to_scan(t, **scan_options)
         except CkptconvError as e:
             rep.to_scan_error = str(e)
         try:
-            rep.to_loop = tree.loop_stacks(
+            rep.to_loop = loop_stacks(
                 t, **{k: v for k, v in loop_options.items() if v is not None}
             )
         except NothingToConvertError:
@@ -150,7 +153,7 @@ def inspect(
     return Inspection(layout.format, layout.kind, path, layout.step, items)
 
 
-def _fold_rows(t: Any, groups: list[tree.Group]) -> list[LeafRow]:
+def _fold_rows(t: Any, groups: list[Group]) -> list[LeafRow]:
     """One row per leaf, with the members of each group folded into one row."""
     members = {}
     for g in groups:

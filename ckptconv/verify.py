@@ -28,6 +28,9 @@ import numpy as np
 
 from ckptconv import tree as treelib
 from ckptconv.errors import CkptconvError, GroupError, NothingToConvertError, VerifyError
+from ckptconv.groups import Group, find_groups
+from ckptconv.stack import to_scan
+from ckptconv.unstack import find_stacks
 
 #: Default (atol, rtol) by the dtype of the compared values.
 DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
@@ -255,7 +258,7 @@ def _describe(x: Any) -> str:
     return f"{dtype}{list(shape)}"
 
 
-def _layer_map(groups: Sequence[treelib.Group]) -> list[tuple[tuple, list[int], bool]]:
+def _layer_map(groups: Sequence[Group]) -> list[tuple[tuple, list[int], bool]]:
     """Where each layer went: ``(path, layer numbers, stacked)`` per subtree of
     the converted tree. A stacked subtree's ``layer numbers[b]`` is the layer at
     index ``b`` of its layer axis (with a period K, ``<into>/<name_j>`` holds
@@ -286,8 +289,8 @@ def check_structure(
     """Compare SCAN with ``to_scan(LOOP)`` (same options) leaf by leaf, layer by
     layer; ``LeafCheck.layers`` are real layer numbers (``K·b + j`` with a period)."""
     opts = {"pattern": pattern, "into": into, "period": period, "remainder": remainder}
-    expected = treelib.to_scan(loop, axis=axis, **opts)
-    where = _layer_map(treelib.find_groups(loop, **opts))
+    expected = to_scan(loop, axis=axis, **opts)
+    where = _layer_map(find_groups(loop, **opts))
     want, got = _flat(expected), _flat(scan)
     checks = []
     for p, e in want.items():
@@ -439,8 +442,8 @@ def compare_intermediates(
     ``to_scan(..., axis=0, period=period)`` would; each row names the real
     layer number and the intermediate's path inside the layer."""
     opts = {"pattern": pattern, "into": into, "period": period, "remainder": remainder}
-    expected = treelib.to_scan(loop_inter, axis=0, **opts)
-    where = _layer_map(treelib.find_groups(loop_inter, **opts))
+    expected = to_scan(loop_inter, axis=0, **opts)
+    where = _layer_map(find_groups(loop_inter, **opts))
     want, got = _flat(expected), _flat(scan_inter)
     rows: list[Row] = []
     for p, e in want.items():
@@ -485,7 +488,7 @@ def _load(path: str | Path | Any) -> tuple[str, Any]:
 
 def _has_stacks(t: Any, into: str, axis: int, period: int | None, pattern: str | None) -> bool:
     try:
-        return bool(treelib.find_stacks(t, into, axis=axis, period=period, pattern=pattern or "layer_{i}"))
+        return bool(find_stacks(t, into, axis=axis, period=period, pattern=pattern or "layer_{i}"))
     except GroupError:
         return False
 
@@ -561,7 +564,7 @@ def verify(
     report = Report(loop_name, scan_name, leaves, period=period)
     if block is None and model is None:
         return report
-    groups = treelib.find_groups(loop_tree, pattern, into=into, period=period, remainder=remainder)
+    groups = find_groups(loop_tree, pattern, into=into, period=period, remainder=remainder)
     template = groups[0].template
     if model is not None:
         fn = resolve(model) if isinstance(model, str) else model

@@ -360,3 +360,14 @@ def test_error_bad_layer_range(tmp_path, cli, gemma_files, value, message):
     loop, _ = gemma_files
     prefix = f"{loop}: " if value == "5:20" else ""
     _expect_error(cli, tmp_path, loop, ["to-scan", loop, tmp_path / "out", "--pattern", "layers_{i}", "--layers", value], prefix + message)
+
+
+def test_moved_subtrees_are_new_containers_not_the_inputs():
+    state = _maxtext_state(7)["params"]
+    scan = ckptconv.to_scan(state, pattern="layers_{i}", into="layers", period=6)
+    rest = scan["params"]["decoder"]["layers_remainder"]["layers_0"]
+    assert rest is not state["params"]["decoder"]["layers_6"]
+    rest["mlp"]["wo"]["kernel"] = None  # editing the output leaves the input alone
+    assert state["params"]["decoder"]["layers_6"]["mlp"]["wo"]["kernel"] is not None
+    back = ckptconv.to_loop(scan, source="layers", pattern="layers_{i}", period=6)
+    assert back["params"]["decoder"]["layers_6"] is not rest

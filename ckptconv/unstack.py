@@ -1,0 +1,476 @@
+"""Unstacking: to-loop, a stacked subtree into one subtree per layer. No I/O.
+
+The inverse of `ckptconv.stack`, including blocks of K layers (``--period``)
+and numbering from START (``--layers``). Lazy leaves are answered with
+`ckptconv.lazy.Slice`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from ckptconv import lazy
+from ckptconv.errors import GroupError, NothingToConvertError
+from ckptconv.groups import _range_text, _remainder_key, _template_regex, layer_name, parse_layers
+from ckptconv.tree import (
+    _MAX_LISTED,
+    _axis_metadata,
+    _check_axis,
+    _children,
+    _is_container,
+    _is_mapping,
+    _jax_array,
+    _map_children,
+    _nnx_state,
+    _nnx_variable,
+    _partitioned,
+    _rebuild_mapping,
+    copy_containers,
+    format_path,
+    leaf_shape,
+    leaves_with_paths,
+)
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """A stacked subtree that to-loop unstacks.
+
+    Attributes:
+      path: keys from the root to the stacked subtree (its last key is the
+        ``source`` name).
+      num_layers: the length of the layer axis (with ``period``: all layers,
+        the blocks' and the leftovers').
+      period: the block size (``--period``), or None.
+      depths: with ``period``, each block stack's length.
+      leftover: with ``period``, the unstacked layers under ``<path>_remainder``.
+    """
+
+    path: tuple[str, ...]
+    num_layers: int
+    period: int | None = None
+    depths: tuple[int, ...] = ()
+    leftover: int = 0
+    pattern: str = "layer_{i}"
+    start: int = 0
+
+    def describe(self) -> str:
+        """``decoder/layers: 13 layers (period 6: …) -> decoder/layers_{i}``."""
+        holder, template = loop_template(self.pattern)
+        parent = self.path[:-1]
+        if holder is not None:
+            dest = parent + (holder, template)
+        elif template == "{i}":
+            dest = self.path + ("{i}",)
+        else:
+            dest = parent + (template,)
+        how = ""
+        if self.period:
+            how = f" (blocks of {self.period}, {'/'.join(map(str, sorted(set(self.depths))))} deep"
+            how += f", {self.leftover} in {format_path(self.path)}_remainder)" if self.leftover else ")"
+        first = f", numbered from {self.start}" if self.start else ""
+        return f"{format_path(self.path)}: {self.num_layers} layers{how} -> {format_path(dest)}{first}"
+
+
+def find_stacks(
+    tree: Any,
+    source: str = "blocks",
+    *,
+    axis: int = 0,
+    period: int | None = None,
+    pattern: str = "layer_{i}",
+) -> list[Stacked]:
+    """The stacked subtrees (key ``source``) that `to_loop` would unstack.
+
+    With ``period``, each ``source`` subtree holds ``period`` stacks named by
+    ``pattern`` (``layers_0 … layers_{K-1}``), and the leftover layers sit
+    unstacked beside it under ``<source>_remainder``.
+
+    Raises:
+      GroupError: a stacked subtree whose leaves disagree on the layer count,
+        or whose blocks do not match ``period``.
+    """
+    out: list[Stacked] = []
+
+    def walk(node: Any, path: tuple) -> None:
+        if not _is_container(node):
+            return
+        items = list(node.items()) if _is_mapping(node) else _children(node)[0]
+        for k, v in items:
+            if _is_mapping(node) and k == source:
+                rest = _remainder_key(source)
+                if not period and rest in node:
+                    count = len(v) if _is_mapping(v) else 0
+                    raise GroupError(
+                        f"{format_path(path + (k,))}: beside it is {format_path(path + (rest,))}, "
+                        f"as in MaxText's blocks of {count} layers (Gemma-3, Llama-4). Pass "
+                        f"--period {count} and --pattern naming the layers inside it "
+                        f"(for example 'layers_{{i}}')."
+                    )
+                if period:
+                    out.append(_period_stack(node, path, source, axis, period, pattern))
+                else:
+                    out.append(Stacked(path + (k,), _layer_count(v, path + (k,), axis)))
+            elif period and _is_mapping(node) and k == _remainder_key(source):
+                continue
+            else:
+                walk(v, path + (k,))
+
+    walk(tree, ())
+    return out
+
+
+def _period_stack(node: Any, path: tuple, source: str, axis: int, k: int, pattern: str) -> Stacked:
+    here = path + (source,)
+    sub = node[source]
+    names = [layer_name(pattern, j) if pattern != "{i}" else str(j) for j in range(k)]
+    if not _is_mapping(sub):
+        raise GroupError(f"{format_path(here)}: --period {k} expects a subtree of {k} stacks here.")
+    keys = {str(key): key for key in sub.keys()}
+    have = [n for n in names if n in keys]
+    if len(have) != k or len(keys) != k:
+        found = ", ".join(map(str, list(sub.keys())[:_MAX_LISTED]))
+        count = sum(1 for key in sub.keys() if _template_regex(pattern if pattern != "{i}" else "{i}").match(str(key)))
+        hint = f" It holds {count} such stacks: pass --period {count}." if count and count != k else ""
+        raise GroupError(
+            f"{format_path(here)}: --period {k} expects the stacks {names[0]} … {names[-1]} "
+            f"here (named by --pattern {pattern!r}), but it holds {found or 'nothing'}.{hint}"
+        )
+    depths = [_layer_count(sub[keys[n]], here + (keys[n],), axis) for n in names]
+    rest = node.get(_remainder_key(source)) if _is_mapping(node) else None
+    extra = 0
+    if rest is not None:
+        rpath = path + (_remainder_key(source),)
+        rkeys = {str(key) for key in rest.keys()} if _is_mapping(rest) else set()
+        extra = len(rkeys)
+        if rkeys != set(names[:extra]) or extra >= k:
+            raise GroupError(
+                f"{format_path(rpath)}: the leftover layers must be {names[0]} … "
+                f"{names[max(extra - 1, 0)]} (fewer than the period {k}), but found "
+                f"{', '.join(sorted(rkeys)) or 'nothing'}."
+            )
+    b = min(depths)
+    extended = sum(1 for d in depths if d == b + 1)
+    ok = all(d in (b, b + 1) for d in depths) and all(
+        d == b + 1 for d in depths[:extended]
+    ) and not (extended and extra)
+    if not ok:
+        shown = ", ".join(f"{n}: {d}" for n, d in zip(names, depths))
+        raise GroupError(
+            f"{format_path(here)}: with --period {k} every stack must hold the same number "
+            f"of layers (or the first ones one more), but they hold {shown}. Check --period "
+            "and --axis."
+        )
+    return Stacked(here, k * b + extended + extra, period=k, depths=tuple(depths), leftover=extra)
+
+
+def _layer_count(sub: Any, path: tuple, axis: int) -> int:
+    counts: dict[int, tuple] = {}
+    arrays = leaves_with_paths(sub)
+    if not arrays:
+        raise GroupError(
+            f"{format_path(path)}: nothing to unstack, the subtree holds no arrays."
+        )
+    for p, x in arrays:
+        shape = leaf_shape(x)
+        if shape is None:
+            raise GroupError(
+                f"{format_path(path + p)}: {type(x).__name__} {x!r} is not an array, so it "
+                "has no layer axis. Is this subtree stacked? Name the stacked one with --from."
+            )
+        if len(shape) <= axis:
+            raise GroupError(
+                f"{format_path(path + p)}: shape {shape} has no layer axis {axis}. "
+                "Is this subtree stacked? Pass the right --axis or --from."
+            )
+        counts.setdefault(shape[axis], path + p)
+    if len(counts) > 1:
+        (n0, p0), (n1, p1) = list(counts.items())[:2]
+        raise GroupError(
+            f"{format_path(path)}: leaves disagree on the layer count on axis {axis}: "
+            f"{format_path(p0)} has {n0}, {format_path(p1)} has {n1}. "
+            "Pass the right --axis, or --from naming the stacked subtree."
+        )
+    n = next(iter(counts))
+    if n == 0:
+        raise GroupError(f"{format_path(path)}: the layer axis {axis} has length 0: no layers.")
+    return n
+
+
+def _unstack_leaf(x: Any, n: int, axis: int, axis_name: str) -> list[Any]:
+    if x is None:
+        return [None] * n
+    if isinstance(x, lazy.Ref):
+        return lazy.unstack(x, axis)
+    if isinstance(x, _axis_metadata()):
+        values = _unstack_leaf(x.unbox(), n, axis, axis_name)
+        out = []
+        for v in values:
+            boxed = x.replace_boxed(v)
+            if isinstance(boxed, _partitioned()):
+                boxed = boxed.remove_axis(axis, {"partition_name": axis_name})
+            out.append(boxed)
+        return out
+    if isinstance(x, _nnx_variable()):
+        return [x.replace(v) for v in _unstack_leaf(x.get_value(), n, axis, axis_name)]
+    if isinstance(x, _jax_array()):
+        return _unstack_jax(x, n, axis)
+    x = np.asarray(x)
+    index: list[Any] = [slice(None)] * axis
+    return [x[tuple(index + [i])] for i in range(n)]
+
+
+def _unstack_jax(x: Any, n: int, axis: int) -> list[Any]:
+    import jax
+
+    sharding = x.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = list(sharding.spec) + [None] * (x.ndim - len(sharding.spec))
+        del spec[axis]
+        out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+        take = jax.jit(
+            lambda a, i: jax.lax.dynamic_index_in_dim(a, i, axis, keepdims=False),
+            out_shardings=out,
+        )
+        return [take(x, i) for i in range(n)]
+    return [jax.lax.index_in_dim(x, i, axis, keepdims=False) for i in range(n)]
+
+
+def _unstack_tree(sub: Any, n: int, axis: int, axis_name: str) -> list[Any]:
+    if _is_mapping(sub):
+        per_key = [(k, _unstack_tree(v, n, axis, axis_name)) for k, v in sub.items()]
+        return [_rebuild_mapping(sub, [(k, vs[i]) for k, vs in per_key]) for i in range(n)]
+    if _is_container(sub):
+        items, rebuild = _children(sub)
+        per_item = [_unstack_tree(v, n, axis, axis_name) for _, v in items]
+        return [rebuild([vs[i] for vs in per_item]) for i in range(n)]
+    return _unstack_leaf(sub, n, axis, axis_name)
+
+
+def _unstack_layers(node: Any, path: tuple, source: str, axis: int, axis_name: str,
+                    period: int | None, pattern: str) -> list[Any]:
+    """The layers of ``node[source]`` in layer order (with ``period``: its blocks
+    and ``<source>_remainder`` interleaved back)."""
+    sub = node[source]
+    if not period:
+        return _unstack_tree(sub, _layer_count(sub, path + (source,), axis), axis, axis_name)
+    st = _period_stack(node, path, source, axis, period, pattern)
+    keys = {str(k): k for k in sub.keys()}
+    names = [layer_name(pattern, j) if pattern != "{i}" else str(j) for j in range(period)]
+    per_block = [
+        _unstack_tree(sub[keys[nm]], d, axis, axis_name) for nm, d in zip(names, st.depths)
+    ]
+    layers: list[Any] = [None] * st.num_layers
+    for j, block in enumerate(per_block):
+        for b, layer in enumerate(block):
+            layers[period * b + j] = layer
+    if st.leftover:
+        rest = node[_remainder_key(source)]
+        rkeys = {str(k): k for k in rest.keys()}
+        base = period * min(st.depths)
+        for j in range(st.leftover):
+            layers[base + j] = copy_containers(rest[rkeys[names[j]]])
+    return layers
+
+
+def to_loop(
+    tree: Any,
+    *,
+    source: str = "blocks",
+    pattern: str = "layer_{i}",
+    axis: int = 0,
+    axis_name: str = "layers",
+    period: int | None = None,
+    layers: Any = None,
+    stacks: Any = None,
+) -> Any:
+    """Unstack every subtree named ``source`` into one subtree per layer.
+
+    Args:
+      tree: a checkpoint tree holding stacked subtrees.
+      source: the key of the stacked subtrees; every one, at any depth, is
+        unstacked (params, optimizer ``mu``/``nu`` …).
+      pattern: the layers' keys, with ``{i}``. ``"{i}"`` puts the layers back
+        under ``source`` itself as a digit-keyed list (keys ``'0' … 'N-1'``);
+        ``"NAME/{i}"`` puts them into the digit-keyed list ``NAME`` beside
+        ``source`` (merged with the layers already there: T5's ``block/0``).
+      axis: the layer axis of every leaf.
+      axis_name: the partition name removed from boxed leaves' ``names``.
+      period: the inverse of `to_scan`'s ``period``: ``source`` holds K stacks
+        named by ``pattern`` and the leftovers are under ``<source>_remainder``.
+      layers: ``"START:"`` (or ``"START:STOP"``, checked against the layer
+        count): number the layers from START, the inverse of `to_scan`'s
+        ``layers``.
+      stacks: several stacks in one call: a list of ``(source, pattern)``
+        pairs (or dicts with ``source``, ``pattern``, ``period``, ``layers``).
+
+    Returns:
+      A new tree. For numpy leaves, layers are views of the stacked arrays.
+
+    Raises:
+      GroupError: no ``source`` subtree, leaves that disagree on the layer
+        count, blocks that do not match ``period``, or a layer key that
+        already exists.
+    """
+    _check_axis(axis)
+    specs = _loop_specs(source, pattern, period, layers, stacks)
+    loop_stacks(tree, axis=axis, stacks=specs)  # raises when there is nothing to unstack
+    by_source = {src: (pat, per, rng) for src, pat, per, rng in specs}
+
+    def convert(node: Any, path: tuple) -> Any:
+        if not _is_container(node):
+            return node
+        here = [s for s in by_source if _is_mapping(node) and s in node]
+        if not here:
+            return _map_children(node, convert, path)
+        outputs: dict[Any, list[tuple[Any, Any]]] = {}
+        merged: dict[Any, list[tuple[Any, Any]]] = {}
+        drop = set()
+        for src in here:
+            pat, per, rng = by_source[src]
+            holder, template = loop_template(pat)
+            layers_ = _unstack_layers(node, path, src, axis, axis_name, per, template)
+            n = len(layers_)
+            start = 0 if rng is None else (rng[0] or 0)
+            if rng is not None and rng[1] is not None and rng[1] - start != n:
+                raise GroupError(
+                    f"{format_path(path + (src,))}: --layers {_range_text(rng)} names "
+                    f"{rng[1] - start} layers, but the stack holds {n}. Pass --layers {start}:"
+                    f"{start + n} (or {start}:)."
+                )
+            if per:
+                drop.add(_remainder_key(src))
+            if template == "{i}" and holder is None:
+                keys = range(start, start + n) if isinstance(node, _nnx_state()) else [
+                    str(i) for i in range(start, start + n)
+                ]
+                outputs[src] = [(src, _rebuild_mapping(node, list(zip(keys, layers_))))]
+                continue
+            if holder is not None:
+                existing = node.get(holder)
+                int_keys = isinstance(node, _nnx_state()) or (
+                    existing is not None and any(isinstance(k, int) for k in existing)
+                )
+                keys = [i if int_keys else str(i) for i in range(start, start + n)]
+                if existing is None:
+                    outputs[src] = [(holder, _rebuild_mapping(node, list(zip(keys, layers_))))]
+                    continue
+                if existing is not None:
+                    if not _is_mapping(existing):
+                        raise GroupError(
+                            f"{format_path(path + (holder,))}: is not a list of layers, so "
+                            f"--pattern {pat!r} cannot add layers to it."
+                        )
+                    taken = [k for k in keys if k in existing]
+                    if taken:
+                        raise GroupError(
+                            f"{format_path(path)}: cannot unstack {src!r} into {pat!r}: "
+                            f"{format_path(path + (holder, taken[0]))} already exists. "
+                            "Number the layers with --layers START: or choose another --pattern."
+                        )
+                merged[holder] = merged.get(holder, []) + list(zip(keys, layers_))
+                outputs[src] = []
+                continue
+            names = [layer_name(template, i) for i in range(start, start + n)]
+            taken = [nm for nm in names if nm in node]
+            if taken:
+                raise GroupError(
+                    f"{format_path(path)}: cannot unstack {src!r} into "
+                    f"{pat!r}: {format_path(path + (taken[0],))} already exists. "
+                    "Choose other layer names with --pattern, or number them with --layers START:."
+                )
+            outputs[src] = list(zip(names, layers_))
+        items: list[tuple[Any, Any]] = []
+        for k, v in node.items():
+            if k in outputs:
+                items.extend(outputs[k])
+            elif k in drop:
+                continue
+            elif k in merged:
+                both = list(v.items()) + merged.pop(k)
+                both.sort(key=lambda kv: int(kv[0]))
+                items.append((k, _rebuild_mapping(v, both)))
+            else:
+                items.append((k, convert(v, path + (k,))))
+        return _rebuild_mapping(node, items)
+
+    return convert(tree, ())
+
+
+def _loop_specs(source: Any, pattern: Any, period: Any, layers: Any, stacks: Any) -> list[tuple]:
+    """``[(source, pattern, period, layers)]`` for `to_loop`'s arguments, checked."""
+    if stacks is None:
+        specs = [(source, pattern, period, layers)]
+    else:
+        specs = []
+        for s in stacks:
+            if isinstance(s, Mapping):
+                specs.append((s.get("source", "blocks"), s.get("pattern", "layer_{i}"),
+                              s.get("period", period), s.get("layers", layers)))
+            elif isinstance(s, (tuple, list)) and len(s) == 2:
+                specs.append((s[0], s[1], period, layers))
+            elif isinstance(s, tuple) and len(s) == 4:
+                specs.append(s)
+            else:
+                raise GroupError(f"stack {s!r}: expected (source, pattern) or a dict.")
+    sources = [s[0] for s in specs]
+    dup = sorted({s for s in sources if sources.count(s) > 1})
+    if dup:
+        raise GroupError(f"--from {dup[0]!r} is given twice; name each stacked subtree once.")
+    out = []
+    for src, pat, per, rng in specs:
+        pat = pat or "layer_{i}"
+        loop_template(pat)
+        if per is not None and (not isinstance(per, int) or isinstance(per, bool) or per < 1):
+            raise GroupError(f"period must be a positive integer, got {per!r}.")
+        out.append((src, pat, per, parse_layers(rng)))
+    return out
+
+
+def loop_stacks(
+    tree: Any,
+    *,
+    source: str = "blocks",
+    pattern: str = "layer_{i}",
+    axis: int = 0,
+    period: int | None = None,
+    layers: Any = None,
+    stacks: Any = None,
+) -> list[Stacked]:
+    """The stacks `to_loop` with these options would unstack (same arguments).
+
+    Raises:
+      NothingToConvertError: none; GroupError: bad options or stacks.
+    """
+    specs = _loop_specs(source, pattern, period, layers, stacks)
+    found = []
+    for src, pat, per, rng in specs:
+        for st in find_stacks(tree, src, axis=axis, period=per, pattern=loop_template(pat)[1]):
+            found.append(replace(st, pattern=pat, start=(rng or (0, None))[0] or 0))
+    if not found:
+        top = list(tree.keys())[:_MAX_LISTED] if _is_mapping(tree) else []
+        names = " or ".join(repr(s[0]) for s in specs)
+        raise NothingToConvertError(
+            f"no subtree named {names} to unstack; the top-level keys are "
+            f"{', '.join(map(str, top)) or 'none'}. Name the stacked subtree with --from; "
+            "if the checkpoint is already in loop form, use to-scan."
+        )
+    return found
+
+
+def loop_template(pattern: str) -> tuple[str | None, str]:
+    """``"layers_{i}"`` -> ``(None, "layers_{i}")``; ``"block/{i}"`` -> ``("block", "{i}")``."""
+    if isinstance(pattern, str) and "/" in pattern:
+        holder, _, rest = pattern.rpartition("/")
+        if rest != "{i}" or not holder or "/" in holder or "{i}" in holder:
+            raise GroupError(
+                f"pattern {pattern!r}: a pattern with '/' must be NAME/{{i}} (the layers go "
+                "into the digit-keyed list NAME, as in T5's block/{i})."
+            )
+        return holder, "{i}"
+    _template_regex(pattern)
+    return None, pattern
