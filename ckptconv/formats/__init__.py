@@ -2,13 +2,18 @@
 
 A format module provides:
 
-- ``NAME``: its name on the command line (``msgpack``, ``orbax``);
+- ``NAME``: its name on the command line (``msgpack``, ``orbax``, ``safetensors``);
 - ``sniff(path) -> str | None``: ``None`` when it reads ``path``, else why not
   (shown when no format accepts a path);
 - ``describe(path, step) -> Layout``: what is at ``path``, without reading data;
 - ``load(path, step) -> tree`` and ``save(tree, path)``: in memory;
-- ``read_lazy(item) -> tree`` and ``write(item, out_tree, dst, progress)``:
-  the streaming engine, on lazy leaves (`ckptconv.lazy`).
+- ``read_lazy(item) -> tree``, ``read_array(item, ref)`` and
+  ``write(item, out_tree, dst, progress, fsync)``: the streaming engine, on
+  lazy leaves (`ckptconv.lazy`);
+- ``STREAMS = True`` where ``write(None, tree, dst, progress)`` takes
+  `ckptconv.lazy.Deferred` leaves (another format's, read one at a time).
+
+A new format is one module and one line in `FORMATS`.
 
 Only these modules import Orbax or ``flax.serialization``.
 """
