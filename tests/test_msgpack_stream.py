@@ -341,3 +341,11 @@ def test_failed_write_leaves_no_file(tmp_path):
     with pytest.raises(FormatError, match="no source file"):
         ms.write(None, {"w": ref}, tmp_path / "out")
     assert sorted(os.listdir(tmp_path)) == ["a"]
+
+
+def test_flax_chunk_size_constant_matches_flax():
+    from flax import serialization
+
+    from ckptconv.formats import msgpack_stream
+
+    assert msgpack_stream._FLAX_MAX_CHUNK_SIZE == serialization.MAX_CHUNK_SIZE

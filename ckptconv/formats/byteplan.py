@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import math
 import mmap
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -284,11 +285,9 @@ class Count:
 
 
 def _jax_array_type() -> type | None:
-    try:
-        import jax
-    except ImportError:
-        return None
-    return jax.Array
+    # No jax.Array can exist before JAX is imported, and importing it here
+    # would cost file-to-file conversions a second or more.
+    return getattr(sys.modules.get("jax"), "Array", None)
 
 
 class Planner:

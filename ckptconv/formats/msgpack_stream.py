@@ -36,6 +36,7 @@ import mmap
 import os
 import secrets
 import struct
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -672,11 +673,16 @@ class _Emitter:
             self.ext(((stop - start) // dtype.itemsize,), dtype, gather, start, stop, path)
 
 
-def _max_chunk_size() -> int:
-    # Read at every write, so a changed (e.g. monkeypatched) flax constant is honoured.
-    from flax import serialization
+#: flax.serialization.MAX_CHUNK_SIZE, for writes in a process without flax.
+_FLAX_MAX_CHUNK_SIZE = 2**30
 
-    return serialization.MAX_CHUNK_SIZE
+
+def _max_chunk_size() -> int:
+    # Read at every write, so a changed (e.g. monkeypatched) flax constant is
+    # honoured; without flax loaded, its value, since importing flax (and JAX)
+    # would cost a file-to-file conversion a second or more.
+    flax_serialization = sys.modules.get("flax.serialization")
+    return getattr(flax_serialization, "MAX_CHUNK_SIZE", _FLAX_MAX_CHUNK_SIZE)
 
 
 def encoded_size(out_tree: Any, *, sort_keys: bool = True) -> int:
