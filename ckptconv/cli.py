@@ -118,7 +118,8 @@ def inspect(
     if as_json:
         click.echo(json.dumps(rep.to_json(), indent=2))
         return
-    where = f"{rep.kind}" + (f", step {rep.step}" if rep.step is not None else "")
+    kind = "sharded directory" if rep.kind == "item" and rep.format != "orbax" else rep.kind
+    where = kind + (f", step {rep.step}" if rep.step is not None else "")
     click.echo(f"{rep.path}: {rep.format} ({where})")
     for it in rep.items:
         if it.name:
@@ -149,6 +150,8 @@ def inspect(
                 click.echo(f"  {s.describe()}")
         elif it.to_loop_error:
             click.echo(f"to-loop: cannot: {it.to_loop_error}")
+        elif it.to_loop_hint:
+            click.echo(f"to-loop: {it.to_loop_hint}")
         else:
             click.echo(f"to-loop: no {source!r} subtree")
 
@@ -187,11 +190,11 @@ def _loop_options(
                 f"{len(sources)} --from and {len(patterns)} --pattern given: with several "
                 "stacks, give each --from its own --pattern, in order."
             )
-        pats = patterns or ("layer_{i}",) * len(sources)
+        pats = patterns or (None,) * len(sources)
         opts["stacks"] = list(zip(sources or ("blocks",), pats))
     else:
         opts["source"] = sources[0] if sources else "blocks"
-        opts["pattern"] = patterns[0] if patterns else "layer_{i}"
+        opts["pattern"] = patterns[0] if patterns else None
     return {k: v for k, v in opts.items() if v is not None}
 
 
@@ -263,6 +266,8 @@ def _undo_command(result: Any, dst: Path, axis: int) -> str | None:
             args += ["--from", source]
         if pattern != "layer_{i}" or len(pairs) > 1:
             args += ["--pattern", pattern]
+    if result.out_format != result.layout.format:
+        args += ["--format", result.layout.format]
     if period:
         args += ["--period", str(period)]
     if start:

@@ -233,7 +233,8 @@ class Group:
         r = "" if self.start == 0 and self.num_layers == self.total else (
             f" (layers {self.start} … {self.start + self.num_layers - 1} of {self.total})"
         )
-        head = f"{format_path(self.members_path)}: {self.num_layers} layers{r} -> "
+        count = f"{self.num_layers} layer" + ("s" if self.num_layers != 1 else "")
+        head = f"{format_path(self.members_path)}: {count}{r} -> "
         if not self.period:
             return head + format_path(self.target)
         stacks, rest = self.blocks()
@@ -468,6 +469,8 @@ def _digit_group_keys(node: Any, path: tuple, spec: Spec, near: list[NearGroup])
     explicitly: members then need only the same keys (differences are errors).
     """
     by_index = {int(k): k for k in node.keys()}
+    if spec.pattern is None and len(by_index) < 2:
+        return None  # one member is no group by default (T5's block/0 left by --layers 1:)
     children = list(node.values())
     same_keys = all(_same_structure(children[0], c) for c in children[1:])
     if spec.pattern == "{i}" and same_keys:
@@ -510,9 +513,18 @@ def _walk_groups(
                     remainder=spec.remainder, start=start, total=len(keys),
                 ))
                 return
-        grouped: set = set()
+        # X beside X_remainder is MaxText's blocks, already stacked (to-loop --period).
+        grouped: set = {
+            k for k in node.keys()
+            if f"{k}_remainder" in node
+            or (isinstance(k, str) and k.endswith("_remainder") and k[: -len("_remainder")] in node)
+        }
         if pattern != "{i}":
             for template, by_index in _candidate_groups(node, pattern):
+                if pattern is None and len(by_index) < 2:
+                    continue  # one layer_0 is no group by default
+                if set(by_index.values()) & grouped:
+                    continue
                 try:
                     keys = _ordered(path, template, by_index)
                 except GroupError:

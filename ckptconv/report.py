@@ -35,6 +35,7 @@ class ItemReport:
     to_loop: list[Stacked] = field(default_factory=list)
     to_loop_error: str | None = None
     near: list[NearGroup] = field(default_factory=list)
+    to_loop_hint: str | None = None  # nothing named --from, but these look stacked
 
     @property
     def nbytes(self) -> int:
@@ -144,8 +145,9 @@ def inspect(
             rep.to_loop = loop_stacks(
                 t, **{k: v for k, v in loop_options.items() if v is not None}
             )
-        except NothingToConvertError:
-            pass
+        except NothingToConvertError as e:
+            if "Stacks seen" in str(e):
+                rep.to_loop_hint = str(e)
         except CkptconvError as e:
             rep.to_loop_error = str(e)
         rep.leaves = _fold_rows(t, rep.to_scan)

@@ -15,7 +15,14 @@ import numpy as np
 
 from ckptconv import lazy
 from ckptconv.errors import GroupError, NothingToConvertError
-from ckptconv.groups import _range_text, _remainder_key, _template_regex, layer_name, parse_layers
+from ckptconv.groups import (
+    _range_text,
+    _remainder_key,
+    _template_regex,
+    find_groups,
+    layer_name,
+    parse_layers,
+)
 from ckptconv.tree import (
     _MAX_LISTED,
     _axis_metadata,
@@ -73,7 +80,8 @@ class Stacked:
             how = f" (blocks of {self.period}, {'/'.join(map(str, sorted(set(self.depths))))} deep"
             how += f", {self.leftover} in {format_path(self.path)}_remainder)" if self.leftover else ")"
         first = f", numbered from {self.start}" if self.start else ""
-        return f"{format_path(self.path)}: {self.num_layers} layers{how} -> {format_path(dest)}{first}"
+        count = f"{self.num_layers} layer" + ("s" if self.num_layers != 1 else "")
+        return f"{format_path(self.path)}: {count}{how} -> {format_path(dest)}{first}"
 
 
 def find_stacks(
@@ -105,11 +113,18 @@ def find_stacks(
                 rest = _remainder_key(source)
                 if not period and rest in node:
                     count = len(v) if _is_mapping(v) else 0
+                    names = _template_of(list(v.keys())) if _is_mapping(v) else None
                     raise GroupError(
                         f"{format_path(path + (k,))}: beside it is {format_path(path + (rest,))}, "
                         f"as in MaxText's blocks of {count} layers (Gemma-3, Llama-4). Pass "
                         f"--period {count} and --pattern naming the layers inside it "
-                        f"(for example 'layers_{{i}}')."
+                        + (f"(--pattern '{names}')." if names else "(for example 'layers_{i}').")
+                    )
+                if _is_mapping(v) and v and all(_is_digit_key(c) for c in v.keys()):
+                    raise GroupError(
+                        f"{format_path(path + (k,))}: its keys are layer numbers "
+                        f"({', '.join(map(str, list(v.keys())[:3]))} …): it is a list of layers, "
+                        "already in loop form. Use to-scan to stack it."
                     )
                 if period:
                     out.append(_period_stack(node, path, source, axis, period, pattern))
@@ -124,6 +139,24 @@ def find_stacks(
     return out
 
 
+def _is_digit_key(k: Any) -> bool:
+    return (isinstance(k, int) and not isinstance(k, bool)) or (isinstance(k, str) and k.isdigit())
+
+
+def _template_of(keys: list[Any]) -> str | None:
+    """``['layers_0', 'layers_1']`` -> ``'layers_{i}'``: the template naming ``0 … K-1``."""
+    import re
+
+    found = {re.sub(r"(0|[1-9][0-9]*)$", "{i}", str(k)) for k in keys}
+    if len(found) != 1:
+        return None
+    (template,) = found
+    if "{i}" not in template:
+        return None
+    want = {template.replace("{i}", str(j)) for j in range(len(keys))}
+    return template if want == {str(k) for k in keys} else None
+
+
 def _period_stack(node: Any, path: tuple, source: str, axis: int, k: int, pattern: str) -> Stacked:
     here = path + (source,)
     sub = node[source]
@@ -136,6 +169,9 @@ def _period_stack(node: Any, path: tuple, source: str, axis: int, k: int, patter
         found = ", ".join(map(str, list(sub.keys())[:_MAX_LISTED]))
         count = sum(1 for key in sub.keys() if _template_regex(pattern if pattern != "{i}" else "{i}").match(str(key)))
         hint = f" It holds {count} such stacks: pass --period {count}." if count and count != k else ""
+        named = _template_of(list(sub.keys()))
+        if not hint and named and named != pattern:
+            hint = f" Pass --pattern '{named}'."
         raise GroupError(
             f"{format_path(here)}: --period {k} expects the stacks {names[0]} … {names[-1]} "
             f"here (named by --pattern {pattern!r}), but it holds {found or 'nothing'}.{hint}"
@@ -190,10 +226,20 @@ def _layer_count(sub: Any, path: tuple, axis: int) -> int:
         counts.setdefault(shape[axis], path + p)
     if len(counts) > 1:
         (n0, p0), (n1, p1) = list(counts.items())[:2]
+        others = [
+            a for a in range(4) if a != axis
+            and all(len(leaf_shape(x)) > a for _, x in arrays)
+            and len({leaf_shape(x)[a] for _, x in arrays}) == 1
+        ]
+        hint = (
+            f"All of them have length {leaf_shape(arrays[0][1])[others[0]]} on axis {others[0]}: "
+            f"pass --axis {others[0]}."
+            if others
+            else "Pass the right --axis, or --from naming the stacked subtree."
+        )
         raise GroupError(
             f"{format_path(path)}: leaves disagree on the layer count on axis {axis}: "
-            f"{format_path(p0)} has {n0}, {format_path(p1)} has {n1}. "
-            "Pass the right --axis, or --from naming the stacked subtree."
+            f"{format_path(p0)} has {n0}, {format_path(p1)} has {n1}. " + hint
         )
     n = next(iter(counts))
     if n == 0:
@@ -281,7 +327,7 @@ def to_loop(
     tree: Any,
     *,
     source: str = "blocks",
-    pattern: str = "layer_{i}",
+    pattern: str | None = None,
     axis: int = 0,
     axis_name: str = "layers",
     period: int | None = None,
@@ -294,7 +340,9 @@ def to_loop(
       tree: a checkpoint tree holding stacked subtrees.
       source: the key of the stacked subtrees; every one, at any depth, is
         unstacked (params, optimizer ``mu``/``nu`` …).
-      pattern: the layers' keys, with ``{i}``. ``"{i}"`` puts the layers back
+      pattern: the layers' keys, with ``{i}`` (default ``layer_{i}``; a stack
+        beside a list of the same layers it was taken from, T5's, is then an
+        error that names the ``NAME/{i}`` pattern). ``"{i}"`` puts the layers back
         under ``source`` itself as a digit-keyed list (keys ``'0' … 'N-1'``);
         ``"NAME/{i}"`` puts them into the digit-keyed list ``NAME`` beside
         ``source`` (merged with the layers already there: T5's ``block/0``).
@@ -375,6 +423,16 @@ def to_loop(
                 merged[holder] = merged.get(holder, []) + list(zip(keys, layers_))
                 outputs[src] = []
                 continue
+            if src in specs.defaulted:
+                holder = _source_list(node, node[src], axis)
+                if holder is not None:
+                    raise GroupError(
+                        f"{format_path(path + (src,))}: beside it is the list "
+                        f"{format_path(path + (holder,))} of the same layers "
+                        f"({', '.join(map(str, list(node[holder])[:3]))}), so it was stacked from "
+                        f"that list with --layers. Put the layers back into it with --pattern "
+                        f"'{holder}/{{i}}' --layers {len(node[holder])}:, or name them with --pattern."
+                    )
             names = [layer_name(template, i) for i in range(start, start + n)]
             taken = [nm for nm in names if nm in node]
             if taken:
@@ -402,14 +460,17 @@ def to_loop(
 
 
 def _loop_specs(source: Any, pattern: Any, period: Any, layers: Any, stacks: Any) -> list[tuple]:
-    """``[(source, pattern, period, layers)]`` for `to_loop`'s arguments, checked."""
+    """``[(source, pattern, period, layers)]`` for `to_loop`'s arguments, checked.
+
+    A pattern not given is ``layer_{i}``; its source is in `_DEFAULTED` of the result.
+    """
     if stacks is None:
         specs = [(source, pattern, period, layers)]
     else:
         specs = []
         for s in stacks:
             if isinstance(s, Mapping):
-                specs.append((s.get("source", "blocks"), s.get("pattern", "layer_{i}"),
+                specs.append((s.get("source", "blocks"), s.get("pattern"),
                               s.get("period", period), s.get("layers", layers)))
             elif isinstance(s, (tuple, list)) and len(s) == 2:
                 specs.append((s[0], s[1], period, layers))
@@ -421,8 +482,10 @@ def _loop_specs(source: Any, pattern: Any, period: Any, layers: Any, stacks: Any
     dup = sorted({s for s in sources if sources.count(s) > 1})
     if dup:
         raise GroupError(f"--from {dup[0]!r} is given twice; name each stacked subtree once.")
-    out = []
+    out = _Specs()
     for src, pat, per, rng in specs:
+        if pat is None:
+            out.defaulted.add(src)
         pat = pat or "layer_{i}"
         loop_template(pat)
         if per is not None and (not isinstance(per, int) or isinstance(per, bool) or per < 1):
@@ -431,11 +494,102 @@ def _loop_specs(source: Any, pattern: Any, period: Any, layers: Any, stacks: Any
     return out
 
 
+class _Specs(list):
+    """`_loop_specs`' result: the specs, and the sources whose pattern was not given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.defaulted: set = set()
+
+
+def suggest_stacks(tree: Any) -> list[str]:
+    """What looks stacked in ``tree``, as to-loop options (for "nothing named X").
+
+    A subtree whose array leaves all have one length on axis 0 or 1, and
+    differ in shape otherwise, is a stack; ``X`` beside ``X_remainder`` is
+    MaxText's blocks (``--period``); a stack beside a digit-keyed list of the
+    same layers was stacked from it with ``--layers`` (T5).
+    """
+    out: list[str] = []
+    try:
+        if find_groups(tree):
+            return []  # loop form: its layers would look like stacks
+    except GroupError:
+        pass
+
+    def walk(node: Any, path: tuple, axes: tuple[int, ...]) -> None:
+        if not _is_container(node):
+            return
+        items = list(node.items()) if _is_mapping(node) else _children(node)[0]
+        for k, v in items:
+            if not _is_container(v):
+                continue
+            here = format_path(path + (k,))
+            if _is_mapping(node) and isinstance(k, str) and k.endswith("_remainder") and k[: -len("_remainder")] in node:
+                continue
+            if _is_mapping(node) and _remainder_key(k) in node and _is_mapping(v):
+                template = _template_of(list(v.keys())) or "layers_{i}"
+                axis = _common_axis(v, (0, 1))
+                out.append(
+                    f"{here} (blocks of {len(v)}): --from {k} --pattern '{template}' --period {len(v)}"
+                    + (f" --axis {axis[0]}" if axis and axis[0] else "")
+                )
+                continue
+            axis = _common_axis(v, axes)
+            if axis is None:
+                walk(v, path + (k,), axes)
+                continue
+            opts = f"--from {k}" + (f" --axis {axis[0]}" if axis[0] else "")
+            holder = _source_list(node, v, axis[0]) if _is_mapping(node) else None
+            if holder is not None:
+                opts += f" --pattern '{holder}/{{i}}' --layers {len(node[holder])}:"
+            elif k != "blocks":
+                opts += " (--pattern '{i}' if it replaced a digit-keyed list, as for HF and NNX)"
+            out.append(f"{here} ({axis[1]} layers on axis {axis[0]}): {opts}")
+
+    # Axis 0 first: a whole parent whose leaves happen to share a hidden size on
+    # axis 1 is less likely a stack than a child sharing its layer count on axis 0.
+    for axes in ((0,), (1,)):
+        walk(tree, (), axes)
+        if out:
+            break
+    return out
+
+
+def _common_axis(sub: Any, axes: tuple[int, ...]) -> tuple[int, int] | None:
+    """``(axis, length)`` when every array leaf of ``sub`` has that length on that
+    axis (the first of ``axes`` that fits) and the leaves have more than one
+    shape; else None."""
+    shapes = [leaf_shape(x) for _, x in leaves_with_paths(sub)]
+    if len(shapes) < 2 or any(s is None for s in shapes) or len(set(shapes)) < 2:
+        return None
+    for a in axes:
+        if all(len(s) > a for s in shapes) and len({s[a] for s in shapes}) == 1:
+            return a, shapes[0][a]
+    return None
+
+
+def _source_list(node: Any, stacked: Any, axis: int) -> Any:
+    """The digit-keyed sibling list whose members look like layers of ``stacked``."""
+    want = sorted(
+        (tuple(map(str, p)), tuple(s[:axis] + s[axis + 1 :]))
+        for p, x in leaves_with_paths(stacked)
+        for s in [leaf_shape(x)]
+    )
+    for name, sib in node.items():
+        if _is_mapping(sib) and sib and all(_is_digit_key(c) for c in sib.keys()):
+            for member in sib.values():
+                got = sorted((tuple(map(str, p)), leaf_shape(x)) for p, x in leaves_with_paths(member))
+                if all(item in got for item in want):
+                    return name
+    return None
+
+
 def loop_stacks(
     tree: Any,
     *,
     source: str = "blocks",
-    pattern: str = "layer_{i}",
+    pattern: str | None = None,
     axis: int = 0,
     period: int | None = None,
     layers: Any = None,
@@ -452,8 +606,14 @@ def loop_stacks(
         for st in find_stacks(tree, src, axis=axis, period=per, pattern=loop_template(pat)[1]):
             found.append(replace(st, pattern=pat, start=(rng or (0, None))[0] or 0))
     if not found:
-        top = list(tree.keys())[:_MAX_LISTED] if _is_mapping(tree) else []
         names = " or ".join(repr(s[0]) for s in specs)
+        seen = suggest_stacks(tree)
+        if seen:
+            raise NothingToConvertError(
+                f"no subtree named {names} to unstack. Stacks seen: " + "; ".join(seen[:_MAX_LISTED])
+                + ". (to-scan printed the exact command as 'to undo'.)"
+            )
+        top = list(tree.keys())[:_MAX_LISTED] if _is_mapping(tree) else []
         raise NothingToConvertError(
             f"no subtree named {names} to unstack; the top-level keys are "
             f"{', '.join(map(str, top)) or 'none'}. Name the stacked subtree with --from; "

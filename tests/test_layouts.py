@@ -332,7 +332,7 @@ def test_error_to_loop_without_period_on_blocks_says_pass_period(tmp_path, cli, 
     _expect_error(cli, tmp_path, scan, ["to-loop", scan, tmp_path / "out", "--from", "layers", "--axis", "1"],
                   f"{scan}: params/decoder/layers: beside it is params/decoder/layers_remainder, as in MaxText's "
                   "blocks of 6 layers (Gemma-3, Llama-4). Pass --period 6 and --pattern naming the layers "
-                  "inside it (for example 'layers_{i}').")
+                  "inside it (--pattern 'layers_{i}').")
 
 
 def test_error_pattern_into_count_mismatch(tmp_path, cli, gemma_files):
@@ -371,3 +371,71 @@ def test_moved_subtrees_are_new_containers_not_the_inputs():
     assert state["params"]["decoder"]["layers_6"]["mlp"]["wo"]["kernel"] is not None
     back = ckptconv.to_loop(scan, source="layers", pattern="layers_{i}", period=6)
     assert back["params"]["decoder"]["layers_6"] is not rest
+
+
+# ---------------------------------------------------------------- guidance on scanned checkpoints
+
+
+def test_t5_scan_to_loop_default_refuses_and_names_the_list(tmp_path, cli):
+    scan = ckptconv.to_scan(_t5(), layers="1:")
+    with pytest.raises(ckptconv.GroupError) as e:
+        ckptconv.to_loop(scan)
+    assert str(e.value) == (
+        "encoder/blocks: beside it is the list encoder/block of the same layers (0), so it was stacked "
+        "from that list with --layers. Put the layers back into it with --pattern 'block/{i}' --layers 1:, "
+        "or name them with --pattern."
+    )
+    named = ckptconv.to_loop(scan, pattern="layer_{i}")  # asked for by name: done as asked
+    assert sorted(named["encoder"]) == ["block", "final_layer_norm", "layer_0", "layer_1", "layer_2"]
+    assert ckptconv.find_groups(scan) == []  # block/0 alone is no group
+
+
+def test_inspect_names_the_stacks_it_sees(tmp_path, cli):
+    t = {"transformer": {"h": {str(i): {"attn": {"kernel": np.full((4, 8), i, np.float32)}, "ln": {"scale": np.ones(4, np.float32)}} for i in range(3)},
+                         "wte": {"embedding": np.zeros((16, 4), np.float32)}}}
+    src = tmp_path / "gpt.safetensors"
+    ckptconv.save(t, src, format="safetensors")
+    assert cli("to-scan", src, tmp_path / "scan.safetensors").exit_code == 0
+    r = cli("inspect", tmp_path / "scan.safetensors")
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[-1] == (
+        "to-loop: no subtree named 'blocks' to unstack. Stacks seen: transformer/h (3 layers on axis 0): "
+        "--from h (--pattern '{i}' if it replaced a digit-keyed list, as for HF and NNX). "
+        "(to-scan printed the exact command as 'to undo'.)"
+    )
+    r = cli("to-loop", tmp_path / "scan.safetensors", tmp_path / "x", "--from", "h")
+    assert r.exit_code == 0
+    r = cli("to-loop", src, tmp_path / "y", "--from", "h")
+    assert r.exit_code == 2
+    assert r.output == (f"Error: {src}: transformer/h: its keys are layer numbers (0, 1, 2 …): it is a list of "
+                        "layers, already in loop form. Use to-scan to stack it.\n")
+
+
+def test_inspect_of_maxtext_blocks_proposes_no_restack_and_the_period(tmp_path, cli, gemma_files):
+    _, scan = gemma_files
+    r = cli("inspect", scan)
+    assert r.exit_code == 0, r.output
+    assert "to-scan would stack" not in r.output
+    assert r.output.splitlines()[-1] == (
+        "to-loop: no subtree named 'blocks' to unstack. Stacks seen: params/decoder/layers (blocks of 6): "
+        "--from layers --pattern 'layers_{i}' --period 6 --axis 1. (to-scan printed the exact command as 'to undo'.)"
+    )
+
+
+def test_wrong_axis_message_names_the_axis(tmp_path, cli, gemma_files):
+    _, scan = gemma_files
+    r = cli("to-loop", scan, tmp_path / "out", "--from", "layers", "--pattern", "layers_{i}", "--period", "6")
+    assert r.exit_code == 2
+    assert r.output.startswith(f"Error: {scan}: params/decoder/layers/layers_0: leaves disagree on the layer count on axis 0: ")
+    assert r.output.endswith("All of them have length 2 on axis 1: pass --axis 1.\n")
+
+
+def test_undo_names_the_input_format(tmp_path, cli):
+    t = {f"layer_{i}": {"w": np.full((2, 3), i, np.float32)} for i in range(3)}
+    src = tmp_path / "in.msgpack"
+    src.write_bytes(flax.serialization.to_bytes(t))
+    r = cli("to-scan", src, tmp_path / "s.safetensors", "--format", "safetensors")
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[-1] == f"to undo: ckptconv to-loop {tmp_path / 's.safetensors'} LOOP_OUT --format msgpack"
+    assert cli("to-loop", tmp_path / "s.safetensors", tmp_path / "back.msgpack", "--format", "msgpack").exit_code == 0
+    assert (tmp_path / "back.msgpack").read_bytes() == src.read_bytes()
