@@ -116,7 +116,14 @@ def read_index(file: Path) -> Index:
                 f"{file}: shard {shard!r} is not a file name in {file.parent}; "
                 "ckptconv reads shards beside the index only."
             )
-        if not (file.parent / shard).is_file():
+        try:
+            exists = (file.parent / shard).is_file()
+        except (OSError, ValueError) as e:  # a name too long, a NUL byte ...
+            raise FormatError(
+                f"{file}: shard {shard[:80]!r} is not a usable file name "
+                f"({getattr(e, 'strerror', None) or e}); the index is damaged, copy the checkpoint again."
+            ) from None
+        if not exists:
             keys = index.keys_of(shard)
             raise FormatError(
                 f"{file.parent}: shard '{shard}' listed in {file.name} is missing "

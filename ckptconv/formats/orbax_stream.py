@@ -46,6 +46,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -57,6 +58,7 @@ import numpy as np
 import tensorstore as ts
 
 from ckptconv.errors import FormatError, OutputExistsError
+from ckptconv.formats.msgpack_stream import FLAX_DTYPES
 from ckptconv.lazy import LAZY, Ref, Slice, Stack
 
 __all__ = ["read_array", "read_lazy", "write"]
@@ -151,10 +153,7 @@ _EMPTY_VALUES: dict[str, Any] = {
 
 
 async def _read_lazy_fast(src: _Source) -> Any:
-    entries = []
-    for keypath, entry in src.metadata["tree_metadata"].items():
-        keys = [(str(k["key"]), int(k.get("key_type", _DICT))) for k in entry["key_metadata"]]
-        entries.append((keypath, keys, entry["value_metadata"]))
+    entries = [(None, keys, meta) for keys, meta in src.parsed]
     arrays = [
         ".".join(k for k, _ in keys)
         for _, keys, meta in entries
@@ -164,66 +163,161 @@ async def _read_lazy_fast(src: _Source) -> Any:
     specs = dict(zip(arrays, zarrays))
     strings: dict[str, Any] | None = None
     root: Any = None
-
-    def container(key_type: int) -> Any:
-        return {} if key_type == _DICT else []
-
     for keypath, keys, meta in entries:
         name = ".".join(k for k, _ in keys)
         vtype = meta.get("value_type")
         if name in specs:
             z = specs[name]
-            value: Any = Ref(
-                source=name,
-                shape=tuple(int(d) for d in z["shape"]),
-                dtype=_zarr_dtype(z["dtype"], src.path, name),
-            )
+            dtype = _zarr_dtype(z["dtype"], src.path, name)
+            value: Any = Ref(source=name, shape=tuple(z["shape"]), dtype=dtype)
         elif vtype == "string":
             if strings is None:
                 strings = _read_json(src.path / STRINGS_FILE, what="strings file")
-            if name not in strings:
+            if not isinstance(strings, dict) or name not in strings:
                 raise FormatError(f"{src.path / STRINGS_FILE}: no value for string leaf {name!r}")
             value = strings[name]
         else:
             value = _EMPTY_VALUES[vtype]
             value = type(value)() if isinstance(value, (dict, list)) else value
         if not keys:
+            if len(entries) > 1:
+                raise FormatError(
+                    f"{src.path / METADATA_FILE}: an entry with no keys (the root) beside "
+                    f"{len(entries) - 1} others; the metadata is damaged"
+                )
             return value
-        if root is None:
-            root = container(keys[0][1])
-        node = root
-        for depth, (key, _) in enumerate(keys):
-            last = depth == len(keys) - 1
-            child_type = None if last else keys[depth + 1][1]
-            if isinstance(node, list):
-                idx = int(key)
-                while len(node) <= idx:
-                    node.append(None)
-                if last:
-                    node[idx] = value
-                else:
-                    if node[idx] is None:
-                        node[idx] = container(child_type)
-                    node = node[idx]
-            else:
-                if last:
-                    node[key] = value
-                else:
-                    node = node.setdefault(key, container(child_type))
+        try:
+            root = _place(root, keys, value)
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+            raise FormatError(
+                f"{src.path / METADATA_FILE}: leaf {name!r} does not fit the tree the other "
+                "entries make (a key is both a leaf and a container, or a list and a dict); "
+                "the metadata is damaged"
+            ) from None
         del keypath
     return {} if root is None else root
 
 
+def _place(root: Any, keys: list[tuple[str, int]], value: Any) -> Any:
+    """Puts ``value`` at ``keys`` in the tree ``root`` (made if None); returns root."""
+
+    def container(key_type: int) -> Any:
+        return {} if key_type == _DICT else []
+
+    if root is None:
+        root = container(keys[0][1])
+    node = root
+    for depth, (key, _) in enumerate(keys):
+        last = depth == len(keys) - 1
+        child_type = None if last else keys[depth + 1][1]
+        if isinstance(node, list):
+            # `_parse_entry` bounds the index by the number of entries.
+            idx = int(key)
+            while len(node) <= idx:
+                node.append(None)
+            if last:
+                node[idx] = value
+            else:
+                if node[idx] is None:
+                    node[idx] = container(child_type)
+                node = node[idx]
+        elif not isinstance(node, dict):
+            raise TypeError(f"{type(node).__name__} is not a container")
+        elif last:
+            node[key] = value
+        else:
+            node = node.setdefault(key, container(child_type))
+    return root
+
+
+def _parse_entry(
+    file: Path, keypath: str, entry: Any, count: int
+) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """The keys ``[(key, key type)]`` and value metadata of one ``tree_metadata`` entry.
+
+    ``count`` (the number of entries) bounds a sequence index: a list of n
+    items has at least n entries.
+    """
+
+    def bad(what: str) -> FormatError:
+        return FormatError(
+            f"{file}: entry {keypath[:80]!r} {what}; the metadata is damaged (a partial copy?), "
+            "copy the checkpoint again"
+        )
+
+    if not isinstance(entry, dict):
+        raise bad("is not a JSON object")
+    key_metadata, value_metadata = entry.get("key_metadata"), entry.get("value_metadata")
+    if not isinstance(key_metadata, list):
+        raise bad("has no key_metadata list")
+    if not isinstance(value_metadata, dict):
+        raise bad("has no value_metadata object")
+    if not isinstance(value_metadata.get("value_type", ""), str):
+        raise bad("has a value_type that is not a string")
+    keys = []
+    for k in key_metadata:
+        if not isinstance(k, dict) or not isinstance(k.get("key"), (str, int)) or isinstance(
+            k.get("key"), bool
+        ):
+            raise bad("has a key that is not a string")
+        key, key_type = str(k["key"]), k.get("key_type", _DICT)
+        if key_type not in (_SEQUENCE, _DICT) or isinstance(key_type, bool):
+            raise bad(f"has key_type {key_type!r:.40} (Orbax writes {_SEQUENCE} or {_DICT})")
+        if key_type == _SEQUENCE and not (key.isdecimal() and key.isascii() and int(key) < count):
+            raise bad(f"has the sequence index {key[:40]!r}, not one of 0..{count - 1}")
+        keys.append((key, key_type))
+    return keys, value_metadata
+
+
 def _zarr_dtype(name: Any, path: Path, leaf: str) -> np.dtype:
-    """A zarr v2 dtype (``"<f4"``, ``"bfloat16"``, ``"float8_e4m3fn"``) as numpy's."""
-    try:
-        if isinstance(name, str) and name[:1] in "<>|=":
-            return np.dtype(name)
-        return ts.dtype(name).numpy_dtype
-    except Exception as e:
+    """A zarr v2 dtype (``"<f4"``, ``"bfloat16"``, ``"float8_e4m3fn"``) as numpy's.
+
+    Only numeric dtypes (`FLAX_DTYPES`) are accepted, and a name from the file
+    never reaches ``np.dtype``'s parser (which takes "|O", structured and comma
+    dtypes): ``<f4``-style names are matched here first.
+    """
+    dtype = None
+    if isinstance(name, str):
+        m = re.fullmatch(r"([<>|=])([biufc])([1-9][0-9]?)", name)
+        if m:
+            dtype = np.dtype(f"{m[1]}{m[2]}{m[3]}") if m[3] in ("1", "2", "4", "8", "16") else None
+        elif name.isidentifier():
+            try:
+                dtype = ts.dtype(name).numpy_dtype
+            except Exception:  # TensorStore's own message says no more.
+                dtype = None
+    if dtype is None or FLAX_DTYPES.get(dtype.name) != dtype.newbyteorder("="):
         raise FormatError(
-            f"{path}: leaf {leaf!r} has a dtype ckptconv cannot read ({name!r}): {e}"
-        ) from e
+            f"{path}: leaf {leaf!r} has a dtype ckptconv cannot read ({name!r:.60}); the "
+            "checkpoint is damaged, or holds a non-numeric array"
+        )
+    return dtype
+
+
+def _check_zarray(z: Any, path: Path, key: str) -> dict[str, Any]:
+    """Checks the fields of a ``.zarray`` that the reader uses (it is returned
+    unchanged: the writer copies it verbatim)."""
+
+    def bad(what: str) -> FormatError:
+        return FormatError(
+            f"{path}: {key} {what}; the checkpoint is damaged, copy it again"
+        )
+
+    if not isinstance(z, dict):
+        raise bad("is not a JSON object")
+    shape, chunks = z.get("shape"), z.get("chunks")
+    sizes = (isinstance(shape, list) and isinstance(chunks, list)
+             and all(isinstance(d, int) and not isinstance(d, bool) for d in shape + chunks))
+    if not sizes or len(shape) != len(chunks) or min(shape, default=0) < 0 or min(chunks, default=1) < 1:
+        raise bad(f"has shape {shape!r:.60} and chunks {chunks!r:.60}, not sizes of one rank")
+    dtype = _zarr_dtype(z.get("dtype"), path, key.rsplit("/", 1)[0])
+    # A chunk is decoded whole: one far bigger than its array (or than any
+    # chunk Orbax writes) is refused before TensorStore tries to allocate it.
+    limit = max(math.prod(shape) * dtype.itemsize, _MAX_CHUNK_BYTES)
+    if math.prod(chunks) * dtype.itemsize > limit:
+        raise bad(f"has chunks {chunks} of {math.prod(chunks) * dtype.itemsize} bytes, "
+                  f"more than the array (shape {shape}) or Orbax's chunk limit")
+    return z
 
 
 def read_lazy_with_orbax(item_dir: str | os.PathLike) -> Any:
@@ -286,7 +380,30 @@ def read_array(item_dir: str | os.PathLike, source: str) -> np.ndarray:
       FormatError: the directory or the array cannot be read.
     """
     src = _Source(Path(item_dir))
-    return _run(src.read_region(source, ()))
+    return _run(_read_whole(src, source))
+
+
+async def _read_whole(src: _Source, name: str) -> np.ndarray:
+    src.value_metadata(name)
+    if not src.use_zarr3:
+        # TensorStore aborts the process when an allocation fails: a .zarray
+        # claiming more than this machine holds is refused first.
+        z = await src.zarray(name)
+        need = math.prod(z["shape"]) * _zarr_dtype(z["dtype"], src.path, name).itemsize
+        if need > _physical_memory():
+            raise FormatError(
+                f"{src.path}: array {name!r} claims shape {tuple(z['shape'])} ({need} bytes), "
+                "more than this machine's memory; its .zarray is damaged, or read it in "
+                "parts (convert streams it)"
+            )
+    return await src.read_region(name, ())
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 1 << 62
 
 
 # --------------------------------------------------------------------------
@@ -372,14 +489,13 @@ class _Source:
         self.use_ocdbt = (self.path / OCDBT_MANIFEST).exists()
         self.raise_missing = bool(self.metadata.get("store_array_data_equal_to_fill_value", False))
         self.entries: dict[str, dict[str, Any]] = {}
-        for keypath, entry in self.metadata["tree_metadata"].items():
-            try:
-                name = ".".join(str(k["key"]) for k in entry["key_metadata"])
-                self.entries[name] = entry["value_metadata"]
-            except (KeyError, TypeError) as e:
-                raise FormatError(
-                    f"{self.path / METADATA_FILE}: malformed entry {keypath}: {e}"
-                ) from e
+        #: (keys [(key, key type)], value metadata) of every entry, in order.
+        self.parsed: list[tuple[list[tuple[str, int]], dict[str, Any]]] = []
+        tree = self.metadata["tree_metadata"]
+        for keypath, entry in tree.items():
+            keys, value_metadata = _parse_entry(self.path / METADATA_FILE, keypath, entry, len(tree))
+            self.entries[".".join(k for k, _ in keys)] = value_metadata
+            self.parsed.append((keys, value_metadata))
         self.context = ts.Context(
             {
                 "file_io_concurrency": {"limit": 128},
@@ -456,9 +572,10 @@ class _Source:
                 f"{self.path}: array {name!r} has no zarr metadata ({key} is missing)"
             )
         try:
-            return json.loads(bytes(res.value))
-        except ValueError as e:
+            z = json.loads(bytes(res.value))
+        except (ValueError, RecursionError) as e:
             raise FormatError(f"{self.path}: {key} is not valid JSON: {e}") from e
+        return _check_zarray(z, self.path, key)
 
     def array_spec(self, name: str) -> dict[str, Any]:
         """TensorStore spec to read one array, as Orbax's `ArrayReadSpec`."""
@@ -1374,7 +1491,7 @@ def _check_item_dir(path: Path) -> None:
 def _read_json(path: Path, *, what: str) -> Any:
     try:
         return json.loads(path.read_bytes())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise FormatError(f"{path}: cannot read the {what}: {e}") from e
 
 
