@@ -201,6 +201,8 @@ class Gather:
     def pieces(self, start: int = 0, stop: int | None = None) -> Iterator[Any]:
         """Output bytes ``[start, stop)`` as a sequence of buffers."""
         stop = self.nbytes if stop is None else stop
+        if start >= stop:  # nothing, e.g. a zero-size array (rowbytes may be 0)
+            return
         seg = self.seg
         rowbytes = seg * len(self.strands)
         off = start
