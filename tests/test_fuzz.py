@@ -544,9 +544,16 @@ def test_fuzz_orbax(orbax_item, tmp_path, target, record_property):
     else:
         seeds = [(orbax_item / target).read_bytes()] if (orbax_item / target).exists() else [b"{}"]
 
+    done: list[Path] = []
+
     def run(data: bytes) -> None:
-        if work.exists():
-            shutil.rmtree(work)
+        # A fresh copy per input; old copies are removed a few inputs later, so
+        # that no TensorStore thread still finishing with one sees it vanish.
+        nonlocal work
+        work = tmp_path / f"work{len(done)}"
+        done.append(work)
+        if len(done) > 8:
+            shutil.rmtree(done[-9], ignore_errors=True)
         shutil.copytree(orbax_item, work)
         if target == "zarray":
             _ocdbt_write(work, zkey, data)
