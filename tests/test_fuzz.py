@@ -491,12 +491,14 @@ def test_fuzz_hf_index(tmp_path, record_property):
 @pytest.fixture(scope="module")
 def orbax_item(tmp_path_factory) -> Path:
     import ml_dtypes
+    import orbax.checkpoint as ocp
 
     path = tmp_path_factory.mktemp("orbax") / "item"
-    ckptconv.save({"params": {"layer_0": {"w": np.ones((2, 3), np.float32), "b": np.arange(3).astype(ml_dtypes.bfloat16)},
+    with ocp.StandardCheckpointer() as ckptr:  # Orbax itself, not ckptconv.save
+        ckptr.save(path, {"params": {"layer_0": {"w": np.ones((2, 3), np.float32), "b": np.arange(3).astype(ml_dtypes.bfloat16)},
                               "layer_1": {"w": np.zeros((2, 3), np.float32), "b": np.arange(3).astype(ml_dtypes.bfloat16)}},
                    "q": np.arange(4, dtype=np.int8), "lst": [np.ones(2, np.int32), None], "empty": {},
-                   "step": np.int64(3)}, path, format="orbax")
+                   "step": np.int64(3)})
     return path
 
 
