@@ -48,6 +48,21 @@ def _apply(module, params, x):
     return np.asarray(module.apply({"params": params}, x))
 
 
+def assert_same_output(got, want, ulps=8):
+    """Model outputs of the loop form and the scan form, float32.
+
+    The converted arrays are compared bit for bit elsewhere; the outputs are not,
+    because XLA compiles a scanned body and unrolled layers differently (other
+    fusions, other summation orders), and differently from one XLA release to the
+    next. Each float32 op rounds to half an ulp, so the two agree to a few ulp of the
+    output's scale: measured 0 to 3.5 ulp (jax 0.7.1 to 0.10.2, 3 layers); allow 8.
+    """
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype == np.float32 and got.shape == want.shape
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(got, want, rtol=0, atol=ulps * np.finfo(np.float32).eps * scale)
+
+
 @pytest.mark.parametrize("fmt", ["msgpack", "orbax"])
 @pytest.mark.parametrize("make", [models.seed0, models.seed1], ids=["seed0", "seed1"])
 def test_loop_checkpoint_to_scan_model(tmp_path, cli, make, fmt):
@@ -63,9 +78,7 @@ def test_loop_checkpoint_to_scan_model(tmp_path, cli, make, fmt):
     if make is models.seed1:  # RMSNorm_0 and RMSNorm_1 stay apart, each stacked
         assert sorted(restored["params"]["blocks"]) == ["Dense_0", "RMSNorm_0", "RMSNorm_1", "self_attention"]
         assert restored["params"]["blocks"]["RMSNorm_1"]["scale"].shape == (LAYERS, HIDDEN)
-    np.testing.assert_allclose(
-        _apply(scan, restored["params"], x), _apply(loop, params, x), rtol=0, atol=1e-6
-    )
+    assert_same_output(_apply(scan, restored["params"], x), _apply(loop, params, x))
 
 
 @pytest.mark.parametrize("fmt", ["msgpack", "orbax"])
@@ -80,9 +93,7 @@ def test_scan_checkpoint_to_loop_model(tmp_path, cli, fmt, axis):
     target = jax.eval_shape(lambda: loop.init(jax.random.PRNGKey(1), x))
     restored = restore_plain(out, fmt, {"params": target["params"]})
     assert sorted(restored["params"]) == [f"layer_{i}" for i in range(LAYERS)]
-    np.testing.assert_allclose(
-        _apply(loop, restored["params"], x), _apply(scan, params, x), rtol=0, atol=1e-6
-    )
+    assert_same_output(_apply(loop, restored["params"], x), _apply(scan, params, x))
 
 
 def _train_state():

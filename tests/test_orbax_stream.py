@@ -357,9 +357,11 @@ def test_checkpoint_manager_reads_output(tmp_path):
     lazy = orbax_stream.read_lazy(item)
     out_step = tmp_path / "conv" / "5"
     orbax_stream.write(item, _to_scan(lazy, 0), out_step / "default")
-    # The step's own files are the caller's business; copy them as they are.
-    for name in ("_CHECKPOINT_METADATA", "commit_success.txt"):
-        shutil.copy(tmp_path / "run" / "5" / name, out_step / name)
+    # The step's own files are the caller's business; copy them as they are
+    # (_CHECKPOINT_METADATA; commit_success.txt too from Orbax 0.12.4 on).
+    for f in (tmp_path / "run" / "5").iterdir():
+        if f.is_file():
+            shutil.copy(f, out_step / f.name)
     with ocp.CheckpointManager(tmp_path / "conv") as mngr:
         assert mngr.latest_step() == 5
         got = mngr.restore(5, args=ocp.args.StandardRestore())
