@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ import click
 
 from ckptconv import report as report_mod
 from ckptconv.convert import convert as run_convert
-from ckptconv.errors import CkptconvError
+from ckptconv.errors import CkptconvError, Terminated
 from ckptconv.formats import FORMATS
 from ckptconv.groups import parse_layers
 
@@ -37,10 +36,18 @@ def _errors(ctx: click.Context):
         if ctx.obj.get("debug"):
             raise
         raise _Error(str(e)) from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as e:
         if ctx.obj.get("debug"):
             raise
-        raise _Error("interrupted; nothing was written and the input is unchanged.") from None
+        # Work cut short leaves objects that complain when collected at exit
+        # (an event loop's sockets, a coroutine never awaited): not news.
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        sys.unraisablehook = lambda *_: None
+        err = _Error("interrupted; nothing was written and the input is unchanged.")
+        err.exit_code = 143 if isinstance(e, Terminated) else 130
+        raise err from None
 
 
 def _human(n: float) -> str:
@@ -74,7 +81,40 @@ class _Progress:
             self.bar.close()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Command(click.Command):
+    """A command whose options are given once, unless they are made to repeat
+    (``--pattern``/``--into``, ``--from``): click keeps the last of a repeated
+    option, which would silently drop what came before."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        once = {
+            opt: p.name
+            for p in self.params
+            if isinstance(p, click.Option) and not p.multiple and not p.is_flag and not p.count
+            for opt in p.opts
+        }
+        seen: dict[str, list[str]] = {}
+        for a in args:
+            if a == "--":
+                break
+            opt = a.split("=", 1)[0] if a.startswith("--") else a
+            if opt in once:
+                seen.setdefault(once[opt], []).append(opt)
+        for uses in seen.values():
+            if len(uses) > 1:
+                raise click.UsageError(
+                    f"{uses[0]} is given {len(uses)} times; give it once (only --pattern "
+                    "with --into, and --from with --pattern, repeat).",
+                    ctx,
+                )
+        return super().parse_args(ctx, args)
+
+
+class _Group(click.Group):
+    command_class = _Command
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.version_option(package_name="ckptconv")
 @click.pass_context
@@ -385,34 +425,11 @@ def verify(
     ctx.exit(0 if rep.passed else 1)
 
 
-#: glibc malloc settings for the ckptconv process. Moving and decoding chunks
-#: passes hundreds of megabytes through short-lived buffers; by default glibc
-#: serves each from a fresh mmap whose pages the kernel faults in and zeroes
-#: one 4 KiB page at a time. Serving them from the heap, in huge pages where
-#: the kernel allows (THP "madvise"), cut a 1.6 GB to-scan from 2.1 s to 1.3 s
-#: and a one-chunk to-loop from 7.4 s to 4.8 s here, at the same peak memory.
-GLIBC_TUNABLES = (
-    "glibc.malloc.hugetlb=1"
-    ":glibc.malloc.mmap_threshold=4294967296"
-    ":glibc.malloc.trim_threshold=4294967296"
-)
-
-
 def run() -> None:
-    """The ``ckptconv`` console script: `main` under `GLIBC_TUNABLES`.
+    """The console script (kept for ``python -m ckptconv.cli``): see `ckptconv.__main__`."""
+    from ckptconv.__main__ import run as start
 
-    Tunables are read when a process starts, so the first start re-executes
-    itself once with them set. A ``GLIBC_TUNABLES`` already in the environment
-    (yours, or the re-executed one) is left alone; other C libraries ignore it.
-    """
-    if sys.platform.startswith("linux") and "GLIBC_TUNABLES" not in os.environ:
-        env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES)
-        argv = [sys.executable, "-m", "ckptconv.cli", *sys.argv[1:]]
-        try:
-            os.execve(sys.executable, argv, env)
-        except OSError:
-            pass  # run as we are
-    main(prog_name="ckptconv")
+    start()
 
 
 if __name__ == "__main__":  # pragma: no cover

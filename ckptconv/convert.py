@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from ckptconv import formats, lazy, tree
-from ckptconv.errors import CkptconvError, GroupError, NothingToConvertError, OutputExistsError
+from ckptconv.errors import (
+    CkptconvError,
+    FormatError,
+    GroupError,
+    NothingToConvertError,
+    OutputExistsError,
+)
 from ckptconv.formats.layout import Layout
 from ckptconv.groups import find_groups
 from ckptconv.stack import to_scan
@@ -282,20 +289,112 @@ def _fsync_tree(path: Path) -> None:
 
 @contextlib.contextmanager
 def _atomic_output(dst: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary path beside ``dst``; move it into place only on success."""
+    """Yield a temporary path beside ``dst``; move it into place only on success.
+
+    Leftovers of earlier runs that were killed (SIGKILL, power loss) carry a
+    dead process's id in their name and are removed first. An ``OSError``
+    while writing (read-only or full disk, permissions) becomes one
+    `FormatError` naming ``dst``. With ``force``, two conversions racing for
+    one ``dst`` each move the other's result aside and retry, so the survivor
+    is one complete output.
+    """
+    _remove_stale(dst)
     tmp = dst.parent / f".{dst.name}.ckptconv-tmp-{os.getpid()}"
-    old = dst.parent / f".{dst.name}.ckptconv-old-{os.getpid()}"
+    olds: list[Path] = []
+    done = False
     _remove(tmp)
     try:
-        yield tmp
-        if dst.exists() or dst.is_symlink():
-            if not force:  # appeared while we were writing
-                raise OutputExistsError(f"{dst} appeared during the conversion; not replacing it.")
-            os.replace(dst, old) if not dst.is_dir() else dst.rename(old)
-        tmp.rename(dst)
-        _remove(old)
+        try:
+            yield tmp
+            for attempt in range(20):
+                if dst.exists() or dst.is_symlink():
+                    if not force:  # appeared while we were writing
+                        raise OutputExistsError(
+                            f"{dst} appeared during the conversion; not replacing it."
+                        )
+                    old = dst.parent / f".{dst.name}.ckptconv-old-{os.getpid()}-{attempt}"
+                    try:
+                        os.rename(dst, old)
+                    except FileNotFoundError:
+                        continue  # another run moved it first
+                    olds.append(old)
+                try:
+                    if tmp.is_dir():
+                        os.rename(tmp, dst)  # fails if another run put a directory there
+                    else:
+                        os.replace(tmp, dst)
+                    done = True
+                    break
+                except (FileExistsError, IsADirectoryError, OSError) as e:
+                    if not (dst.exists() and force) or isinstance(e, PermissionError):
+                        raise
+            else:
+                raise OutputExistsError(f"{dst}: kept being replaced by another run; try again.")
+        except CkptconvError as e:
+            # The temporary name is ckptconv's business: messages name OUT.
+            if e.args and isinstance(e.args[0], str) and str(tmp) in e.args[0]:
+                named = re.sub(re.escape(str(tmp)) + r"[^\s:'\"]*", str(dst), e.args[0])
+                e.args = (named,) + e.args[1:]
+            raise
+        except OSError as e:
+            raise FormatError(
+                f"cannot write {dst}: {e.strerror or e}. Check that "
+                f"{dst.absolute().parent} is writable and has free space; nothing was written "
+                "and the input is unchanged."
+            ) from e
     finally:
-        _remove(tmp)
+        _remove_own(tmp, settle=not done)
+        for old in olds:
+            _remove(old)
+
+
+def _remove_own(tmp: Path, *, settle: bool) -> None:
+    """Remove ``tmp`` and the writers' own temporaries beside it (``tmp.*``,
+    ``.tmp.*``). After a failure or interrupt (``settle``), TensorStore's
+    threads may still finish a write or two into a folder just removed, so
+    look again until five looks 50 ms apart find nothing (at most about 2 s)."""
+    import time
+
+    quiet = 0
+    for _ in range(40):
+        found = [
+            p for p in tmp.parent.iterdir()
+            if p.name == tmp.name or p.name.startswith((tmp.name + ".", "." + tmp.name + "."))
+        ]
+        for p in found:
+            _remove(p)
+        quiet = 0 if found else quiet + 1
+        if quiet >= (5 if settle else 1):
+            return
+        time.sleep(0.05)
+
+
+_LEFTOVER = re.compile(r"^\.?\.(?P<name>.+?)\.ckptconv-(?:tmp|old)-(?P<pid>\d+)")
+
+
+def _remove_stale(dst: Path) -> None:
+    """Remove temporary files of earlier conversions to ``dst`` whose process is
+    gone (``.OUT.ckptconv-tmp-PID…``, and the format writers' files inside that name)."""
+    try:
+        entries = list(dst.parent.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        m = _LEFTOVER.match(p.name)
+        if m and m.group("name") == dst.name:
+            pid = int(m.group("pid"))
+            if pid != os.getpid() and not _alive(pid):
+                _remove(p)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:

@@ -39,3 +39,9 @@ class VerifyError(CkptconvError, ValueError):
 
 class NothingToConvertError(GroupError):
     """No layer group (to-scan) or stacked subtree (to-loop) was found."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while a command ran. A ``BaseException``, like
+    ``KeyboardInterrupt``, so every ``finally`` (temporary output removal) runs;
+    not a `CkptconvError`, since it is no error in the input."""

@@ -267,7 +267,9 @@ def _unstack_leaf(x: Any, n: int, axis: int, axis_name: str) -> list[Any]:
         return _unstack_jax(x, n, axis)
     x = np.asarray(x)
     index: list[Any] = [slice(None)] * axis
-    return [x[tuple(index + [i])] for i in range(n)]
+    # The trailing Ellipsis keeps a layer of a 1-d stack a 0-d array (a view),
+    # as it was before stacking, not a numpy scalar.
+    return [x[tuple(index + [i, Ellipsis])] for i in range(n)]
 
 
 def _unstack_jax(x: Any, n: int, axis: int) -> list[Any]:

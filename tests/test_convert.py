@@ -422,11 +422,13 @@ def test_interrupt_leaves_no_output_and_keeps_old_one(tmp_path, cli, monkeypatch
         raise KeyboardInterrupt  # … then Ctrl-C before the rename
 
     monkeypatch.setattr(module, "write", write_then_interrupt)
-    _expect_error(cli, tmp_path, src, ["to-scan", src, tmp_path / "out"],
-                  "Error: interrupted; nothing was written and the input is unchanged.")
+    before = digest(src)
+    r = cli("to-scan", src, tmp_path / "out")
+    assert r.exit_code == 130 and r.output == "Error: interrupted; nothing was written and the input is unchanged.\n"
+    assert digest(src) == before and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
     (tmp_path / "out").write_text("old")
     r = cli("to-scan", src, tmp_path / "out", "--force")
-    assert r.exit_code == 2 and (tmp_path / "out").read_text() == "old"
+    assert r.exit_code == 130 and (tmp_path / "out").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
 
 

@@ -18,7 +18,7 @@ and must stay under `_MAX_PEAK` bytes, and no input may grow the process's
 peak RSS by more than `_MAX_RSS_STEP`.
 
 Environment:
-  CKPTCONV_FUZZ_SECONDS: time budget per reader (default 3).
+  CKPTCONV_FUZZ_SECONDS: time budget per reader (default 1, for CI).
   CKPTCONV_FUZZ_SEED: the random seed (default 0); inputs are a deterministic
     sequence for a seed, so an escape is found again by rerunning with it.
   CKPTCONV_FUZZ_TIMEOUT: the per-input limit in seconds (default 10).
@@ -51,7 +51,7 @@ import ckptconv
 from ckptconv.formats import msgpack_stream, orbax_stream, safetensors
 from ckptconv.lazy import Ref
 
-BUDGET = float(os.environ.get("CKPTCONV_FUZZ_SECONDS", "3"))
+BUDGET = float(os.environ.get("CKPTCONV_FUZZ_SECONDS", "1"))
 SEED = int(os.environ.get("CKPTCONV_FUZZ_SEED", "0"))
 PER_INPUT = float(os.environ.get("CKPTCONV_FUZZ_TIMEOUT", "10"))
 _MAX_PEAK = 32 << 20  # traced bytes for one "huge length" input

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -151,11 +150,10 @@ def test_in_memory_roundtrip(case):
     assert_identical(_reorder(loop, tree), tree, scalar_ok=True)
 
 
-@pytest.mark.xfail(strict=True, reason="unstack.py:270 indexes a 1-d stack to a numpy scalar")
 def test_in_memory_0d_layers_stay_arrays():
-    """Found by test_in_memory_roundtrip: 0-d layers stacked on axis 0 come back from
-    to_loop as numpy scalars (``x[i]`` of a 1-d array), not 0-d arrays; the file
-    writers keep them 0-d arrays (msgpack_stream.write's docstring)."""
+    """Found by test_in_memory_roundtrip: 0-d layers stacked on axis 0 came back from
+    to_loop as numpy scalars (``x[i]`` of a 1-d array), not 0-d arrays, as the file
+    writers keep them (msgpack_stream.write's docstring)."""
     tree = {"layer_0": {"a": np.array(1.0, np.float32)}}
     loop = ckptconv.to_loop(ckptconv.to_scan(tree, pattern="layer_{i}"))
     assert isinstance(loop["layer_0"]["a"], np.ndarray)

@@ -158,6 +158,13 @@ def save(tree: Any, path: Path) -> None:
     """Write ``tree`` as one Orbax item (``StandardCheckpointer``) at ``path``."""
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path.absolute(), tree)
-        ckptr.wait_until_finished()
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(path.absolute(), tree)
+            ckptr.wait_until_finished()
+    except (ValueError, TypeError) as e:  # what Orbax refuses to store
+        raise FormatError(
+            f"{path}: Orbax cannot save this tree ({e}). Zero-size arrays and Python objects "
+            "other than numbers and strings have no Orbax form; write msgpack instead "
+            "(--format msgpack, or format='msgpack')."
+        ) from e

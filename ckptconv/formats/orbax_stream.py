@@ -1144,7 +1144,13 @@ class _Destination:
                 self.syncing[entry.name] = self.sync_pool.submit(_fsync, Path(entry.path))
 
     async def close(self) -> None:
-        """Waits for background fsyncs."""
+        """Waits for commits still in flight (after an error or an interrupt:
+        TensorStore's threads write files under the output whatever asyncio
+        does, and the caller's clean-up needs a quiet folder), then for
+        background fsyncs."""
+        for future in self.inflight:
+            await _settle(future)
+        self.inflight.clear()
         if self.sync_pool is None:
             return
         try:
@@ -1198,8 +1204,8 @@ class _Destination:
                 await self._commit(pending, progress, pending_done)
                 pending = None
         finally:
-            if pending is not None and not pending.done():
-                pending.cancel()
+            if pending is not None:
+                await _settle(pending)  # see `close`
 
     async def _commit(self, future: Any, progress: Progress | None, done: int) -> None:
         try:
@@ -1515,6 +1521,14 @@ def _fsync_tree(path: Path) -> None:
         for name in files:
             _fsync(Path(root) / name)
         _fsync(Path(root))
+
+
+async def _settle(future: Any) -> None:
+    """Wait for ``future`` to finish, whatever its outcome (clean-up paths)."""
+    try:
+        await asyncio.shield(future)
+    except BaseException:  # its own failure, or this task cancelled again: done waiting
+        pass
 
 
 async def _await(future: Any) -> Any:
