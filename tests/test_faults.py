@@ -60,15 +60,33 @@ def _clean(folder: Path, keep: list[str]) -> None:
     assert sorted(p.name for p in folder.iterdir()) == sorted(keep)
 
 
+def _wait_for_handler(proc: subprocess.Popen) -> None:
+    """Wait until ckptconv's own SIGTERM handler is installed (the kernel lists
+    caught signals in /proc/PID/status). Before that instant Python itself is
+    starting, and a signal gets Python's default behaviour (the README says so)."""
+    bit = 1 << (signal.SIGTERM - 1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+        except OSError:
+            return
+        caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+        if caught & bit:
+            return
+        time.sleep(0.001)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_during_start_up_is_quiet(tmp_path, sig):
     src = _save(_tree(0.1), tmp_path / "in", "msgpack")
     before = digest(src)
     codes = set()
-    # From 0.1 s: before that Python itself is starting, and no handler of
-    # ckptconv's exists yet (the README says so).
-    for delay in (0.1, 0.3, 0.5, 0.8):
+    # Right after the handler exists (this lands in the allocator re-exec or in
+    # the imports that follow it), then later in the imports.
+    for delay in (0, 0.05, 0.2, 0.4):
         proc = _start("to-scan", src, tmp_path / "out")
+        _wait_for_handler(proc)
         time.sleep(delay)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
@@ -207,4 +225,115 @@ def test_repeated_options_are_errors(tmp_path, cli, args):
     r = cli("to-scan", src, tmp_path / "out", *args)
     assert r.exit_code == 2
     assert f"Error: {args[0]} is given 2 times; give it once (only --pattern with --into, and --from with --pattern, repeat)." in r.output
+    _clean(tmp_path, ["in"])
+
+
+def _orbax_with_key(tmp_path: Path, key: str) -> Path:
+    import json
+
+    import orbax.checkpoint as ocp
+
+    t = {"layer_0": {"w": np.ones(3, np.float32)}, "layer_1": {"w": np.ones(3, np.float32)}}
+    src = tmp_path / "in"
+    ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)).save(src.absolute(), t)
+    meta = src / "_METADATA"
+    meta.write_text(meta.read_text().replace('"layer_0"', json.dumps(key)))
+    return src
+
+
+@pytest.mark.parametrize("key", ["..", "../outside", "/etc", "a/../../b"])
+def test_crafted_orbax_keys_never_leave_the_checkpoint(tmp_path, cli, key):
+    src = _orbax_with_key(tmp_path, key)
+    (tmp_path / "outside.w").mkdir()  # what a key escaping IN would reach
+    before = digest(src)
+    r = cli("to-scan", src, tmp_path / "out")
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith(f"Error: {src / '_METADATA'}: entry ") and "would name a file outside the checkpoint" in r.output
+    assert digest(src) == before
+    _clean(tmp_path, ["in", "outside.w"])
+
+
+@pytest.mark.parametrize("shard", ["../outside.msgpack", "/etc/passwd", "sub/x.msgpack"])
+def test_crafted_hf_index_never_reads_outside(tmp_path, cli, shard):
+    import json
+
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "flax_model-00001-of-00001.msgpack").write_bytes(flax.serialization.to_bytes({"h": {"0": {"w": np.ones(2, np.float32)}}}))
+    (tmp_path / "outside.msgpack").write_bytes(flax.serialization.to_bytes({"h": {"1": {"w": np.ones(2, np.float32)}}}))
+    index = {"metadata": {"total_size": 16}, "weight_map": {"h/0/w": "flax_model-00001-of-00001.msgpack", "h/1/w": shard}}
+    (src / "flax_model.msgpack.index.json").write_text(json.dumps(index))
+    r = cli("to-scan", src, tmp_path / "out")
+    assert r.exit_code == 2, r.output
+    assert f"shard {shard!r} is not a file name in {src}; ckptconv reads shards beside the index only." in r.output
+    _clean(tmp_path, ["hf", "outside.msgpack"])
+
+
+def test_no_pickle_anywhere():
+    root = Path(ckptconv.__file__).parent
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        assert "import pickle" not in text and "pickle." not in text and "allow_pickle=True" not in text, path
+
+
+def _plain_orbax(tmp_path: Path, ocdbt: bool) -> Path:
+    import orbax.checkpoint as ocp
+
+    t = {"layer_0": {"w": np.arange(3, dtype=np.float32)}, "layer_1": {"w": np.ones(3, np.float32)}}
+    src = tmp_path / "in"
+    ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=ocdbt)).save(src.absolute(), t)
+    return src
+
+
+@pytest.mark.parametrize("damage", ["data files gone", "_METADATA not JSON", ".zarray not JSON", ".zarray lies about the shape", ".zarray lies about the dtype"])
+def test_damaged_orbax_items(tmp_path, cli, damage):
+    import json
+    import shutil
+
+    src = _plain_orbax(tmp_path, ocdbt=damage == "data files gone")
+    says = ""
+    if damage == "data files gone":
+        shutil.rmtree(src / "d")
+        says = "cannot read"
+    elif damage == "_METADATA not JSON":
+        (src / "_METADATA").write_text("{")
+        says = "_METADATA"
+    else:
+        zarray = src / "layer_0.w" / ".zarray"
+        z = json.loads(zarray.read_text())
+        if damage == ".zarray not JSON":
+            zarray.write_text("{")
+        elif "shape" in damage:  # every layer's, so that the layers still agree
+            for layer in ("layer_0", "layer_1"):
+                zarray = src / f"{layer}.w" / ".zarray"
+                zarray.write_text(json.dumps({**z, "shape": [5], "chunks": [5]}))
+            says = "chunk layer_0.w/0 of leaf 'blocks.w' holds 12 bytes, but its .zarray (shape, chunks, dtype) says 20"
+        else:
+            zarray.write_text(json.dumps({**z, "dtype": "|O"}))
+        says = says if "shape" in damage else "layer_0"
+    before = digest(src)
+    r = cli("to-scan", src, tmp_path / "out")
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("Error: ") and says in r.output, r.output
+    # one line, but for a layer mismatch, which lists the layers (chex-style)
+    assert r.output.count("\n") == 1 or "the layers to stack differ" in r.output
+    assert "Traceback" not in r.output
+    assert digest(src) == before
+    _clean(tmp_path, ["in"])
+
+
+def test_missing_chunk_is_damage(tmp_path, cli):
+    # Orbax writes every chunk, fill values included, and refuses to read an
+    # array with one missing; so does ckptconv, instead of copying the hole.
+    src = _plain_orbax(tmp_path, ocdbt=False)
+    (src / "layer_0.w" / "0").unlink()
+    before = digest(src)
+    r = cli("to-scan", src, tmp_path / "out")
+    assert r.exit_code == 2, r.output
+    assert r.output == (
+        f"Error: {src}: chunk layer_0.w/0 of leaf 'blocks.w' is missing, so Orbax cannot read this "
+        "array either. The checkpoint is incomplete: check that its save finished and that it was "
+        "copied whole.\n"
+    )
+    assert digest(src) == before
     _clean(tmp_path, ["in"])

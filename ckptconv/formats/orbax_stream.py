@@ -265,6 +265,9 @@ def _parse_entry(
             raise bad(f"has key_type {key_type!r:.40} (Orbax writes {_SEQUENCE} or {_DICT})")
         if key_type == _SEQUENCE and not (key.isdecimal() and key.isascii() and int(key) < count):
             raise bad(f"has the sequence index {key[:40]!r}, not one of 0..{count - 1}")
+        # Keys name files in layouts without OCDBT: none may leave the item.
+        if key in ("", ".", "..") or key.startswith("/") or "\x00" in key or "/../" in f"/{key}/":
+            raise bad(f"has the key {key[:40]!r}, which would name a file outside the checkpoint")
         keys.append((key, key_type))
     return keys, value_metadata
 
@@ -1191,9 +1194,22 @@ class _Destination:
                             f"{src_path}: cannot read chunk {op.src_key} (for leaf {op.leaf!r}): {e}. "
                             "The checkpoint looks incomplete or damaged: check that its save finished and that it was copied whole."
                         ) from e
-                    # A missing chunk stays missing: the output reads as the source does.
-                    if res.state == "value":
-                        await kv.write(op.dst_key, res.value)
+                    # Orbax writes every chunk (fill values included) and refuses
+                    # to read an array with one missing: it is damage, not zeros.
+                    if res.state != "value":
+                        raise FormatError(
+                            f"{src_path}: chunk {op.src_key} of leaf {op.leaf!r} is missing, so "
+                            "Orbax cannot read this array either. The checkpoint is incomplete: "
+                            "check that its save finished and that it was copied whole."
+                        )
+                    size = _zstd_content_size(res.value)
+                    if size is not None and size != op.cost:
+                        raise FormatError(
+                            f"{src_path}: chunk {op.src_key} of leaf {op.leaf!r} holds {size} bytes, "
+                            f"but its .zarray (shape, chunks, dtype) says {op.cost}: the metadata "
+                            "does not describe the data. Copy the checkpoint again."
+                        )
+                    await kv.write(op.dst_key, res.value)
 
                 await asyncio.gather(*(copy(op) for op in batch))
                 if pending is not None:
@@ -1521,6 +1537,28 @@ def _fsync_tree(path: Path) -> None:
         for name in files:
             _fsync(Path(root) / name)
         _fsync(Path(root))
+
+
+def _zstd_content_size(frame: bytes) -> int | None:
+    """The decompressed size a zstd frame's header declares, or None (no zstd
+    frame, or a header without it). Checking it against the chunk size the
+    ``.zarray`` implies catches metadata that lies, without decoding.
+
+    Frame header (RFC 8878, 3.1.1): magic, descriptor (FCS flag bits 7-6,
+    single-segment bit 5, dictionary-id flag bits 1-0), window byte unless
+    single-segment, dictionary id (0/1/2/4 bytes), content size (0/1/2/4/8 bytes;
+    the 2-byte form is offset by 256).
+    """
+    if len(frame) < 6 or frame[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    desc = frame[4]
+    fcs_flag, single = desc >> 6, (desc >> 5) & 1
+    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[desc & 3]
+    n = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    if n == 0 or len(frame) < pos + n:
+        return None
+    size = int.from_bytes(frame[pos : pos + n], "little")
+    return size + 256 if n == 2 else size
 
 
 async def _settle(future: Any) -> None:
