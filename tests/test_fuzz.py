@@ -18,7 +18,9 @@ and must stay under `_MAX_PEAK` bytes, and no input may grow the process's
 peak RSS by more than `_MAX_RSS_STEP`.
 
 Environment:
-  CKPTCONV_FUZZ_SECONDS: time budget per reader (default 1, for CI).
+  CKPTCONV_FUZZ_SECONDS: time budget per reader (default 3).
+  CKPTCONV_FUZZ_INPUTS: at most this many mutants per reader (default 100, so
+    that CI tries the same inputs on every machine; 0: no limit).
   CKPTCONV_FUZZ_SEED: the random seed (default 0); inputs are a deterministic
     sequence for a seed, so an escape is found again by rerunning with it.
   CKPTCONV_FUZZ_TIMEOUT: the per-input limit in seconds (default 10).
@@ -51,7 +53,8 @@ import ckptconv
 from ckptconv.formats import msgpack_stream, orbax_stream, safetensors
 from ckptconv.lazy import Ref
 
-BUDGET = float(os.environ.get("CKPTCONV_FUZZ_SECONDS", "1"))
+BUDGET = float(os.environ.get("CKPTCONV_FUZZ_SECONDS", "3"))
+MAX_INPUTS = int(os.environ.get("CKPTCONV_FUZZ_INPUTS", "100"))
 SEED = int(os.environ.get("CKPTCONV_FUZZ_SEED", "0"))
 PER_INPUT = float(os.environ.get("CKPTCONV_FUZZ_TIMEOUT", "10"))
 _MAX_PEAK = 32 << 20  # traced bytes for one "huge length" input
@@ -262,7 +265,9 @@ def _fuzz(name: str, mutator: Mutator, run: Callable[[bytes], None], huge: list[
     for data in huge:
         check("huge length", data, True)
     deadline = time.monotonic() + BUDGET
-    while time.monotonic() < deadline:
+    mutants = 0
+    while time.monotonic() < deadline and (not MAX_INPUTS or mutants < MAX_INPUTS):
+        mutants += 1
         kind, data = mutator.havoc()
         check(kind, data, False)
     line = f"fuzz {name}: {counts['inputs']} inputs in {BUDGET:g} s (seed {SEED}): " \
