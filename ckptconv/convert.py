@@ -237,16 +237,18 @@ def _write_same_format(
         dest = layout.item_dest(item.name, out)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if item.out_tree is None:
-            shutil.copytree(item.source, dest)
+            shutil.copytree(item.source, dest, symlinks=True)
         else:
             fmt.write(item.source, item.out_tree, dest, progress, fsync)
     for path, rel in layout.others:
         dest = out / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         if path.is_dir():
-            shutil.copytree(path, dest)
+            shutil.copytree(path, dest, symlinks=True)
         else:
-            shutil.copy2(path, dest)
+            # A symlink stays a symlink (as cp -r copies it): its target,
+            # possibly outside IN, is neither read nor written.
+            shutil.copy2(path, dest, follow_symlinks=False)
 
 
 def _write_other_format(

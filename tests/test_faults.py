@@ -337,3 +337,20 @@ def test_missing_chunk_is_damage(tmp_path, cli):
     )
     assert digest(src) == before
     _clean(tmp_path, ["in"])
+
+
+def test_symlinks_inside_in_are_copied_as_links(tmp_path, cli):
+    import orbax.checkpoint as ocp
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for OUT")
+    root = tmp_path / "run"
+    t = {f"layer_{i}": {"w": np.full(2, i, np.float32)} for i in range(2)}
+    with ocp.CheckpointManager(root.absolute()) as m:
+        m.save(1, args=ocp.args.StandardSave(t))
+    (root / "1" / "notes.txt").symlink_to(secret)
+    r = cli("to-scan", root, tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    link = tmp_path / "out" / "1" / "notes.txt"
+    assert link.is_symlink() and os.readlink(link) == str(secret)
+    assert secret.read_text() == "not for OUT"

@@ -225,5 +225,5 @@ def write_sharded(
         if p.is_dir():
             shutil.copytree(p, dst / p.name, symlinks=True)
         else:
-            shutil.copy2(p, dst / p.name)
+            shutil.copy2(p, dst / p.name, follow_symlinks=False)  # links stay links, as cp -r
     return out
