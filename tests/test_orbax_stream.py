@@ -74,9 +74,9 @@ class Spy:
         decode_job = orbax_stream._Destination.decode_job
         spy = self
 
-        async def count_copy(self, src_kv, src_path, ops, values, progress):
+        async def count_copy(self, src_kv, src_path, ops, values, progress, **kw):
             spy.copied += sum(1 for op in ops if op.src_key)
-            return await copy_chunks(self, src_kv, src_path, ops, values, progress)
+            return await copy_chunks(self, src_kv, src_path, ops, values, progress, **kw)
 
         async def count_decode(self, src, job, progress):
             spy.decoded.append(job.kind)

@@ -879,7 +879,8 @@ class _Plan:
         meta_ops = [_ChunkOp("", f"{name}/.zarray", 0, 0, name) for name, _ in zarray_writes]
         meta_values = {op.dst_key: _zarray_bytes(z) for op, (_, z) in zip(meta_ops, zarray_writes)}
         await dst.copy_chunks(
-            await self.src.kvstore(), self.src.path, meta_ops + ops, meta_values, progress
+            await self.src.kvstore(), self.src.path, meta_ops + ops, meta_values, progress,
+            missing_is_damage=self.src.raise_missing,
         )
         # Jobs run concurrently within a budget of decoded bytes: one decodes
         # its source while another's layers are encoded and written, so both
@@ -1169,8 +1170,14 @@ class _Destination:
         ops: list[_ChunkOp],
         values: dict[str, bytes],
         progress: Progress | None,
+        *,
+        missing_is_damage: bool = True,
     ) -> None:
         """Copies compressed chunks, one bounded transaction per batch.
+
+        ``missing_is_damage``: the source stores every chunk (Orbax's
+        ``store_array_data_equal_to_fill_value``), so a missing one is an error;
+        otherwise a missing chunk is the fill value and stays missing.
 
         Reads of a batch run concurrently; the next batch is read while the
         previous one commits, so reading and writing overlap.
@@ -1194,8 +1201,11 @@ class _Destination:
                             f"{src_path}: cannot read chunk {op.src_key} (for leaf {op.leaf!r}): {e}. "
                             "The checkpoint looks incomplete or damaged: check that its save finished and that it was copied whole."
                         ) from e
-                    # Orbax writes every chunk (fill values included) and refuses
+                    # Orbax that stores every chunk (fill values included) refuses
                     # to read an array with one missing: it is damage, not zeros.
+                    # Older Orbax left out all-fill chunks: a hole stays a hole.
+                    if res.state != "value" and not missing_is_damage:
+                        return
                     if res.state != "value":
                         raise FormatError(
                             f"{src_path}: chunk {op.src_key} of leaf {op.leaf!r} is missing, so "
