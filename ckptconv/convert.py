@@ -327,7 +327,7 @@ def _atomic_output(dst: Path, force: bool) -> Iterator[Path]:
                         os.replace(tmp, dst)
                     done = True
                     break
-                except (FileExistsError, IsADirectoryError, OSError) as e:
+                except OSError as e:  # another run's OUT got there first
                     if not (dst.exists() and force) or isinstance(e, PermissionError):
                         raise
             else:
@@ -353,12 +353,15 @@ def _atomic_output(dst: Path, force: bool) -> Iterator[Path]:
 def _remove_own(tmp: Path, *, settle: bool) -> None:
     """Remove ``tmp`` and the writers' own temporaries beside it (``tmp.*``,
     ``.tmp.*``). After a failure or interrupt (``settle``), TensorStore's
-    threads may still finish a write or two into a folder just removed, so
-    look again until five looks 50 ms apart find nothing (at most about 2 s)."""
+    threads may still finish a write or two into a folder just removed (the
+    Orbax writer waits for its commits, but not for every write TensorStore
+    started for them: without these looks 1 in ~60 interrupted runs left a
+    folder behind; a write held up by a busy disk can take longer), so look
+    again until nothing has appeared for a second (at most about 10 s)."""
     import time
 
     quiet = 0
-    for _ in range(40):
+    for _ in range(200):
         found = [
             p for p in tmp.parent.iterdir()
             if p.name == tmp.name or p.name.startswith((tmp.name + ".", "." + tmp.name + "."))
@@ -366,7 +369,7 @@ def _remove_own(tmp: Path, *, settle: bool) -> None:
         for p in found:
             _remove(p)
         quiet = 0 if found else quiet + 1
-        if quiet >= (5 if settle else 1):
+        if quiet >= (20 if settle else 1):
             return
         time.sleep(0.05)
 

@@ -57,7 +57,10 @@ def _wait_for_temp(folder: Path, proc: subprocess.Popen, name: str = "out") -> b
 
 
 def _clean(folder: Path, keep: list[str]) -> None:
-    assert sorted(p.name for p in folder.iterdir()) == sorted(keep)
+    extra = [p for p in folder.iterdir() if p.name not in keep]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(keep), [
+        (str(p), sorted(str(q.relative_to(p)) for q in p.rglob("*")) if p.is_dir() else None) for p in extra
+    ]
 
 
 def _wait_for_handler(proc: subprocess.Popen) -> None:

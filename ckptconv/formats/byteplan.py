@@ -20,8 +20,10 @@ all closed at the end.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 import mmap
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -239,6 +241,32 @@ class Gather:
             # Each input as soon as it is copied: one strand mapped at a time.
             st.release_range(a, b)
         return block.reshape(-1)
+
+
+@contextlib.contextmanager
+def output_file(path: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Iterator[Any]:
+    """Open the new file ``path`` for writing; on success rename it to ``dst``.
+
+    On any failure or interrupt ``path`` is removed, and an ``OSError`` (a full
+    or read-only disk) becomes one `FormatError` naming ``dst``. ``path`` may be
+    ``dst`` itself when the caller renames into place on its own.
+    """
+    try:
+        with open(path, "xb") as f:
+            yield f
+        if os.fspath(path) != os.fspath(dst):
+            os.replace(path, dst)
+    except BaseException as e:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and not isinstance(e, FormatError):
+            raise FormatError(
+                f"cannot write '{dst}': {e.strerror or e}. Check that its folder exists, "
+                "is writable and has free space."
+            ) from e
+        raise
 
 
 class Out:

@@ -775,22 +775,10 @@ def write(
     folder, name = os.path.split(os.path.abspath(dst))
     tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "xb") as f:
+        with byteplan.output_file(tmp, dst) as f:
             out = byteplan.Out(f, progress)
             _Emitter(out, mm, dst, sort_keys, max_chunk, resolve).node(out_tree, [], True)
             out.flush()
-        os.replace(tmp, dst)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError) and not isinstance(e, FormatError):
-            raise FormatError(
-                f"cannot write '{dst}': {e.strerror or e}. Check that its folder exists, "
-                "is writable and has free space."
-            ) from e
-        raise
     finally:
         if mm is not None:
             _close(mm)

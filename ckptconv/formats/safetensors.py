@@ -438,29 +438,17 @@ def _write_file(
         at += n
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-(8 + len(raw)) % 8)
-    try:
-        with open(dst, "xb") as f:
-            out = byteplan.Out(f, progress)
-            out.put(len(raw).to_bytes(8, "little") + raw)
-            for (path, _, x), (shape, dtype, n) in zip(entries, described):
-                got_shape, got_dtype, gather = planner.plan(x, path)
-                if (tuple(got_shape), got_dtype) != (shape, dtype) or gather.nbytes != n:
-                    raise planner.fail(
-                        path, f"was described as {shape} {dtype} but reads as {got_shape} {got_dtype}"
-                    )
-                out.payload(gather, 0, gather.nbytes)
-            out.flush()
-    except BaseException as e:
-        try:
-            os.unlink(dst)
-        except OSError:
-            pass
-        if isinstance(e, OSError) and not isinstance(e, FormatError):
-            raise FormatError(
-                f"cannot write '{dst}': {e.strerror or e}. Check that its folder exists, "
-                "is writable and has free space."
-            ) from e
-        raise
+    with byteplan.output_file(dst, dst) as f:
+        out = byteplan.Out(f, progress)
+        out.put(len(raw).to_bytes(8, "little") + raw)
+        for (path, _, x), (shape, dtype, n) in zip(entries, described):
+            got_shape, got_dtype, gather = planner.plan(x, path)
+            if (tuple(got_shape), got_dtype) != (shape, dtype) or gather.nbytes != n:
+                raise planner.fail(
+                    path, f"was described as {shape} {dtype} but reads as {got_shape} {got_dtype}"
+                )
+            out.payload(gather, 0, gather.nbytes)
+        out.flush()
 
 
 def _planner(item: Path | None, maps: byteplan.FileMaps, dst: Path) -> byteplan.Planner:
