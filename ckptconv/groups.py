@@ -383,10 +383,11 @@ def _select(path: tuple, template: str, keys: tuple, spec: Spec) -> tuple[tuple,
     start = spec.layers[0] or 0
     stop = n if spec.layers[1] is None else spec.layers[1]
     if stop > n or start >= n:
+        what = f"layers {start} … {stop - 1}" if stop > start else f"layers from {start}"
+        members = format_path(path) if template == "{i}" else template
         raise GroupError(
-            f"{format_path(path)}: --layers {_range_text(spec.layers)} asks for layers "
-            f"{start} … {stop - 1}, but {template} has {n} layers (0 … {n - 1}). "
-            "Pass a range within them."
+            f"{format_path(path)}: --layers {_range_text(spec.layers)} asks for {what}, "
+            f"but {members} has {n} layers (0 … {n - 1}). Pass a range within them."
         )
     return keys[start:stop], start
 

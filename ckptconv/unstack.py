@@ -20,6 +20,7 @@ from ckptconv.groups import (
     _remainder_key,
     _template_regex,
     find_groups,
+    find_near_groups,
     layer_name,
     parse_layers,
 )
@@ -514,8 +515,8 @@ def suggest_stacks(tree: Any) -> list[str]:
     """
     out: list[str] = []
     try:
-        if find_groups(tree):
-            return []  # loop form: its layers would look like stacks
+        if find_groups(tree) or find_near_groups(tree):
+            return []  # loop form (T5's too): its layers would look like stacks
     except GroupError:
         pass
 

@@ -439,3 +439,15 @@ def test_undo_names_the_input_format(tmp_path, cli):
     assert r.output.splitlines()[-1] == f"to undo: ckptconv to-loop {tmp_path / 's.safetensors'} LOOP_OUT --format msgpack"
     assert cli("to-loop", tmp_path / "s.safetensors", tmp_path / "back.msgpack", "--format", "msgpack").exit_code == 0
     assert (tmp_path / "back.msgpack").read_bytes() == src.read_bytes()
+
+
+def test_t5_loop_form_suggests_no_stacks_and_range_errors_name_the_list(tmp_path, cli):
+    src = tmp_path / "t5.msgpack"
+    src.write_bytes(flax.serialization.to_bytes(_t5()))
+    r = cli("inspect", src, "--layers", "9:")
+    assert r.exit_code == 0
+    assert r.output.splitlines()[-2:] == [
+        "to-scan: cannot: encoder/block: --layers 9: asks for layers from 9, but encoder/block has 4 "
+        "layers (0 … 3). Pass a range within them.",
+        "to-loop: no 'blocks' subtree",
+    ]
