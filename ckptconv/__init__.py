@@ -16,6 +16,8 @@ TYPE_CHECKING = False
 _EXPORTS = {
     "convert": "ckptconv.convert",
     "Result": "ckptconv.convert",
+    "extract": "ckptconv.convert",
+    "SelectionError": "ckptconv.subset",
     "CkptconvError": "ckptconv.errors",
     "FormatError": "ckptconv.errors",
     "GroupError": "ckptconv.errors",
@@ -38,7 +40,7 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from ckptconv.convert import Result, convert
+    from ckptconv.convert import Result, convert, extract
     from ckptconv.errors import (
         CkptconvError,
         FormatError,
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
     from ckptconv.groups import Group, NearGroup, Spec, find_groups, find_near_groups
     from ckptconv.io import load, save
     from ckptconv.stack import to_scan
+    from ckptconv.subset import SelectionError
     from ckptconv.unstack import Stacked, find_stacks, to_loop
     from ckptconv.verify import Report, verify
 
@@ -97,10 +100,12 @@ __all__ = [
     "OutputExistsError",
     "Report",
     "Result",
+    "SelectionError",
     "Spec",
     "Stacked",
     "VerifyError",
     "convert",
+    "extract",
     "find_groups",
     "find_near_groups",
     "find_stacks",

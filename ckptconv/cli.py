@@ -238,7 +238,24 @@ def _loop_options(
     return {k: v for k, v in opts.items() if v is not None}
 
 
+def _selection_options(fn: Any) -> Any:
+    fn = click.option(
+        "--dtype", metavar="float32|bfloat16|float16",
+        help="Cast floating leaves while streaming (round to nearest even); integer, boolean and PRNG-key leaves stay as they are.",
+    )(fn)
+    fn = click.option(
+        "--root", metavar="PATH",
+        help="Make this subtree OUT's root (an Orbax train state's params -> flax_model.msgpack).",
+    )(fn)
+    fn = click.option(
+        "--only", "only", multiple=True, metavar="PATH",
+        help="Keep only this subtree, at its path, e.g. params (repeatable; '/' between keys); nothing else is read.",
+    )(fn)
+    return fn
+
+
 def _common_options(fn: Any) -> Any:
+    fn = _selection_options(fn)
     fn = click.option("--dry-run", is_flag=True, help="Check and report; write nothing.")(fn)
     fn = click.option("--fsync", is_flag=True, help="Flush OUT to disk before renaming it into place (durable against power loss; slower).")(fn)
     fn = click.option("--force", is_flag=True, help="Replace OUT if it exists.")(fn)
@@ -254,10 +271,11 @@ def _common_options(fn: Any) -> Any:
     return fn
 
 
-def _run_convert(ctx: click.Context, src: Path, dst: Path, to: str, **kw: Any) -> None:
-    verb = {"scan": "stack", "loop": "unstack"}[to]
+def _run_convert(ctx: click.Context, src: Path, dst: Path, to: str | None, **kw: Any) -> None:
+    verb = {"scan": "stack", "loop": "unstack", None: "convert"}[to]
     dry_run = kw.get("dry_run", False)
-    bar = _Progress(f"to-{to}") if sys.stderr.isatty() else None
+    kw["only"] = list(kw.get("only") or ()) or None
+    bar = _Progress(f"to-{to}" if to else "extract") if sys.stderr.isatty() else None
     start = time.perf_counter()
     try:
         with _errors(ctx):
@@ -266,12 +284,22 @@ def _run_convert(ctx: click.Context, src: Path, dst: Path, to: str, **kw: Any) -
         if bar is not None:
             bar.close()
     elapsed = time.perf_counter() - start
+    sel = result.selection
+    if sel is not None and (sel.only or sel.root is not None):
+        click.echo(sel.describe())
     for item in result.items:
         prefix = f"[{item.name}] " if item.name else ""
-        if not item.groups:
-            click.echo(f"{prefix}nothing to {verb}; copied unchanged")
+        if to is not None and not item.groups:
+            copied = "copied" if sel is None else "written"
+            click.echo(f"{prefix}nothing to {verb}; {copied} unchanged")
         for g in item.groups:
             click.echo(f"{prefix}{g.describe()}")
+    cast = result.cast
+    if cast is not None:
+        click.echo(
+            f"cast {cast.leaves} floating leaves to {cast.dtype.name}: "
+            f"{_human(cast.before)} -> {_human(cast.after)} (saved {_human(cast.saved)})"
+        )
     if dry_run:
         click.echo(f"dry run: would write {dst} ({result.out_format}, {_human(result.nbytes)}); nothing written")
     else:
@@ -355,6 +383,25 @@ def to_loop(
     with _errors(ctx):
         opts = _loop_options(sources, patterns, period, layer_range)
     _run_convert(ctx, src, dst, "loop", format=out_format, **opts, **kw)
+
+
+@main.command()
+@click.argument("src", metavar="IN", type=click.Path(path_type=Path))
+@click.argument("dst", metavar="OUT", type=click.Path(path_type=Path))
+@_selection_options
+@click.option("--dry-run", is_flag=True, help="Check and report; write nothing.")
+@click.option("--fsync", is_flag=True, help="Flush OUT to disk before renaming it into place.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--step", type=int, help="CheckpointManager step (default: latest).")
+@click.option(
+    "--format", "out_format", type=click.Choice(list(FORMATS)),
+    help="Output format (default: the input's).",
+)
+@click.pass_context
+def extract(ctx: click.Context, src: Path, dst: Path, out_format: str | None, **kw: Any) -> None:
+    """Write IN's --only subtrees (or its --root subtree), cast with --dtype,
+    to OUT, with no layout change: a train state's params for serving."""
+    _run_convert(ctx, src, dst, None, format=out_format, **kw)
 
 
 def _shape(value: str | None) -> tuple[int, ...] | None:

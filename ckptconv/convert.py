@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptconv import formats, lazy, tree
+import numpy as np
+
+from ckptconv import formats, lazy, subset, tree
 from ckptconv.errors import (
     CkptconvError,
     FormatError,
@@ -42,6 +44,7 @@ class ItemPlan:
     groups: list[Any] = field(default_factory=list)  # groups.Group or unstack.Stacked
     out_tree: Any = None  # None: copied unchanged
     nbytes: int = 0
+    cast: subset.Cast | None = None  # what --dtype did to this item
 
 
 @dataclass
@@ -55,6 +58,20 @@ class Result:
     out_format: str
     items: list[ItemPlan]
     written: bool = False
+    selection: Selection | None = None
+
+    @property
+    def cast(self) -> subset.Cast | None:
+        """What ``dtype`` did, over all items (None without ``dtype``)."""
+        casts = [i.cast for i in self.items if i.cast is not None]
+        if not casts:
+            return None
+        return subset.Cast(
+            casts[0].dtype,
+            sum(c.leaves for c in casts),
+            sum(c.before for c in casts),
+            sum(c.after for c in casts),
+        )
 
     @property
     def nbytes(self) -> int:
@@ -63,6 +80,35 @@ class Result:
     @property
     def groups(self) -> list[Any]:
         return [g for i in self.items for g in i.groups]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What of IN goes to OUT: ``only`` subtrees, the ``root`` subtree, cast to ``dtype``."""
+
+    only: tuple[tuple[str, ...], ...] = ()
+    root: tuple[str, ...] | None = None
+    dtype: Any = None  # np.dtype
+
+    @classmethod
+    def of(cls, only: Any = None, root: Any = None, dtype: Any = None) -> Selection | None:
+        """From the library's (or the command line's) ``only``, ``root``, ``dtype``."""
+        if isinstance(only, str):
+            only = [only]
+        paths = tuple(subset.parse_path(p, "--only") for p in (only or ()))
+        root_path = subset.parse_path(root, "--root") if root is not None else None
+        cast = subset.parse_dtype(dtype) if dtype is not None else None
+        if not paths and root_path is None and cast is None:
+            return None
+        return cls(paths, root_path, cast)
+
+    def describe(self) -> str:
+        words = []
+        if self.only:
+            words.append("kept only " + ", ".join("/".join(p) for p in self.only))
+        if self.root is not None:
+            words.append("root " + "/".join(self.root))
+        return "; ".join(words)
 
 
 #: The options `convert` passes on to `stack.to_scan` / `unstack.to_loop`.
@@ -93,51 +139,135 @@ def _array_bytes(t: Any) -> int:
 
 
 def plan(
-    src: str | Path, *, to: str = "scan", step: int | None = None, **options: Any
+    src: str | Path,
+    *,
+    to: str | None = "scan",
+    step: int | None = None,
+    selection: Selection | None = None,
+    **options: Any,
 ) -> tuple[Layout, list[ItemPlan]]:
     """Read ``src``'s layout and trees (no array data) and plan every item.
 
+    ``to`` is ``"scan"``, ``"loop"`` or None (no layout change: `extract`).
+    ``selection`` keeps subtrees (before the conversion, so that nothing else
+    is read), then takes the root subtree and casts (after it).
+
     Raises:
       NothingToConvertError: no item has anything to convert.
+      SelectionError: an ``only`` or ``root`` path that is not in ``src``.
       CkptconvError: unreadable input, inconsistent layers.
     """
-    if to not in ("scan", "loop"):
+    if to not in ("scan", "loop", None):
         raise CkptconvError(f"to must be 'scan' or 'loop', got {to!r}.")
     src = Path(src)
     fmt = formats.detect(src)
     layout = fmt.describe(src, step)
+    sel = selection or Selection()
     items = []
     first_error: NothingToConvertError | None = None
+    found: set[tuple[str, ...]] = set()
+    misses: dict[tuple[str, ...], str] = {}
     for name, path in layout.items.items():
         item = ItemPlan(name, path)
+        lazy_tree = fmt.read_lazy(path)
+        if sel.only:
+            for p in sel.only:
+                node, why = subset.find(lazy_tree, p)
+                if why is None:
+                    found.add(p)
+                else:
+                    misses.setdefault(p, _in_item(why, name, layout))
+            lazy_tree = subset.keep_only(lazy_tree, sel.only)
+            if lazy_tree is None:
+                continue  # an item that holds none of the paths is left out
         try:
-            item.out_tree, item.groups = plan_item(fmt.read_lazy(path), to, options)
-            item.nbytes = _array_bytes(item.out_tree)
+            if to is None:
+                item.out_tree = lazy_tree
+            else:
+                item.out_tree, item.groups = plan_item(lazy_tree, to, options)
         except NothingToConvertError as e:
             # Items without layers (metrics, dataset state) are copied as they are.
             first_error = first_error or e
+            if selection is not None:
+                item.out_tree = lazy_tree
         except GroupError as e:
             # Tree errors name the leaf; add the file (format errors have it).
             where = f"{path}" + (f" (item {name!r})" if name else "")
             raise type(e)(f"{where}: {e}") from e
         items.append(item)
-    if not any(i.groups for i in items):
+    missing = [p for p in sel.only if p not in found]
+    if missing:
+        p = missing[0]
+        raise subset.SelectionError(
+            f"{src}: --only {'/'.join(p)}: {misses[p]}. Nothing was written."
+        )
+    if sel.root is not None:
+        items = _take_root(src, layout, items, sel.root)
+    if sel.dtype is not None:
+        for item in items:
+            if item.out_tree is not None:
+                item.out_tree, item.cast = subset.cast(item.out_tree, sel.dtype)
+    for item in items:
+        if item.out_tree is not None:
+            item.nbytes = _array_bytes(item.out_tree)
+    if to is not None and not any(i.groups for i in items):
         assert first_error is not None
         raise NothingToConvertError(f"{src}: {first_error}") from first_error
     return layout, items
+
+
+def _in_item(why: str, name: str, layout: Layout) -> str:
+    return f"{why} (in item {name!r})" if name and len(layout.items) > 1 else why
+
+
+def _take_root(
+    src: Path, layout: Layout, items: list[ItemPlan], root: tuple[str, ...]
+) -> list[ItemPlan]:
+    """The items that hold ``root``, each with that subtree as its tree."""
+    kept, why = [], None
+    for item in items:
+        t = item.out_tree if item.out_tree is not None else None
+        node, miss = subset.find(t, root) if t is not None else (None, "nothing kept")
+        if miss is not None:
+            why = why or _in_item(miss, item.name, layout)
+            continue
+        if isinstance(node, lazy.LAZY) or tree.is_leaf(node) or not isinstance(node, (dict, list, tuple)):
+            kind = (
+                f"a single leaf ({np.dtype(node.dtype)} {tuple(node.shape)})"
+                if isinstance(node, lazy.LAZY) else f"a single leaf ({type(node).__name__})"
+            )
+            raise subset.SelectionError(
+                f"{src}: --root {'/'.join(root)} is {kind}, but a checkpoint's root must "
+                "be a subtree: give the subtree that holds it, or keep it with --only. "
+                "Nothing was written."
+            )
+        item.out_tree = node
+        kept.append(item)
+    if not kept:
+        raise subset.SelectionError(f"{src}: --root {'/'.join(root)}: {why}. Nothing was written.")
+    if len(kept) > 1:
+        raise subset.SelectionError(
+            f"{src}: --root {'/'.join(root)} is in items "
+            f"{', '.join(repr(i.name) for i in kept)}; a root must be one subtree: add --only "
+            "with the item's path, or convert one item directory."
+        )
+    return kept
 
 
 def convert(
     src: str | Path,
     dst: str | Path,
     *,
-    to: str = "scan",
+    to: str | None = "scan",
     format: str | None = None,
     step: int | None = None,
     force: bool = False,
     dry_run: bool = False,
     progress: Callable[[int, int], None] | None = None,
     fsync: bool = False,
+    only: str | list[str] | None = None,
+    root: str | None = None,
+    dtype: Any = None,
     **options: Any,
 ) -> Result:
     """Convert the checkpoint at ``src`` and write it to ``dst``, in bounded memory.
@@ -148,7 +278,8 @@ def convert(
       dst: where the output goes. It keeps the input's format and layout (a
         manager root gives a manager root holding the converted step) unless
         ``format`` names the other format.
-      to: ``"scan"`` (stack layers) or ``"loop"`` (unstack).
+      to: ``"scan"`` (stack layers), ``"loop"`` (unstack) or None (no
+        layout change: `extract`).
       format: ``"msgpack"``, ``"orbax"`` or ``"safetensors"`` for the output;
         default: the input's (and its layout: a sharded Hugging Face directory
         stays sharded). Another format gives one file (or one Orbax item).
@@ -162,6 +293,15 @@ def convert(
         ``cp`` does not). Off by default: it costs the time to write the
         whole checkpoint to disk, while atomicity against crashes and
         interrupts holds without it.
+      only: keep only these subtrees (``"params"``, ``"params/params/decoder"``;
+        a list for several), at their paths; nothing else is read. In a
+        CheckpointManager step the paths are in each item's tree (MaxText:
+        ``params``, ``opt_state``, ``step`` in ``items``).
+      root: this subtree becomes the output's root (an Orbax train state's
+        ``params`` as the root of a Hugging Face ``flax_model.msgpack``).
+      dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: floating leaves
+        are cast while streaming (round to nearest even); integer, boolean
+        and PRNG-key leaves are untouched.
       **options: for to-scan ``pattern``, ``into``, ``axis``, ``period``,
         ``layers``, ``remainder``, ``groups``; for to-loop ``source``,
         ``pattern``, ``axis``, ``period``, ``layers``, ``stacks`` (as
@@ -175,11 +315,12 @@ def convert(
       CkptconvError: anything else wrong with the input or the options.
     """
     src, dst = Path(src), Path(dst)
+    selection = Selection.of(only, root, dtype)
     _check_paths(src, dst, force)
-    layout, items = plan(src, to=to, step=step, **options)
+    layout, items = plan(src, to=to, step=step, selection=selection, **options)
     out_format = format or layout.format
     out_fmt = formats.get(out_format)
-    result = Result(src, dst, to, layout, out_format, items)
+    result = Result(src, dst, to, layout, out_format, items, selection=selection)
     if dry_run:
         return result
     in_fmt = formats.get(layout.format)
@@ -189,7 +330,8 @@ def convert(
         if out_format == layout.format:
             _write_same_format(layout, items, in_fmt, tmp, update, fsync)
         else:
-            _write_other_format(layout, items, in_fmt, out_fmt, tmp, update)
+            rooted = selection is not None and selection.root is not None
+            _write_other_format(layout, items, in_fmt, out_fmt, tmp, update, rooted)
         if fsync:
             # The Orbax writer already flushed its files before its commit
             # marker; this pass covers the rest (msgpack files, copied items,
@@ -197,6 +339,26 @@ def convert(
             _fsync_tree(tmp)
     result.written = True
     return result
+
+
+def extract(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    only: str | list[str] | None = None,
+    root: str | None = None,
+    dtype: Any = None,
+    **kwargs: Any,
+) -> Result:
+    """Write ``src``'s ``only`` subtrees (or its ``root`` subtree), cast to
+    ``dtype``, to ``dst``, with no layout change; memory bounded as in
+    `convert` (whose other keywords it takes: ``format``, ``step``,
+    ``force``, ``dry_run``, ``progress``, ``fsync``).
+
+    With none of ``only``, ``root``, ``dtype`` it copies ``src`` (in another
+    format, with ``format``).
+    """
+    return convert(src, dst, to=None, only=only, root=root, dtype=dtype, **kwargs)
 
 
 def _check_paths(src: Path, dst: Path, force: bool) -> None:
@@ -252,7 +414,13 @@ def _write_same_format(
 
 
 def _write_other_format(
-    layout: Layout, items: list[ItemPlan], in_fmt: Any, out_fmt: Any, out: Path, progress: Any
+    layout: Layout,
+    items: list[ItemPlan],
+    in_fmt: Any,
+    out_fmt: Any,
+    out: Path,
+    progress: Any,
+    rooted: bool = False,
 ) -> None:
     """Write another format. Formats that stream (``STREAMS``: msgpack,
     safetensors) get each output leaf read from the input when their writer
@@ -271,7 +439,11 @@ def _write_other_format(
             trees[item.name] = lazy.materialize(t, read)
             if progress:
                 progress(item.nbytes)
+    # One item gives the file's tree; several, a tree of items. A --root
+    # subtree is the file's root whatever item it came from.
     tree_out = trees[""] if list(trees) == [""] else trees
+    if rooted:
+        (tree_out,) = trees.values()
     if streams:
         out_fmt.write(None, tree_out, out, progress)
     else:

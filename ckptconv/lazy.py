@@ -69,7 +69,25 @@ class Slice:
         return _nbytes(self.shape, self.dtype)
 
 
-LAZY = (Ref, Stack, Slice)
+@dataclass(frozen=True)
+class Cast:
+    """Output array = ``value.read().astype(dtype)`` (``--dtype``): a `Ref`,
+    `Stack` or `Slice` whose floating values are rounded to ``dtype`` as numpy
+    and ml_dtypes round (to nearest, ties to even). Writers cast slab by slab."""
+
+    value: Ref | Stack | Slice
+    dtype: np.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.value.shape
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.shape, self.dtype)
+
+
+LAZY = (Ref, Stack, Slice, Cast)
 
 
 @dataclass(frozen=True)
@@ -124,7 +142,9 @@ def materialize(tree: Any, read: Any) -> Any:
     return _map_lazy(tree, lambda leaf: _value(leaf, read))
 
 
-def _value(leaf: Ref | Stack | Slice, read: Any) -> np.ndarray:
+def _value(leaf: Ref | Stack | Slice | Cast, read: Any) -> np.ndarray:
+    if isinstance(leaf, Cast):
+        return _value(leaf.value, read).astype(leaf.dtype)
     if isinstance(leaf, Ref):
         return read(leaf)
     if isinstance(leaf, Stack):

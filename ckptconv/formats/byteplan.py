@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ckptconv.errors import FormatError
-from ckptconv.lazy import Deferred, Ref, Slice, Stack
+from ckptconv.lazy import Cast, Deferred, Ref, Slice, Stack
 
 Spans = tuple[tuple[int, int], ...]
 Resolver = Callable[[Ref, list[Any]], tuple[Any, Spans]]
@@ -243,6 +243,46 @@ class Gather:
         return block.reshape(-1)
 
 
+class CastGather:
+    """The bytes of ``gather`` (an array of ``src`` dtype) cast to ``dst``, one
+    block of at most ``block`` input bytes at a time: a cast leaf is never
+    whole in memory (`ckptconv.lazy.Cast`)."""
+
+    def __init__(self, gather: Gather, src: np.dtype, dst: np.dtype, block: int = BLOCK) -> None:
+        self.inner = gather
+        self.src = np.dtype(src)
+        self.dst = np.dtype(dst)
+        self.block = max(self.src.itemsize, block - block % self.src.itemsize)
+        self.nbytes = gather.nbytes // self.src.itemsize * self.dst.itemsize
+
+    def pieces(self, start: int = 0, stop: int | None = None) -> Iterator[Any]:
+        """Output bytes ``[start, stop)``; both must fall on element boundaries."""
+        stop = self.nbytes if stop is None else stop
+        out_size, in_size = self.dst.itemsize, self.src.itemsize
+        if start % out_size or stop % out_size:
+            raise ValueError(f"cast bytes [{start}, {stop}) do not fall on {self.dst} elements")
+        a, b = start // out_size * in_size, stop // out_size * in_size
+        pending = bytearray()
+        for piece in self.inner.pieces(a, b):
+            view = memoryview(piece).cast("B")
+            while len(view):
+                take = min(len(view), self.block - len(pending))
+                if not pending and take == self.block:
+                    yield self._cast(view[:take])
+                else:
+                    pending += view[:take]
+                    if len(pending) == self.block:
+                        yield self._cast(pending)
+                        pending = bytearray()
+                view = view[take:]
+        if pending:
+            yield self._cast(pending)
+
+    def _cast(self, raw: Any) -> memoryview:
+        values = np.frombuffer(raw, dtype=self.src)
+        return memoryview(values.astype(self.dst).reshape(-1).view(np.uint8))
+
+
 @contextlib.contextmanager
 def output_file(path: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Iterator[Any]:
     """Open the new file ``path`` for writing; on success rename it to ``dst``.
@@ -289,7 +329,7 @@ class Out:
         if self.progress is not None:
             self.progress(n)
 
-    def payload(self, gather: Gather, start: int, stop: int) -> None:
+    def payload(self, gather: Gather | CastGather, start: int, stop: int) -> None:
         for piece in gather.pieces(start, stop):
             self.put(piece)
 
@@ -348,7 +388,7 @@ class Planner:
 
     def is_array(self, x: Any) -> bool:
         """Whether ``x`` is a leaf `plan` takes (lazy, Deferred, numpy or jax)."""
-        return isinstance(x, (Ref, Stack, Slice, Deferred, np.ndarray)) or (
+        return isinstance(x, (Ref, Stack, Slice, Cast, Deferred, np.ndarray)) or (
             self.jax_array is not None and isinstance(x, self.jax_array)
         )
 
@@ -365,6 +405,9 @@ class Planner:
         A `Deferred` is read here (one leaf of another format, freed once its
         bytes are written); everything else is planned without reading data.
         """
+        if isinstance(x, Cast):
+            shape, dtype, gather = self.plan(x.value, path)
+            return shape, np.dtype(x.dtype), CastGather(gather, dtype, x.dtype, self.block)
         if isinstance(x, Ref):
             dtype = np.dtype(x.dtype)
             shape = tuple(int(d) for d in x.shape)

@@ -59,7 +59,7 @@ import tensorstore as ts
 
 from ckptconv.errors import FormatError, OutputExistsError
 from ckptconv.formats.msgpack_stream import FLAX_DTYPES
-from ckptconv.lazy import LAZY, Ref, Slice, Stack
+from ckptconv.lazy import LAZY, Cast, Ref, Slice, Stack
 
 __all__ = ["read_array", "read_lazy", "write"]
 
@@ -632,6 +632,8 @@ class _Leaf:
     sharding: str | None = None
     ext_metadata: Any = None
     chunks: list[int] | None = None
+    #: The dtype a `Cast` leaf is written in (its value is then the Cast's source).
+    cast: np.dtype | None = None
 
     @property
     def name(self) -> str:
@@ -693,6 +695,11 @@ class _Plan:
                 "an Orbax checkpoint's tree must be a dict or a list at the top, not a single leaf"
             )
         self.leaves = [_Leaf(keys, value) for keys, value in _flatten(out_tree, ())]
+        for leaf in self.leaves:
+            if isinstance(leaf.value, Cast):
+                if isinstance(leaf.value.value, Cast):
+                    raise FormatError(f"output leaf {leaf.name!r}: a cast of a cast")
+                leaf.cast, leaf.value = np.dtype(leaf.value.dtype), leaf.value.value
         seen: set[str] = set()
         for leaf in self.leaves:
             if leaf.name in seen:
@@ -842,7 +849,9 @@ class _Plan:
                     self._check_ref(leaf, ref, zarrays.get(ref.source))
             if isinstance(value, np.ndarray):
                 jobs.append(_DecodeJob("value", [leaf]))
-            elif self.src.use_zarr3:
+            elif self.src.use_zarr3 or leaf.cast is not None:
+                # Decoded: zarr3 chunks are not zarr2 chunks, and a cast
+                # changes every chunk's bytes.
                 if isinstance(value, Slice):
                     slices.setdefault(
                         (value.source.source, value.axis), _DecodeJob("slices")
@@ -1251,10 +1260,16 @@ class _Destination:
         shape: tuple[int, ...],
         dtype: np.dtype,
         layer_axis: int | None,
+        chunks: list[int] | None = None,
     ) -> ts.TensorStore:
-        """Creates an output zarr array (its .zarray goes in the transaction)."""
+        """Creates an output zarr array (its .zarray goes in the transaction),
+        in the leaf's cast dtype if it has one; ``chunks`` (the source's)
+        where given, else whole (one layer thick on ``layer_axis``)."""
         assert self.kv is not None
-        chunks = _choose_chunks(shape, dtype, layer_axis)
+        if leaf.cast is not None:
+            dtype = leaf.cast
+        if chunks is None or math.prod(chunks) * np.dtype(dtype).itemsize > _MAX_CHUNK_BYTES:
+            chunks = _choose_chunks(shape, dtype, layer_axis)
         zarray = dict(_zarr_template(dtype), shape=list(shape), chunks=chunks)
         leaf.chunks = chunks
         kv = self.kv.copy()
@@ -1283,7 +1298,10 @@ class _Destination:
         data: np.ndarray,
         progress: Progress | None,
     ) -> None:
-        """Writes ``arr[index] = data`` in the current transaction."""
+        """Writes ``arr[index] = data`` in the current transaction (cast to
+        the leaf's dtype first, if it has one)."""
+        if leaf.cast is not None:
+            data = data.astype(leaf.cast)
         try:
             await arr.with_transaction(lane.transaction())[index].write(data)
         except Exception as e:
@@ -1329,10 +1347,7 @@ class _Destination:
             arr = await self.create(lane, leaf, data.shape, data.dtype, None)
             await self.put(lane, leaf, arr, (), data, progress)
         elif job.kind == "ref":
-            leaf = job.leaves[0]
-            ref = leaf.value
-            arr = await self.create(lane, leaf, ref.shape, ref.dtype, None)
-            await self.put(lane, leaf, arr, (), await src.read_region(ref.source, ()), progress)
+            await self._decode_ref(lane, src, job.leaves[0], progress)
         elif job.kind == "stack":
             leaf = job.leaves[0]
             value: Stack = leaf.value
@@ -1344,6 +1359,47 @@ class _Destination:
                 await self.put(lane, leaf, arr, (*lead, layer), data, progress)
         else:
             await self._decode_slices(lane, src, job, progress)
+
+    async def _decode_ref(
+        self, lane: _Lane, src: _Source, leaf: _Leaf, progress: Progress | None
+    ) -> None:
+        """Writes a Ref by decoding it one chunk-thick slab (on axis 0) at a
+        time, in the source's chunk shape: memory holds one slab (the whole
+        leaf only when it was saved as one chunk), and a cast leaf is cast
+        slab by slab."""
+        ref: Ref = leaf.value
+        src_arr = await src.open_array(ref.source)
+        shape = tuple(int(d) for d in src_arr.shape)
+        read_chunk = src_arr.chunk_layout.read_chunk.shape
+        chunks = (
+            [int(c) for c in read_chunk]
+            if read_chunk is not None and len(read_chunk) == len(shape) and all(read_chunk)
+            else None
+        )
+        arr = await self.create(lane, leaf, shape, ref.dtype, None, chunks)
+        if not shape or chunks is None or chunks[0] >= shape[0]:
+            whole = await self._read(src, src_arr, ref.source, (), lock=False)
+            await self.put(lane, leaf, arr, (), whole, progress)
+            return
+        for start in range(0, shape[0], chunks[0]):
+            index = (slice(start, min(shape[0], start + chunks[0])),)
+            slab = await self._read(src, src_arr, ref.source, index)
+            await self.put(lane, leaf, arr, index, slab, progress)
+            del slab
+
+    async def _read(
+        self, src: _Source, src_arr: ts.TensorStore, name: str, index: tuple[Any, ...],
+        *, lock: bool = True,
+    ) -> np.ndarray:
+        """``src_arr[index]``; with ``lock``, one such slab decodes at a time."""
+        try:
+            async with self.read_lock if lock else contextlib.nullcontext():
+                return np.asarray(await src_arr[index].read())
+        except Exception as e:
+            raise FormatError(
+                f"{src.path}: cannot read array {name!r}: {e}. "
+                "The checkpoint looks incomplete or damaged: check that its save finished and that it was copied whole."
+            ) from e
 
     async def _decode_slices(
         self, lane: _Lane, src: _Source, job: _DecodeJob, progress: Progress | None
