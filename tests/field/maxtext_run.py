@@ -47,8 +47,10 @@ TINY = [
     "matmul_precision=highest",
 ]
 
-# (what, seconds) of every MaxText run in this process; conftest prints them.
+# (run name, seconds) of every MaxText run in this process, and each first loss measured;
+# tests/field/conftest.py prints them.
 RUNS: list[tuple[str, float]] = []
+LOSSES: dict[str, float] = {}
 
 
 class MaxTextError(RuntimeError):
@@ -86,7 +88,8 @@ def train(workdir: Path, run_name: str, scan_layers: bool, steps: int, *extra: s
 def _one_step_loss(lines: list[dict], step: int, run_name: str) -> float:
     if len(lines) != 1 or lines[0]["step"] != step:
         raise MaxTextError(f"{run_name}: expected one training step, step {step}; got {lines}")
-    return float(lines[0]["learning/loss"])
+    LOSSES[run_name] = float(lines[0]["learning/loss"])
+    return LOSSES[run_name]
 
 
 def first_loss(params_items_dir: Path, scan_layers: bool, workdir: Path) -> float:
