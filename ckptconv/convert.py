@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptconv import formats, lazy, subset, tree
+from ckptconv import formats, lazy, record, subset, tree
 from ckptconv.errors import (
     CkptconvError,
     FormatError,
@@ -332,6 +332,8 @@ def convert(
         else:
             rooted = selection is not None and selection.root is not None
             _write_other_format(layout, items, in_fmt, out_fmt, tmp, update, rooted)
+        if out_format == "orbax":
+            record.stamp(tmp, dst, to, record.build(result, options))
         if fsync:
             # The Orbax writer already flushed its files before its commit
             # marker; this pass covers the rest (msgpack files, copied items,
