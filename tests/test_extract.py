@@ -393,3 +393,54 @@ def test_extract_without_options_copies_and_converts_format(train_state, tmp_pat
     assert got.keys() == want.keys()
     for k in want:
         np.testing.assert_array_equal(got[k], want[k])
+
+
+# ----------------------------------------------------------------- records
+
+
+def _checkpoint_metadata(root, step=7) -> dict:
+    return json.loads((root / str(step) / "_CHECKPOINT_METADATA").read_text())
+
+
+def test_outputs_record_the_conversion_and_keep_scan_layers_true(tmp_path, cli):
+    """MaxText keeps ``scan_layers`` in the step's custom metadata: the output's
+    must say the form it is in; other custom metadata is carried over."""
+    loop = tmp_path / "loop"
+    mgr = ocp.CheckpointManager(loop, item_names=("items",))
+    mgr.save(7, args=ocp.args.Composite(items=ocp.args.StandardSave(_state())),
+             custom_metadata={"scan_layers": False, "run": "tiny"})
+    mgr.wait_until_finished()
+    mgr.close()
+    scan = tmp_path / "scan"
+    r = cli("to-scan", loop, scan, "--only", "params", "--axis", "1", "--pattern", "layers_{i}",
+            "--into", "layers", "--dtype", "bfloat16")
+    assert r.exit_code == 0, r.output
+    custom = _checkpoint_metadata(scan)["custom_metadata"]
+    assert custom["scan_layers"] is True and custom["run"] == "tiny"
+    rec = custom["ckptconv"]
+    assert {k: rec[k] for k in ("command", "source", "axis", "only", "dtype", "cast_leaves")} == {
+        "command": "to-scan", "source": "loop", "axis": 1, "only": ["params"],
+        "dtype": "bfloat16", "cast_leaves": 5,  # output leaves: 3 stacks, 2 others
+    }
+    (group,) = rec["groups"]
+    assert group["keys"] == ["layers_0", "layers_1", "layers_2"]
+    assert group["into"] == "layers" and group["path"] == "params/params/decoder"
+    assert group["template"] == "layers_{i}" and group["num_layers"] == 3
+    # The item's own metadata carries the record too, and Orbax reads it.
+    item_meta = json.loads((scan / "7" / "items" / "_METADATA").read_text())
+    assert item_meta["custom_metadata"]["ckptconv"] == rec
+    with ocp.CheckpointManager(scan.absolute(), item_names=("items",)) as m:
+        assert m.metadata(7).custom_metadata["scan_layers"] is True
+    # Orbax's commit marker names OUT, not a temporary folder.
+    assert (scan / "7" / "items" / "commit_success.txt").read_text() == (
+        f"Checkpoint commit was successful to {(scan / '7' / 'items').absolute()}"
+    )
+    back = tmp_path / "back"
+    r = cli("to-loop", scan, back, "--from", "layers", "--pattern", "layers_{i}", "--axis", "1")
+    assert r.exit_code == 0, r.output
+    custom = _checkpoint_metadata(back)["custom_metadata"]
+    assert custom["scan_layers"] is False and custom["run"] == "tiny"
+    assert custom["ckptconv"]["command"] == "to-loop"
+    assert "only" not in custom["ckptconv"]
+    # The input's metadata is untouched.
+    assert _checkpoint_metadata(loop)["custom_metadata"] == {"scan_layers": False, "run": "tiny"}
