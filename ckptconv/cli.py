@@ -48,6 +48,18 @@ def _errors(ctx: click.Context):
         err = _Error("interrupted; nothing was written and the input is unchanged.")
         err.exit_code = 143 if isinstance(e, Terminated) else 130
         raise err from None
+    except (click.exceptions.Exit, click.ClickException):
+        raise
+    except Exception as e:
+        # A bug, or an error of a library ckptconv does not know yet: still
+        # one line (the output was removed by then), with the way to more.
+        if ctx.obj.get("debug"):
+            raise
+        raise _Error(
+            f"unexpected {type(e).__name__}: {e}. Nothing was written and the input is "
+            "unchanged. This is a bug in ckptconv: rerun with --debug for the traceback, "
+            "and report it."
+        ) from None
 
 
 def _human(n: float) -> str:

@@ -444,3 +444,56 @@ def test_outputs_record_the_conversion_and_keep_scan_layers_true(tmp_path, cli):
     assert "only" not in custom["ckptconv"]
     # The input's metadata is untouched.
     assert _checkpoint_metadata(loop)["custom_metadata"] == {"scan_layers": False, "run": "tiny"}
+
+
+# ----------------------------------------------------------------- paths
+
+
+def test_relative_dotdot_symlinked_and_trailing_slash_paths(tmp_path, monkeypatch, cli):
+    """`ckptconv to-scan ../ckpt out` used to fail inside TensorStore, and an
+    OUT with '..' gave a traceback."""
+    import shutil
+    from pathlib import Path
+
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    shutil.copytree(Path(__file__).parents[1] / "fixtures" / "seed1_loop", tmp_path / "loop")
+    (tmp_path / "link").symlink_to("loop")
+    monkeypatch.chdir(work)
+    want = _leaves(ckptconv.load(tmp_path / "loop"))
+    for src, dst in [("../../loop", "../../o1"), ("../../loop/", "../../o2/"),
+                     ("../../link", "./../../o3"), ("../../link/", "../b/../../o4")]:
+        r = cli("to-scan", src, dst)
+        assert r.exit_code == 0, (src, dst, r.output)
+        out = (work / dst).resolve()
+        assert out.parent == tmp_path and (out / "_METADATA").is_file(), out
+        back = tmp_path / f"back_{out.name}"
+        r = cli("to-loop", dst, f"../../{back.name}")
+        assert r.exit_code == 0, r.output
+        assert _leaves(ckptconv.load(back)).keys() == want.keys()
+        for k, v in _leaves(ckptconv.load(back)).items():
+            np.testing.assert_array_equal(v, want[k])
+    assert (tmp_path / "link").is_symlink()
+    assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]
+
+
+def test_unexpected_exceptions_are_one_line_without_debug(tmp_path, monkeypatch, cli):
+    from ckptconv.formats import orbax_stream
+
+    def broken(*a, **k):
+        raise ValueError("something TensorStore said")
+
+    monkeypatch.setattr(orbax_stream, "write", broken)
+    src = tmp_path / "state"
+    with ocp.StandardCheckpointer() as c:
+        c.save(src, _params())
+    r = cli("to-scan", src, tmp_path / "out")
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines() == [
+        "Error: unexpected ValueError: something TensorStore said. Nothing was written and "
+        "the input is unchanged. This is a bug in ckptconv: rerun with --debug for the "
+        "traceback, and report it."
+    ]
+    assert not (tmp_path / "out").exists()
+    r = cli("--debug", "to-scan", src, tmp_path / "out")
+    assert isinstance(r.exception, ValueError)

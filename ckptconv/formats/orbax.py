@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -102,23 +103,30 @@ def _step_layout(root: Path, step_dir: Path, kind: str, step: int | None) -> Lay
     return layout
 
 
+def _norm(path: Path) -> Path:
+    """Absolute, with ``.`` and ``..`` resolved by name as the shell does
+    (TensorStore's file kvstore refuses paths that hold ``..``; Orbax,
+    relative ones). Symlinks are kept: they are followed when opened."""
+    return Path(os.path.abspath(path))
+
+
 def read_lazy(item: Path) -> Any:
-    return orbax_stream.read_lazy(item)
+    return orbax_stream.read_lazy(_norm(item))
 
 
 def read_array(item: Path, ref: Any) -> np.ndarray:
-    return orbax_stream.read_array(item, ref.source)
+    return orbax_stream.read_array(_norm(item), ref.source)
 
 
 def write(item: Path, out_tree: Any, dst: Path, progress: Any = None, fsync: bool = False) -> None:
-    orbax_stream.write(item, out_tree, dst, progress=progress, sync=fsync)
+    orbax_stream.write(_norm(item), out_tree, _norm(dst), progress=progress, sync=fsync)
 
 
 def load_item(item: Path) -> Any:
     """Restore one item as numpy arrays, whatever device the arrays were saved from."""
     import orbax.checkpoint as ocp
 
-    item = Path(item).absolute()  # Orbax refuses relative paths
+    item = _norm(item)  # Orbax refuses relative paths
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
             meta = ckptr.metadata(item)
@@ -160,7 +168,7 @@ def save(tree: Any, path: Path) -> None:
 
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(path.absolute(), tree)
+            ckptr.save(_norm(path), tree)
             ckptr.wait_until_finished()
     except (ValueError, TypeError) as e:  # what Orbax refuses to store
         raise FormatError(
