@@ -442,12 +442,13 @@ def _shape(value: str | None) -> tuple[int, ...] | None:
 @click.option("--atol", type=float, help="Absolute tolerance (default by dtype).")
 @click.option("--rtol", type=float, help="Relative tolerance (default by dtype).")
 @click.option("--json", "json_dest", help="Write the whole report as JSON to PATH, or '-' for stdout.")
+@click.option("--step", type=int, help="CheckpointManager step, of both (default: the latest of each, which must agree).")
 @click.pass_context
 def verify(
     ctx: click.Context, loop: Path, scan: Path, pattern: str | None, into: str, axis: int,
     period: int | None, remainder: str, block: str | None, block_kwargs: str,
     model: str | None, input_shape: str | None, input_file: Path | None, seed: int, atol: float | None, rtol: float | None,
-    json_dest: str | None,
+    json_dest: str | None, step: int | None,
 ) -> None:
     """Prove SCAN is the scan form of LOOP: structure bit for bit, then (with
     --block or --model) both forms run and every layer's intermediates are diffed.
@@ -473,7 +474,7 @@ def verify(
             loop, scan, pattern=pattern, into=into, axis=axis, period=period,
             remainder=remainder, block=block,
             block_kwargs=kwargs, model=model, inputs=inputs, input_shape=shape,
-            seed=seed, atol=atol, rtol=rtol,
+            seed=seed, atol=atol, rtol=rtol, step=step,
         )
     if json_dest == "-":
         click.echo(json.dumps(rep.to_json(), indent=2))

@@ -478,12 +478,20 @@ def _inter_name(path: Sequence[Any]) -> str:
     return out
 
 
-def _load(path: str | Path | Any) -> tuple[str, Any]:
+def _load(path: str | Path | Any, step: int | None = None) -> tuple[str, Any, int | None]:
+    """(name, tree, step): a CheckpointManager root at ``step`` (default: its
+    latest); ``step`` does not apply to other inputs."""
     if isinstance(path, (str, Path)):
+        from ckptconv import formats
         from ckptconv.io import load
 
-        return str(path), load(path)
-    return "<tree>", path
+        fmt = formats.detect(Path(path))
+        layout = fmt.describe(Path(path))
+        if layout.kind == "root" and step is not None:
+            layout = fmt.describe(Path(path), step)
+        at = layout.step if layout.kind == "root" else None
+        return str(path), load(path, step=at), at
+    return "<tree>", path, None
 
 
 def _has_stacks(t: Any, into: str, axis: int, period: int | None, pattern: str | None) -> bool:
@@ -511,6 +519,7 @@ def verify(
     atol: float | None = None,
     rtol: float | None = None,
     repeats: int = 5,
+    step: int | None = None,
 ) -> Report:
     """Check that ``scan`` is the conversion of ``loop``, and that both compute alike.
 
@@ -534,6 +543,8 @@ def verify(
       atol, rtol: tolerances (default by dtype: `DEFAULT_TOLERANCES`; integer
         outputs such as tokens must match exactly).
       repeats: step-time runs per form.
+      step: the step of CheckpointManager roots, on both sides (default: the
+        latest of each, which must then be the same step).
 
     Returns:
       A `Report`; ``report.passed`` is the verdict.
@@ -549,8 +560,14 @@ def verify(
             "layers: give --model (a function returning (loop_module, scan_module, inputs)) "
             "whose scan module holds the K sub-layers."
         )
-    loop_name, loop_tree = _load(loop)
-    scan_name, scan_tree = _load(scan)
+    loop_name, loop_tree, loop_step = _load(loop, step)
+    scan_name, scan_tree, scan_step = _load(scan, step)
+    if loop_step is not None and scan_step is not None and loop_step != scan_step:
+        raise VerifyError(
+            f"{loop_name} is at step {loop_step} and {scan_name} at step {scan_step} (the "
+            "latest of each): a conversion is of one step. Pass --step N to compare step N "
+            "of both."
+        )
     try:
         leaves = check_structure(
             loop_tree, scan_tree, pattern=pattern, into=into, axis=axis, period=period,
