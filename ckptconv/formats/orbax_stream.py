@@ -3,32 +3,67 @@
 An item directory is what ``ocp.StandardCheckpointer().save(path, tree)`` or
 ``ocp.PyTreeCheckpointer().save(path, tree)`` writes: ``_METADATA`` (the tree),
 an OCDBT key-value store (``manifest.ocdbt``, ``d/``, ``ocdbt.process_*/``) that
-holds every array as a zarr v2 array (``<name>/.zarray`` plus one key per
-chunk, e.g. ``params.layer_0.attn.q.kernel/0.0``, each chunk compressed with
-zstd), and for ``jax.Array`` leaves ``_sharding`` and ``array_metadatas/``.
+holds every array as a zarr array, and for ``jax.Array`` leaves ``_sharding``
+and ``array_metadatas/``. The zarr arrays are one of:
+
+* zarr v2 (Orbax's default): ``<name>/.zarray`` plus one key per chunk, e.g.
+  ``params.layer_0.attn.q.kernel/0.0``, each chunk compressed with zstd;
+* zarr v3 (``use_zarr3=True`` in ``_METADATA``; Orbax's ``use_zarr3`` option,
+  MaxText's checkpoints): ``<name>/zarr.json`` plus one key per chunk in its
+  ``chunk_key_encoding`` (``default``: ``<name>/c/0/0``, ``c`` alone for 0-d;
+  ``v2``: ``<name>/0.0``). Orbax (0.11.26 to 0.12.8, and MaxText 0.2.5 through
+  orbax 0.12.4) writes one codec, ``sharding_indexed``, whose inner chunk is
+  the whole outer chunk: each chunk key holds a shard file of one zstd frame
+  (inner codecs ``bytes`` little-endian + ``zstd`` level 3) followed by its
+  index (offset and size, uint64 little-endian, then a crc32c).
 
 `read_lazy` describes such a directory without reading array data, `read_array`
 reads one array, and `write` builds a new item directory from a tree of lazy
 leaves (`ckptconv.lazy.Ref`, `Stack`, `Slice`) that refer to arrays of a source
-item directory.
+item directory. The output keeps the source's zarr version: a zarr3 source
+gives a zarr3 output (``use_zarr3`` true, ``zarr.json`` metadata), on every
+path below.
 
 `write` moves compressed chunk bytes whenever the layout allows it, through
 TensorStore's kvstore API, without decoding anything:
 
-* a `Ref` is always copied chunk for chunk, ``.zarray`` included;
+* a `Ref` is always copied chunk for chunk, ``.zarray`` / ``zarr.json``
+  included (any codecs);
 * a `Stack` of parts that share one zarr layout (same chunks, dtype,
-  compressor, ...) becomes an array whose chunks are one layer thick: chunk
-  ``(i.., l, j..)`` of the stack *is* chunk ``(i.., j..)`` of part ``l``, byte
-  for byte, because a length-1 axis does not change a chunk's memory layout;
+  compressor or codecs, ...) becomes an array whose chunks are one layer
+  thick: chunk ``(i.., l, j..)`` of the stack *is* chunk ``(i.., j..)`` of
+  part ``l``, byte for byte, because a length-1 axis does not change a
+  chunk's memory layout. In zarr3 the same holds for a shard file: the inner
+  chunk shape gets the same length-1 axis, so the inner chunk grid, the
+  index (offsets and sizes in C order of that grid) and its checksum stay
+  what they were;
 * a `Slice` at ``index`` of a source whose chunks are one layer thick on the
   slice axis is the inverse: chunk ``(i.., j..)`` of the slice is chunk
   ``(i.., index, j..)`` of the source.
 
+A zarr3 chunk move needs a codec chain that does not depend on the chunk's
+shape: ``bytes``, ``sharding_indexed`` (whose inner codecs qualify too),
+``zstd``, ``gzip``, ``blosc``, ``crc32c``. An array-to-array codec
+(``transpose``: its ``order`` names axes) or a storage transformer sends that
+Stack or Slice to the decode path; Orbax writes neither.
+
 Everything else (a stacked source saved as one chunk and sliced, parts with
-differing layouts, zarr3 sources, plain values in the tree) is decoded with
-TensorStore one source leaf (or one layer-thick slab of it) at a time and
-encoded again. Stacks written that way get layer-thick chunks too, so that
-unstacking ckptconv's own output is always a chunk copy.
+differing layouts, a `Cast` (``--dtype``), plain values in the tree) is
+decoded with TensorStore one source leaf (or one layer-thick slab of it) at a
+time and encoded again. Stacks written that way get layer-thick chunks too, so
+that unstacking ckptconv's own output is always a chunk copy. For a zarr3
+source, arrays written this way are zarr3 with the source array's codecs
+(its chunk key encoding, codec chain and their settings; a cast leaf in the
+cast dtype), every shard holding one inner chunk as Orbax writes them;
+in-memory values get Orbax's own zarr3 codecs.
+
+Damage is looked for without decoding: a missing chunk where the source says
+it stores every chunk (``store_array_data_equal_to_fill_value``), a zstd frame
+whose declared size differs from the chunk size the metadata implies, and in
+zarr3 a shard file too short for its index, whose index checksum (crc32c)
+does not match, or whose index points outside the file (a truncated copy).
+Other codec chains (``gzip``, ``blosc``, a compressed shard file) are copied
+unchecked: their sizes cannot be read without decoding.
 
 Memory is bounded by `_BATCH_BYTES` of chunk data per transaction (two
 transactions are in flight: one reading, one committing) plus, on the decode
@@ -70,6 +105,9 @@ ARRAY_METADATAS_DIR = "array_metadatas"
 CHECKPOINT_METADATA_FILE = "_CHECKPOINT_METADATA"
 COMMIT_SUCCESS_FILE = "commit_success.txt"
 OCDBT_MANIFEST = "manifest.ocdbt"
+# Each array's metadata key: zarr v2 and v3.
+ZARR2_FILE = ".zarray"
+ZARR3_FILE = "zarr.json"
 # Orbax treats a directory whose name contains this as an unfinished save
 # (`orbax.checkpoint._src.path.atomicity_types.TMP_DIR_SUFFIX`).
 TMP_DIR_SUFFIX = ".orbax-checkpoint-tmp"
@@ -111,12 +149,13 @@ def read_lazy(item_dir: str | os.PathLike) -> Any:
     """Describes an Orbax item directory's tree without reading array data.
 
     The tree comes from ``_METADATA`` (Orbax's tree metadata: keys, key types,
-    value types) and each array's zarr ``.zarray`` (shape, dtype), read
-    concurrently from the OCDBT store; never from chunks. This is what Orbax's
-    own ``PyTreeCheckpointHandler().metadata`` reads, without importing Orbax
-    and JAX (about 0.8 s here, half of a small conversion). Layouts this
-    reader does not know (zarr3, pre-OCDBT, unknown value types) go through
-    Orbax's API (`read_lazy_with_orbax`); tests check that both agree.
+    value types) and each array's zarr metadata (``.zarray`` or, zarr3,
+    ``zarr.json``: shape, dtype), read concurrently from the OCDBT store;
+    never from chunks. This is what Orbax's own
+    ``PyTreeCheckpointHandler().metadata`` reads, without importing Orbax and
+    JAX (about 0.8 s here, half of a small conversion). Layouts this reader
+    does not know (pre-OCDBT, unknown value types) go through Orbax's API
+    (`read_lazy_with_orbax`); tests check that both agree.
 
     Args:
       item_dir: a directory written by ``StandardCheckpointer`` /
@@ -138,8 +177,7 @@ def read_lazy(item_dir: str | os.PathLike) -> Any:
     src = _Source(path)
     known = {"jax.Array", "np.ndarray", "scalar", "string"} | _EMPTY_TYPES
     if (
-        src.use_zarr3
-        or not src.use_ocdbt
+        not src.use_ocdbt
         or any(m.get("value_type") not in known for m in src.entries.values())
     ):
         return read_lazy_with_orbax(path)
@@ -162,7 +200,7 @@ async def _read_lazy_fast(src: _Source) -> Any:
         for _, keys, meta in entries
         if meta.get("value_type") in ("jax.Array", "np.ndarray", "scalar")
     ]
-    zarrays = await asyncio.gather(*(src.zarray(name) for name in arrays))
+    zarrays = await asyncio.gather(*(src.zarr_meta(name) for name in arrays))
     specs = dict(zip(arrays, zarrays))
     strings: dict[str, Any] | None = None
     root: Any = None
@@ -171,7 +209,7 @@ async def _read_lazy_fast(src: _Source) -> Any:
         vtype = meta.get("value_type")
         if name in specs:
             z = specs[name]
-            dtype = _zarr_dtype(z["dtype"], src.path, name)
+            dtype = _zarr_dtype(_meta_dtype(z), src.path, name)
             value: Any = Ref(source=name, shape=tuple(z["shape"]), dtype=dtype)
         elif vtype == "string":
             if strings is None:
@@ -301,8 +339,9 @@ def _zarr_dtype(name: Any, path: Path, leaf: str) -> np.dtype:
 
 
 def _check_zarray(z: Any, path: Path, key: str) -> dict[str, Any]:
-    """Checks the fields of a ``.zarray`` that the reader uses (it is returned
-    unchanged: the writer copies it verbatim)."""
+    """Checks the fields of a ``.zarray`` (or zarr3 ``zarr.json``) that the
+    reader and the writer use (it is returned unchanged: the writer copies it
+    verbatim)."""
 
     def bad(what: str) -> FormatError:
         return FormatError(
@@ -311,12 +350,36 @@ def _check_zarray(z: Any, path: Path, key: str) -> dict[str, Any]:
 
     if not isinstance(z, dict):
         raise bad("is not a JSON object")
-    shape, chunks = z.get("shape"), z.get("chunks")
+    v3 = key.endswith(f"/{ZARR3_FILE}")
+    if v3:
+        if z.get("zarr_format") != 3 or z.get("node_type") != "array":
+            raise bad(f"has zarr_format {z.get('zarr_format')!r:.20} and node_type "
+                      f"{z.get('node_type')!r:.20}, not a zarr v3 array")
+        grid, encoding = z.get("chunk_grid"), z.get("chunk_key_encoding")
+        conf = grid.get("configuration") if isinstance(grid, dict) else None
+        if not isinstance(conf, dict) or grid.get("name") != "regular":
+            raise bad(f"has chunk_grid {grid!r:.80}, not a regular grid (the only one TensorStore reads)")
+        enc_conf = encoding.get("configuration", {}) if isinstance(encoding, dict) else None
+        if (
+            not isinstance(enc_conf, dict)
+            or encoding.get("name") not in ("default", "v2")
+            or enc_conf.get("separator", "/") not in ("/", ".")
+        ):
+            raise bad(f"has chunk_key_encoding {encoding!r:.80}, not 'default' or 'v2' with "
+                      "separator '/' or '.'")
+        codecs = z.get("codecs")
+        if not isinstance(codecs, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) for c in codecs
+        ):
+            raise bad(f"has codecs {codecs!r:.80}, not a list of named codecs")
+        shape, chunks = z.get("shape"), conf.get("chunk_shape")
+    else:
+        shape, chunks = z.get("shape"), z.get("chunks")
     sizes = (isinstance(shape, list) and isinstance(chunks, list)
              and all(isinstance(d, int) and not isinstance(d, bool) for d in shape + chunks))
     if not sizes or len(shape) != len(chunks) or min(shape, default=0) < 0 or min(chunks, default=1) < 1:
         raise bad(f"has shape {shape!r:.60} and chunks {chunks!r:.60}, not sizes of one rank")
-    dtype = _zarr_dtype(z.get("dtype"), path, key.rsplit("/", 1)[0])
+    dtype = _zarr_dtype(z.get("data_type" if v3 else "dtype"), path, key.rsplit("/", 1)[0])
     # A chunk is decoded whole: one far bigger than its array (or than any
     # chunk Orbax writes) is refused before TensorStore tries to allocate it.
     limit = max(math.prod(shape) * dtype.itemsize, _MAX_CHUNK_BYTES)
@@ -391,17 +454,16 @@ def read_array(item_dir: str | os.PathLike, source: str) -> np.ndarray:
 
 async def _read_whole(src: _Source, name: str) -> np.ndarray:
     src.value_metadata(name)
-    if not src.use_zarr3:
-        # TensorStore aborts the process when an allocation fails: a .zarray
-        # claiming more than this machine holds is refused first.
-        z = await src.zarray(name)
-        need = math.prod(z["shape"]) * _zarr_dtype(z["dtype"], src.path, name).itemsize
-        if need > _physical_memory():
-            raise FormatError(
-                f"{src.path}: array {name!r} claims shape {tuple(z['shape'])} ({need} bytes), "
-                "more than this machine's memory; its .zarray is damaged, or read it in "
-                "parts (convert streams it)"
-            )
+    # TensorStore aborts the process when an allocation fails: metadata
+    # claiming more than this machine holds is refused first.
+    z = await src.zarr_meta(name)
+    need = math.prod(z["shape"]) * _zarr_dtype(_meta_dtype(z), src.path, name).itemsize
+    if need > _physical_memory():
+        raise FormatError(
+            f"{src.path}: array {name!r} claims shape {tuple(z['shape'])} ({need} bytes), "
+            f"more than this machine's memory; its {_meta_file(z)} is damaged, or read it in "
+            "parts (convert streams it)"
+        )
     return await src.read_region(name, ())
 
 
@@ -562,10 +624,11 @@ class _Source:
                     self._array_metadatas.setdefault(meta.get("param_name"), meta)
         return self._array_metadatas.get(name)
 
-    async def zarray(self, name: str) -> dict[str, Any]:
-        """The zarr v2 ``.zarray`` of an array, parsed."""
+    async def zarr_meta(self, name: str) -> dict[str, Any]:
+        """The zarr metadata of an array, parsed: ``.zarray`` (v2) or
+        ``zarr.json`` (v3, where ``_METADATA`` says ``use_zarr3``)."""
         kv = await self.kvstore()
-        key = f"{name}/.zarray"
+        key = f"{name}/{ZARR3_FILE if self.use_zarr3 else ZARR2_FILE}"
         try:
             res = await kv.read(key)
         except Exception as e:
@@ -637,6 +700,9 @@ class _Leaf:
     chunks: list[int] | None = None
     #: The dtype a `Cast` leaf is written in (its value is then the Cast's source).
     cast: np.dtype | None = None
+    #: zarr3 sources: the ``zarr.json`` of the leaf's (first) source array,
+    #: whose codecs the decode path writes the leaf with.
+    template: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -663,6 +729,8 @@ class _ChunkOp:
     # Output bytes this op completes, for `progress`.
     done: int
     leaf: str
+    # The source array's zarr metadata (the chunk's layout, for damage checks).
+    meta: dict[str, Any] | None = None
 
 
 @dataclass
@@ -820,7 +888,7 @@ class _Plan:
 
     async def write_data(self, tmp: Path, progress: Progress | None, *, sync: bool) -> None:
         """Writes every array's chunks into a new OCDBT store under `tmp`."""
-        dst = _Destination(tmp, self.src.context, sync=sync)
+        dst = _Destination(tmp, self.src.context, sync=sync, zarr3=self.src.use_zarr3)
         await dst.open()
         try:
             await self._write_arrays(dst, progress)
@@ -838,32 +906,35 @@ class _Plan:
             }
         )
         zarrays: dict[str, dict[str, Any]] = {}
-        if not self.src.use_zarr3 and lazy_sources:
-            got = await asyncio.gather(*(self.src.zarray(name) for name in lazy_sources))
+        if lazy_sources:
+            got = await asyncio.gather(*(self.src.zarr_meta(name) for name in lazy_sources))
             zarrays = dict(zip(lazy_sources, got))
         ops: list[_ChunkOp] = []
         jobs: list[_DecodeJob] = []
         slices: dict[tuple[str, int], _DecodeJob] = {}
         zarray_writes: list[tuple[str, dict[str, Any]]] = []
+
+        def decode_slice(leaf: _Leaf, value: Slice) -> None:
+            slices.setdefault((value.source.source, value.axis), _DecodeJob("slices")).leaves.append(leaf)
+
         for leaf in array_leaves:
             value = leaf.value
             if isinstance(value, LAZY):
                 for ref in _refs(value):
                     self._check_ref(leaf, ref, zarrays.get(ref.source))
+                # The decode path writes zarr3 arrays with their source's codecs.
+                leaf.template = zarrays[_refs(value)[0].source] if self.src.use_zarr3 else None
             if isinstance(value, np.ndarray):
                 jobs.append(_DecodeJob("value", [leaf]))
-            elif self.src.use_zarr3 or leaf.cast is not None:
-                # Decoded: zarr3 chunks are not zarr2 chunks, and a cast
-                # changes every chunk's bytes.
+            elif leaf.cast is not None:
+                # Decoded: a cast changes every chunk's bytes.
                 if isinstance(value, Slice):
-                    slices.setdefault(
-                        (value.source.source, value.axis), _DecodeJob("slices")
-                    ).leaves.append(leaf)
+                    decode_slice(leaf, value)
                 else:
                     jobs.append(_DecodeJob("ref" if isinstance(value, Ref) else "stack", [leaf]))
             elif isinstance(value, Ref):
                 zarray = zarrays[value.source]
-                leaf.chunks = list(zarray["chunks"])
+                leaf.chunks = _meta_chunks(zarray)
                 zarray_writes.append((leaf.name, zarray))
                 ops.extend(_copy_ops(leaf, value.source, zarray, value.nbytes))
             elif isinstance(value, Stack):
@@ -872,23 +943,23 @@ class _Plan:
                     jobs.append(_DecodeJob("stack", [leaf]))
                 else:
                     zarray, stack_ops = got
-                    leaf.chunks = list(zarray["chunks"])
+                    leaf.chunks = _meta_chunks(zarray)
                     zarray_writes.append((leaf.name, zarray))
                     ops.extend(stack_ops)
             else:
                 got = _slice_ops(leaf, value, zarrays[value.source.source])
                 if got is None:
-                    slices.setdefault(
-                        (value.source.source, value.axis), _DecodeJob("slices")
-                    ).leaves.append(leaf)
+                    decode_slice(leaf, value)
                 else:
                     zarray, slice_ops = got
-                    leaf.chunks = list(zarray["chunks"])
+                    leaf.chunks = _meta_chunks(zarray)
                     zarray_writes.append((leaf.name, zarray))
                     ops.extend(slice_ops)
         jobs.extend(slices.values())
-        # `.zarray`s are tiny: write them in the first batch of chunk copies.
-        meta_ops = [_ChunkOp("", f"{name}/.zarray", 0, 0, name) for name, _ in zarray_writes]
+        # Metadata files are tiny: write them in the first batch of chunk copies.
+        meta_ops = [
+            _ChunkOp("", f"{name}/{_meta_file(z)}", 0, 0, name) for name, z in zarray_writes
+        ]
         meta_values = {op.dst_key: _zarray_bytes(z) for op, (_, z) in zip(meta_ops, zarray_writes)}
         await dst.copy_chunks(
             await self.src.kvstore(), self.src.path, meta_ops + ops, meta_values, progress,
@@ -962,7 +1033,9 @@ class _Plan:
             "tree_metadata": tree_metadata,
             **metadata,
             "use_ocdbt": True,
-            "use_zarr3": False,
+            # Every array keeps the source's zarr version (Orbax reads all of
+            # an item's arrays with one driver).
+            "use_zarr3": self.src.use_zarr3,
             # Chunks are copied as they are: a source that left out
             # fill-value chunks (older Orbax) gives an output that does too,
             # so the output must say so, or Orbax refuses the missing chunks.
@@ -991,57 +1064,69 @@ class _Plan:
 
 def _copy_ops(leaf: _Leaf, source: str, zarray: dict[str, Any], nbytes: int) -> list[_ChunkOp]:
     """Ops that copy every chunk of `source` verbatim under `leaf`'s name."""
-    keys = [_chunk_key(idx, zarray) for idx in _grid(zarray["shape"], zarray["chunks"])]
-    return _ops(leaf, [(f"{source}/{key}", key) for key in keys], zarray, nbytes)
+    keys = [_chunk_key(idx, zarray) for idx in _grid(zarray["shape"], _meta_chunks(zarray))]
+    return _ops(leaf, [(f"{source}/{key}", key) for key in keys], zarray, zarray, nbytes)
 
 
 def _stack_ops(
     leaf: _Leaf, value: Stack, zarrays: list[dict[str, Any]]
 ) -> tuple[dict[str, Any], list[_ChunkOp]] | None:
-    """Chunk copies for a Stack, or None when the parts' layouts differ."""
+    """Chunk copies for a Stack, or None when the parts' layouts differ (or,
+    zarr3, a codec depends on the chunk's shape)."""
     first = zarrays[0]
-    if any(z != first for z in zarrays[1:]) or first.get("zarr_format", 2) != 2:
+    if any(z != first for z in zarrays[1:]):
         return None
     axis = value.axis
-    chunks = list(first["chunks"])
-    out = dict(first, shape=list(value.shape), chunks=[*chunks[:axis], 1, *chunks[axis:]])
+    chunks = _meta_chunks(first)
+    out = _reshaped(first, list(value.shape), lambda c: [*c[:axis], 1, *c[axis:]], axis, insert=True)
+    if out is None:
+        return None
     pairs = []
     for layer, part in enumerate(value.parts):
         for idx in _grid(first["shape"], chunks):
             out_idx = (*idx[:axis], layer, *idx[axis:])
             pairs.append((f"{part.source}/{_chunk_key(idx, first)}", _chunk_key(out_idx, out)))
-    return out, _ops(leaf, pairs, out, value.nbytes)
+    return out, _ops(leaf, pairs, out, first, value.nbytes)
 
 
 def _slice_ops(
     leaf: _Leaf, value: Slice, zarray: dict[str, Any]
 ) -> tuple[dict[str, Any], list[_ChunkOp]] | None:
-    """Chunk copies for a Slice, or None unless chunks are one layer thick."""
+    """Chunk copies for a Slice, or None unless chunks are one layer thick (and,
+    zarr3, no codec depends on the chunk's shape)."""
     axis = value.axis
-    if zarray.get("zarr_format", 2) != 2 or zarray["chunks"][axis] != 1:
+    if _meta_chunks(zarray)[axis] != 1:
         return None
-    shape, chunks = list(zarray["shape"]), list(zarray["chunks"])
-    out = dict(
-        zarray, shape=shape[:axis] + shape[axis + 1 :], chunks=chunks[:axis] + chunks[axis + 1 :]
+    shape = list(zarray["shape"])
+    out = _reshaped(
+        zarray, shape[:axis] + shape[axis + 1 :], lambda c: c[:axis] + c[axis + 1 :], axis,
+        insert=False,
     )
+    if out is None:
+        return None
     pairs = []
-    for idx in _grid(out["shape"], out["chunks"]):
+    for idx in _grid(out["shape"], _meta_chunks(out)):
         src_idx = (*idx[:axis], value.index, *idx[axis:])
         pairs.append((f"{value.source.source}/{_chunk_key(src_idx, zarray)}", _chunk_key(idx, out)))
-    return out, _ops(leaf, pairs, out, value.nbytes)
+    return out, _ops(leaf, pairs, out, zarray, value.nbytes)
 
 
 def _ops(
-    leaf: _Leaf, pairs: list[tuple[str, str]], out_zarray: dict[str, Any], nbytes: int
+    leaf: _Leaf,
+    pairs: list[tuple[str, str]],
+    out_zarray: dict[str, Any],
+    src_zarray: dict[str, Any],
+    nbytes: int,
 ) -> list[_ChunkOp]:
     """`_ChunkOp`s for (source key, output chunk key) pairs of one leaf."""
     itemsize = np.dtype(_leaf_dtype(leaf.value)).itemsize
-    cost = math.prod(out_zarray["chunks"]) * itemsize
+    cost = math.prod(_meta_chunks(out_zarray)) * itemsize
     n = len(pairs)
     # Split the leaf's bytes over its chunks so that progress sums exactly.
     return [
         _ChunkOp(
-            src, f"{leaf.name}/{dst}", cost, nbytes * (i + 1) // n - nbytes * i // n, leaf.name
+            src, f"{leaf.name}/{dst}", cost, nbytes * (i + 1) // n - nbytes * i // n, leaf.name,
+            src_zarray,
         )
         for i, (src, dst) in enumerate(pairs)
     ]
@@ -1053,11 +1138,111 @@ def _grid(shape: list[int], chunks: list[int]) -> Iterator[tuple[int, ...]]:
     return itertools.product(*(range(n) for n in counts))
 
 
+def _is_zarr3(z: dict[str, Any]) -> bool:
+    return z.get("zarr_format") == 3
+
+
+def _meta_file(z: dict[str, Any]) -> str:
+    """The metadata key of an array, under its name: ``.zarray`` or ``zarr.json``."""
+    return ZARR3_FILE if _is_zarr3(z) else ZARR2_FILE
+
+
+def _meta_chunks(z: dict[str, Any]) -> list[int]:
+    """An array's chunk shape (zarr3: the outer chunks, i.e. shards)."""
+    if _is_zarr3(z):
+        return list(z["chunk_grid"]["configuration"]["chunk_shape"])
+    return list(z["chunks"])
+
+
+def _meta_dtype(z: dict[str, Any]) -> Any:
+    """An array's dtype name as its metadata spells it."""
+    return z.get("data_type") if _is_zarr3(z) else z.get("dtype")
+
+
 def _chunk_key(idx: tuple[int, ...], zarray: dict[str, Any]) -> str:
-    """Zarr v2 key of a chunk: indices joined by the separator; "0" if 0-d."""
+    """Key of a chunk under its array's name.
+
+    Zarr v2: indices joined by the separator; "0" if 0-d. Zarr v3, in the
+    array's ``chunk_key_encoding``: "default" is ``c`` then the indices,
+    joined by the separator ("/" unless said; ``c`` alone if 0-d); "v2" is
+    zarr v2's ("." unless said).
+    """
+    if _is_zarr3(zarray):
+        encoding = zarray["chunk_key_encoding"]
+        conf = encoding.get("configuration") or {}
+        if encoding["name"] == "v2":
+            return conf.get("separator", ".").join(str(i) for i in idx) if idx else "0"
+        return conf.get("separator", "/").join(["c", *(str(i) for i in idx)])
     if not idx:
         return "0"
     return zarray.get("dimension_separator", ".").join(str(i) for i in idx)
+
+
+# zarr3 codecs whose encoding of a chunk does not depend on the chunk's shape
+# (bytes-to-bytes codecs; "bytes" lays elements out in C order): a chunk
+# moved under a shape with a length-1 axis more or less decodes to the same
+# elements. "sharding_indexed" qualifies when its inner codecs do.
+_SHAPELESS_CODECS = {"bytes", "zstd", "gzip", "blosc", "crc32c"}
+
+
+def _reshaped(
+    z: dict[str, Any],
+    shape: list[int],
+    edit: Callable[[list[int]], list[int]],
+    axis: int,
+    *,
+    insert: bool,
+) -> dict[str, Any] | None:
+    """The metadata of `z` with a layer axis inserted or removed.
+
+    ``edit`` maps a chunk shape to the output's (it inserts or removes the
+    length-1 layer axis). Zarr v2: ``shape`` and ``chunks``. Zarr v3 also the
+    chunk shape of every ``sharding_indexed`` codec (the inner chunk, which
+    is one layer thick too) and ``dimension_names`` (unnamed for a new
+    axis); None where a codec or a storage transformer might depend on the
+    chunk's shape, so that the chunks cannot move as they are.
+    """
+    if not _is_zarr3(z):
+        return dict(z, shape=shape, chunks=edit(list(z["chunks"])))
+
+    def codecs(chain: Any) -> list[dict[str, Any]] | None:
+        if not isinstance(chain, list):
+            return None
+        out = []
+        for codec in chain:
+            if not isinstance(codec, dict):
+                return None
+            name, conf = codec.get("name"), codec.get("configuration")
+            if name == "sharding_indexed":
+                if not isinstance(conf, dict) or not isinstance(conf.get("chunk_shape"), list):
+                    return None
+                inner = codecs(conf.get("codecs", []))
+                index = codecs(conf.get("index_codecs", []))
+                chunk = list(conf["chunk_shape"])
+                if inner is None or index is None or (not insert and chunk[axis] != 1):
+                    return None
+                codec = {**codec, "configuration": {**conf, "chunk_shape": edit(chunk), "codecs": inner}}
+            elif name not in _SHAPELESS_CODECS:
+                return None
+            out.append(codec)
+        return out
+
+    chain = codecs(z.get("codecs"))
+    if chain is None or z.get("storage_transformers"):
+        return None
+    grid = z["chunk_grid"]
+    out = dict(
+        z,
+        shape=shape,
+        chunk_grid={**grid, "configuration": {**grid["configuration"], "chunk_shape": edit(_meta_chunks(z))}},
+        codecs=chain,
+    )
+    names = z.get("dimension_names")
+    if isinstance(names, list):
+        out["dimension_names"] = [*names[:axis], None, *names[axis:]] if insert else (
+            names[:axis] + names[axis + 1 :]
+        )
+    return out
 
 
 def _batches(ops: Iterable[_ChunkOp]) -> Iterator[list[_ChunkOp]]:
@@ -1114,9 +1299,11 @@ class _Lane:
 class _Destination:
     """A new OCDBT store at an item directory's root, as Orbax configures it."""
 
-    def __init__(self, path: Path, context: ts.Context, *, sync: bool) -> None:
+    def __init__(self, path: Path, context: ts.Context, *, sync: bool, zarr3: bool = False) -> None:
         self.path = path
         self.context = context
+        #: Decoded arrays are written as zarr v3 (the source's version).
+        self.zarr3 = zarr3
         base = {"driver": "file", "path": str(path) + "/"}
         # Orbax's write spec (`tensorstore_utils._build_ocdbt_kvstore_tspec` +
         # `_add_ocdbt_write_options`): non-atomic data files, small values
@@ -1224,12 +1411,11 @@ class _Destination:
                             "Orbax cannot read this array either. The checkpoint is incomplete: "
                             "check that its save finished and that it was copied whole."
                         )
-                    size = _zstd_content_size(res.value)
-                    if size is not None and size != op.cost:
+                    damage = _chunk_damage(res.value, op)
+                    if damage is not None:
                         raise FormatError(
-                            f"{src_path}: chunk {op.src_key} of leaf {op.leaf!r} holds {size} bytes, "
-                            f"but its .zarray (shape, chunks, dtype) says {op.cost}: the metadata "
-                            "does not describe the data. Copy the checkpoint again."
+                            f"{src_path}: chunk {op.src_key} of leaf {op.leaf!r} {damage}. "
+                            "Copy the checkpoint again."
                         )
                     await kv.write(op.dst_key, res.value)
 
@@ -1265,24 +1451,31 @@ class _Destination:
         layer_axis: int | None,
         chunks: list[int] | None = None,
     ) -> ts.TensorStore:
-        """Creates an output zarr array (its .zarray goes in the transaction),
-        in the leaf's cast dtype if it has one; ``chunks`` (the source's)
-        where given, else whole (one layer thick on ``layer_axis``)."""
+        """Creates an output zarr array (its .zarray or zarr.json goes in the
+        transaction), in the leaf's cast dtype if it has one; ``chunks`` (the
+        source's) where given, else whole (one layer thick on ``layer_axis``).
+        zarr3 arrays take the codecs of the leaf's `template` (Orbax's own
+        without one)."""
         assert self.kv is not None
         if leaf.cast is not None:
             dtype = leaf.cast
         if chunks is None or math.prod(chunks) * np.dtype(dtype).itemsize > _MAX_CHUNK_BYTES:
             chunks = _choose_chunks(shape, dtype, layer_axis)
-        zarray = dict(_zarr_template(dtype), shape=list(shape), chunks=chunks)
+        if self.zarr3:
+            zarray = await _zarr3_metadata(
+                leaf.template, list(shape), np.dtype(dtype), chunks, cast=leaf.cast is not None
+            )
+        else:
+            zarray = dict(_zarr_template(dtype), shape=list(shape), chunks=chunks)
         leaf.chunks = chunks
         kv = self.kv.copy()
         kv.path = f"{leaf.name}/"
         await self.kv.with_transaction(lane.transaction()).write(
-            f"{leaf.name}/.zarray", _zarray_bytes(zarray)
+            f"{leaf.name}/{_meta_file(zarray)}", _zarray_bytes(zarray)
         )
-        # assume_metadata: the array's .zarray is the one written just above.
+        # assume_metadata: the array's metadata is the one written just above.
         spec = {
-            "driver": "zarr",
+            "driver": "zarr3" if self.zarr3 else "zarr",
             "metadata": zarray,
             "store_data_equal_to_fill_value": True,
             "recheck_cached_data": False,
@@ -1376,7 +1569,8 @@ class _Destination:
         ref: Ref = leaf.value
         src_arr = await src.open_array(ref.source)
         shape = tuple(int(d) for d in src_arr.shape)
-        read_chunk = src_arr.chunk_layout.read_chunk.shape
+        # The stored chunks (zarr3: shards; zarr2 has read chunk = write chunk).
+        read_chunk = src_arr.chunk_layout.write_chunk.shape
         chunks = (
             [int(c) for c in read_chunk]
             if read_chunk is not None and len(read_chunk) == len(shape) and all(read_chunk)
@@ -1539,6 +1733,89 @@ def _zarr_template(dtype: np.dtype) -> dict[str, Any]:
     return dict(_TEMPLATES[name])
 
 
+# Orbax's zarr3 codecs (`tensorstore_utils._build_zarr3_metadata`, with
+# compression): one inner chunk per shard, zstd at TensorStore's level 3.
+_ORBAX_ZARR3_CODECS: list[dict[str, Any]] = [
+    {
+        "name": "sharding_indexed",
+        "configuration": {
+            "chunk_shape": [],
+            "codecs": [
+                {"name": "bytes", "configuration": {"endian": "little"}},
+                {"name": "zstd", "configuration": {"level": 3, "checksum": False}},
+            ],
+            "index_codecs": [
+                {"name": "bytes", "configuration": {"endian": "little"}},
+                {"name": "crc32c"},
+            ],
+            "index_location": "end",
+        },
+    }
+]
+
+
+async def _zarr3_metadata(
+    template: dict[str, Any] | None,
+    shape: list[int],
+    dtype: np.dtype,
+    chunks: list[int],
+    *,
+    cast: bool,
+) -> dict[str, Any]:
+    """zarr3 metadata for a decoded output array, with `template`'s chunk key
+    encoding and codecs (Orbax's without one).
+
+    Every ``sharding_indexed`` codec gets ``chunks`` as its inner chunk shape
+    (one inner chunk per shard, as Orbax writes them); an array-to-array codec
+    (``transpose``) is kept only where the rank is the template's. The fill
+    value is the template's unless the leaf is cast (then TensorStore's zero:
+    every chunk is written, so it never shows). TensorStore itself completes
+    and checks the result by creating the array in memory (it adds or drops
+    the ``bytes`` codec's endianness for the dtype: a cast from float32 to
+    int8 or back changes it).
+    """
+    source = template if template is not None else {
+        "chunk_key_encoding": {"name": "default"}, "codecs": _ORBAX_ZARR3_CODECS
+    }
+    rank = len(template["shape"]) if template is not None else len(shape)
+
+    def codecs(chain: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for codec in chain:
+            name, conf = codec.get("name"), codec.get("configuration") or {}
+            if name == "sharding_indexed":
+                codec = {
+                    **codec,
+                    "configuration": {**conf, "chunk_shape": list(chunks), "codecs": codecs(conf.get("codecs", []))},
+                }
+            elif name not in _SHAPELESS_CODECS and rank != len(shape):
+                continue
+            out.append(codec)
+        return out
+
+    metadata: dict[str, Any] = {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": shape,
+        "data_type": dtype.name,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+        "chunk_key_encoding": source.get("chunk_key_encoding", {"name": "default"}),
+        "codecs": codecs(source["codecs"]),
+    }
+    if template is not None and not cast and "fill_value" in template:
+        metadata["fill_value"] = template["fill_value"]
+    try:
+        arr = await ts.open(
+            {"driver": "zarr3", "kvstore": {"driver": "memory"}, "metadata": metadata}, create=True
+        )
+    except Exception as e:
+        raise FormatError(
+            f"cannot write a zarr3 array of dtype {dtype.name} with codecs "
+            f"{json.dumps(metadata['codecs'])[:200]}: {e}"
+        ) from e
+    return arr.spec().to_json()["metadata"]
+
+
 def _zarray_bytes(zarray: dict[str, Any]) -> bytes:
     # TensorStore's own formatting: compact, sorted keys.
     return json.dumps(zarray, sort_keys=True, separators=(",", ":")).encode()
@@ -1609,6 +1886,135 @@ def _fsync_tree(path: Path) -> None:
         for name in files:
             _fsync(Path(root) / name)
         _fsync(Path(root))
+
+
+def _chunk_damage(value: bytes, op: _ChunkOp) -> str | None:
+    """What is wrong with a source chunk, from its bytes and its array's
+    metadata, without decoding it; None if nothing can be seen."""
+    z = op.meta
+    if z is None:
+        return None
+    if not _is_zarr3(z):
+        size = _zstd_content_size(value)
+        if size is not None and size != op.cost:
+            return (
+                f"holds {size} bytes, but its .zarray (shape, chunks, dtype) says {op.cost}: "
+                "the metadata does not describe the data"
+            )
+        return None
+    itemsize = _zarr_dtype(z["data_type"], Path(), op.leaf).itemsize
+    try:
+        return _zarr3_damage(memoryview(value), z["codecs"], _meta_chunks(z), itemsize)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        # A codec configuration this check does not know: TensorStore judges
+        # it when the output is read, as it would the source.
+        return None
+
+
+def _zarr3_damage(
+    value: memoryview, codecs: list[dict[str, Any]], shape: list[int], itemsize: int
+) -> str | None:
+    """`_chunk_damage` for one zarr3 chunk (or inner chunk of a shard) of
+    ``shape``, encoded by ``codecs``.
+
+    Checked: ``bytes`` alone (the size), ``bytes`` + ``zstd`` (the size the
+    zstd frame declares, where the writer put it there), and
+    ``sharding_indexed`` with Orbax's index codecs (``bytes`` little-endian,
+    ``crc32c`` or not): the file holds its index, the index's checksum
+    matches, every inner chunk it names lies inside the file (a truncated
+    shard fails one of these) and is checked in turn. Anything else
+    (``gzip``, ``blosc``, codecs after the sharding codec, big-endian
+    indices) cannot be judged without decoding: None.
+    """
+    names = [c["name"] for c in codecs]
+    if "sharding_indexed" in names:
+        i = names.index("sharding_indexed")
+        if i != len(names) - 1:
+            return None  # the shard file is itself encoded again
+        return _shard_damage(value, codecs[i].get("configuration", {}), shape, itemsize)
+    if "bytes" not in names:
+        return None
+    rest = names[names.index("bytes") + 1 :]
+    nbytes = math.prod(shape) * itemsize
+    if not rest and len(value) != nbytes:
+        return f"holds {len(value)} bytes, but its zarr.json (shape, chunks, data_type) says {nbytes}"
+    if rest == ["zstd"]:
+        size = _zstd_content_size(value)
+        if size is not None and size != nbytes:
+            return (
+                f"holds {size} bytes, but its zarr.json (shape, chunks, data_type) says {nbytes}: "
+                "the metadata does not describe the data"
+            )
+    return None
+
+
+_NO_CHUNK = 2**64 - 1
+
+
+def _shard_damage(
+    value: memoryview, conf: dict[str, Any], shape: list[int], itemsize: int
+) -> str | None:
+    """`_zarr3_damage` of one ``sharding_indexed`` shard file (zarr v3 spec,
+    sharding codec: an index of (offset, nbytes) uint64 pairs per inner chunk
+    in C order, (2^64-1, 2^64-1) for an absent one, at the file's end unless
+    ``index_location`` says "start")."""
+    inner = list(conf["chunk_shape"])
+    if len(inner) != len(shape) or min(inner, default=1) < 1:
+        return f"is a shard of inner chunks {inner}, which do not fit its chunk shape {shape}"
+    n = math.prod(math.ceil(s / c) for s, c in zip(shape, inner))
+    index_codecs = conf.get("index_codecs") or [
+        {"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}
+    ]
+    kinds = [c["name"] for c in index_codecs]
+    endian = (index_codecs[0].get("configuration") or {}).get("endian", "little")
+    if kinds not in (["bytes"], ["bytes", "crc32c"]) or endian != "little":
+        return None
+    crc = kinds[-1] == "crc32c"
+    size = 16 * n + 4 * crc
+    if len(value) < size:
+        return (
+            f"is {len(value)} bytes, shorter than its shard index ({size} bytes): the file is "
+            "truncated"
+        )
+    at_end = conf.get("index_location", "end") != "start"
+    index = value[len(value) - size :] if at_end else value[:size]
+    if crc and _crc32c(index[: 16 * n]) != int.from_bytes(index[16 * n :], "little"):
+        return (
+            "has a shard index whose checksum (crc32c) does not match: the file is truncated "
+            "or overwritten"
+        )
+    data_start, data_end = (0, len(value) - size) if at_end else (size, len(value))
+    entries = np.frombuffer(index[: 16 * n], dtype="<u8").reshape(n, 2)
+    for offset, nbytes in entries.tolist():
+        if offset == _NO_CHUNK and nbytes == _NO_CHUNK:
+            continue  # an inner chunk of fill values, left out
+        if offset < data_start or offset + nbytes > data_end:
+            return (
+                f"has a shard index naming bytes {offset}..{offset + nbytes} of a "
+                f"{len(value)}-byte file, outside its data: the file is truncated or overwritten"
+            )
+        damage = _zarr3_damage(value[offset : offset + nbytes], conf["codecs"], inner, itemsize)
+        if damage is not None:
+            return damage
+    return None
+
+
+_CRC32C_TABLE: list[int] = []
+
+
+def _crc32c(data: memoryview | bytes) -> int:
+    """CRC-32C (Castagnoli), as zarr3's ``crc32c`` codec computes it; for shard
+    indices (16 bytes per inner chunk), so a table in Python is fast enough."""
+    if not _CRC32C_TABLE:
+        for i in range(256):
+            c = i
+            for _ in range(8):
+                c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+            _CRC32C_TABLE.append(c)
+    crc = 0xFFFFFFFF
+    for b in bytes(data):
+        crc = _CRC32C_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
 
 
 def _zstd_content_size(frame: bytes) -> int | None:
