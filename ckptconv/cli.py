@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from ckptconv import record as record_mod
 from ckptconv import report as report_mod
 from ckptconv.convert import convert as run_convert
 from ckptconv.errors import CkptconvError, Terminated
@@ -245,7 +246,8 @@ def _loop_options(
         pats = patterns or (None,) * len(sources)
         opts["stacks"] = list(zip(sources or ("blocks",), pats))
     else:
-        opts["source"] = sources[0] if sources else "blocks"
+        # No --from: IN's record says how to undo its to-scan, else "blocks".
+        opts["source"] = sources[0] if sources else None
         opts["pattern"] = patterns[0] if patterns else None
     return {k: v for k, v in opts.items() if v is not None}
 
@@ -277,8 +279,8 @@ def _common_options(fn: Any) -> Any:
         help="Output format (default: the input's).",
     )(fn)
     fn = click.option(
-        "--axis", type=click.IntRange(min=0), default=0, show_default=True,
-        help="Position of the layer axis (MaxText: 1).",
+        "--axis", type=click.IntRange(min=0),
+        help="Position of the layer axis (default 0; MaxText: 1).",
     )(fn)
     return fn
 
@@ -296,6 +298,8 @@ def _run_convert(ctx: click.Context, src: Path, dst: Path, to: str | None, **kw:
         if bar is not None:
             bar.close()
     elapsed = time.perf_counter() - start
+    if result.from_record:
+        click.echo(f"from {src}'s record: to-loop {record_mod.options_text(result.options)}")
     sel = result.selection
     if sel is not None and (sel.only or sel.root is not None):
         click.echo(sel.describe())
@@ -317,7 +321,7 @@ def _run_convert(ctx: click.Context, src: Path, dst: Path, to: str | None, **kw:
     else:
         click.echo(f"wrote {dst} ({result.out_format}, {_human(result.nbytes)}) in {elapsed:.1f} s")
     if to == "scan" and not dry_run:
-        undo = _undo_command(result, dst, kw.get("axis", 0))
+        undo = _undo_command(result, dst, kw.get("axis") or 0)
         if undo:
             click.echo(f"to undo: {undo}")
 
@@ -381,7 +385,7 @@ def to_scan(
 @main.command("to-loop")
 @click.argument("src", metavar="IN", type=click.Path(path_type=Path))
 @click.argument("dst", metavar="OUT", type=click.Path(path_type=Path))
-@click.option("--from", "sources", multiple=True, help="Key of the stacked subtrees (default: blocks). Repeat it, each with its own --pattern, for several stacks.")
+@click.option("--from", "sources", multiple=True, help="Key of the stacked subtrees (default: what IN's record says undoes its to-scan, else blocks). Repeat it, each with its own --pattern, for several stacks.")
 @click.option("--pattern", "patterns", multiple=True, help="Layer key template with {i} (default: layer_{i}); '{i}' gives a digit-keyed list under the --from key, 'NAME/{i}' adds the layers to the list NAME.")
 @click.option("--period", type=click.IntRange(min=1), help="The stacks hold blocks of K layers (the inverse of to-scan --period).")
 @click.option("--layers", "layer_range", metavar="START:", help="Number the layers from START (the inverse of to-scan --layers).")

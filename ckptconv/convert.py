@@ -59,6 +59,10 @@ class Result:
     items: list[ItemPlan]
     written: bool = False
     selection: Selection | None = None
+    #: The layout options used (given, or read from IN's record).
+    options: dict[str, Any] = field(default_factory=dict)
+    #: True when to-loop took its options from IN's record.
+    from_record: bool = False
 
     @property
     def cast(self) -> subset.Cast | None:
@@ -145,8 +149,11 @@ def plan(
     step: int | None = None,
     selection: Selection | None = None,
     **options: Any,
-) -> tuple[Layout, list[ItemPlan]]:
+) -> tuple[Layout, list[ItemPlan], dict[str, Any], bool]:
     """Read ``src``'s layout and trees (no array data) and plan every item.
+
+    Returns the layout, the items' plans, the layout options used and whether
+    they came from IN's record (a to-loop given none undoes IN's to-scan).
 
     ``to`` is ``"scan"``, ``"loop"`` or None (no layout change: `extract`).
     ``selection`` keeps subtrees (before the conversion, so that nothing else
@@ -163,6 +170,13 @@ def plan(
     fmt = formats.detect(src)
     layout = fmt.describe(src, step)
     sel = selection or Selection()
+    from_record = False
+    if to == "loop" and not any(options.get(k) is not None for k in _LOOP_LAYOUT):
+        # Nothing said how to unstack: undo the conversion IN records, if any.
+        rec = record.read(src, step)
+        if rec is not None and rec.get("command") == "to-scan" and rec.get("groups"):
+            options = {**options, **record.undo_options(rec)}
+            from_record = True
     items = []
     first_error: NothingToConvertError | None = None
     found: set[tuple[str, ...]] = set()
@@ -213,7 +227,11 @@ def plan(
     if to is not None and not any(i.groups for i in items):
         assert first_error is not None
         raise NothingToConvertError(f"{src}: {first_error}") from first_error
-    return layout, items
+    return layout, items, options, from_record
+
+
+#: to-loop options that say how to unstack (without them, IN's record does).
+_LOOP_LAYOUT = ("source", "pattern", "period", "layers", "stacks", "axis")
 
 
 def _in_item(why: str, name: str, layout: Layout) -> str:
@@ -317,10 +335,11 @@ def convert(
     src, dst = Path(src), Path(dst)
     selection = Selection.of(only, root, dtype)
     _check_paths(src, dst, force)
-    layout, items = plan(src, to=to, step=step, selection=selection, **options)
+    layout, items, used, from_record = plan(src, to=to, step=step, selection=selection, **options)
     out_format = format or layout.format
     out_fmt = formats.get(out_format)
     result = Result(src, dst, to, layout, out_format, items, selection=selection)
+    result.options, result.from_record = used, from_record
     if dry_run:
         return result
     in_fmt = formats.get(layout.format)
@@ -333,7 +352,7 @@ def convert(
             rooted = selection is not None and selection.root is not None
             _write_other_format(layout, items, in_fmt, out_fmt, tmp, update, rooted)
         if out_format == "orbax":
-            record.stamp(tmp, dst, to, record.build(result, options))
+            record.stamp(tmp, dst, to, record.build(result, result.options))
         if fsync:
             # The Orbax writer already flushed its files before its commit
             # marker; this pass covers the rest (msgpack files, copied items,

@@ -41,7 +41,11 @@ class NothingToConvertError(GroupError):
     """No layer group (to-scan) or stacked subtree (to-loop) was found."""
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived while a command ran. A ``BaseException``, like
-    ``KeyboardInterrupt``, so every ``finally`` (temporary output removal) runs;
-    not a `CkptconvError`, since it is no error in the input."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived while a command ran. A ``KeyboardInterrupt``, so every
+    ``finally`` (temporary output removal) runs, and so that asyncio passes it
+    on: an event loop re-raises only ``KeyboardInterrupt`` and ``SystemExit``
+    from a callback the signal interrupted, and logs and swallows anything
+    else (a ``BaseException`` here let a SIGTERM'd conversion finish and exit
+    0, about one run in a few hundred). Not a `CkptconvError`, since it is no
+    error in the input."""

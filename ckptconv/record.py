@@ -58,7 +58,7 @@ def build(result: Any, options: dict[str, Any]) -> dict[str, Any]:
 
 def _group(g: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"describe": g.describe()}
-    for name in ("template", "pattern", "period", "start", "num_layers"):
+    for name in ("template", "pattern", "holder", "period", "remainder", "start", "num_layers"):
         value = getattr(g, name, None)
         if value not in (None, 0):
             out[name] = value
@@ -116,3 +116,98 @@ def _write(path: Path, data: Any) -> None:
     new = path.with_name(path.name + ".ckptconv-new")
     new.write_bytes(json.dumps(data).encode())
     os.replace(new, path)
+
+
+# --------------------------------------------------------------------------
+# Reading a record back
+
+
+def read(path: Path, step: int | None = None) -> dict[str, Any] | None:
+    """The record of the conversion that wrote the checkpoint at ``path``
+    (None when it has none, or is not a checkpoint ckptconv reads)."""
+    from ckptconv import formats
+
+    try:
+        fmt = formats.detect(Path(path))
+        layout = fmt.describe(Path(path), step)
+    except Exception:  # not ours to judge here: the conversion itself will say
+        return None
+    reader = getattr(fmt, "read_record", None)
+    if reader is None:
+        return None
+    for item in layout.items.values():
+        rec = reader(item)
+        if isinstance(rec, dict) and rec.get("command") in ("to-scan", "to-loop", "extract"):
+            return rec
+    return None
+
+
+def undo_options(rec: dict[str, Any]) -> dict[str, Any]:
+    """The to-loop options that undo a to-scan ``rec``: each stack's name with
+    the pattern that gives the input's layer names back, the period, the
+    first layer number and the axis."""
+    pairs: list[tuple[str, str]] = []
+    period = None
+    start = 0
+    for g in rec.get("groups", []):
+        into, template = str(g.get("into", "blocks")), g.get("template", "layer_{i}")
+        holder = g.get("holder")
+        if holder is not None:
+            pattern = "{i}" if into == holder else f"{holder}/{{i}}"
+        else:
+            pattern = template
+        if (into, pattern) not in pairs:
+            pairs.append((into, pattern))
+        period = period or g.get("period")
+        start = max(start, int(g.get("start") or 0))
+    opts: dict[str, Any] = {"axis": int(rec.get("axis") or 0)}
+    if len(pairs) == 1:
+        opts["source"], opts["pattern"] = pairs[0]
+    elif pairs:
+        opts["stacks"] = pairs
+    if period:
+        opts["period"] = period
+    if start:
+        opts["layers"] = f"{start}:"
+    return opts
+
+
+def scan_options(rec: dict[str, Any]) -> dict[str, Any]:
+    """The to-scan options a to-scan ``rec`` was made with (for verify)."""
+    pairs = []
+    period = None
+    remainder = None
+    for g in rec.get("groups", []):
+        pair = (g.get("template", "layer_{i}"), str(g.get("into", "blocks")))
+        if pair not in pairs:
+            pairs.append(pair)
+        period = period or g.get("period")
+        remainder = remainder or g.get("remainder")
+    opts: dict[str, Any] = {"axis": int(rec.get("axis") or 0)}
+    if len(pairs) == 1:
+        opts["pattern"], opts["into"] = pairs[0]
+    elif pairs:
+        opts["groups"] = pairs
+    if period:
+        opts["period"] = period
+        opts["remainder"] = remainder or "separate"
+    return opts
+
+
+def options_text(opts: dict[str, Any]) -> str:
+    """``{"source": "layers", "axis": 1}`` -> ``--from layers --axis 1``."""
+    import shlex
+
+    flags = {"source": "--from", "into": "--into", "pattern": "--pattern", "period": "--period",
+             "layers": "--layers", "axis": "--axis", "remainder": "--remainder"}
+    words: list[str] = []
+    for key, value in opts.items():
+        if key in ("stacks", "groups"):
+            a, b = ("--from", "--pattern") if key == "stacks" else ("--pattern", "--into")
+            for x, y in value:
+                words += [a, x, b, y]
+        elif key == "axis" and not value:
+            continue
+        elif key in flags and value is not None:
+            words += [flags[key], str(value)]
+    return " ".join(shlex.quote(w) for w in words)

@@ -122,6 +122,19 @@ def write(item: Path, out_tree: Any, dst: Path, progress: Any = None, fsync: boo
     orbax_stream.write(_norm(item), out_tree, _norm(dst), progress=progress, sync=fsync)
 
 
+def read_record(item: Path) -> dict | None:
+    """The ckptconv record in an item's ``_METADATA`` (`ckptconv.record`)."""
+    import json
+
+    try:
+        meta = json.loads((Path(item) / "_METADATA").read_bytes())
+    except (OSError, ValueError):
+        return None
+    custom = meta.get("custom_metadata") if isinstance(meta, dict) else None
+    rec = custom.get("ckptconv") if isinstance(custom, dict) else None
+    return rec if isinstance(rec, dict) else None
+
+
 def load_item(item: Path) -> Any:
     """Restore one item as numpy arrays, whatever device the arrays were saved from."""
     import orbax.checkpoint as ocp

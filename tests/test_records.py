@@ -1,0 +1,120 @@
+"""Conversions describe themselves: to-loop OUT with no options undoes the
+to-scan that wrote OUT, from the record in OUT's metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_layouts import _assert_bits, _deepseek, _maxtext_state, _t5
+
+import ckptconv
+from ckptconv import record
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def _from_record_line(r) -> str:
+    (line,) = [x for x in r.output.splitlines() if x.startswith("from ")]
+    return line
+
+
+def test_maxtext_fixture_round_trip_needs_no_options_back(tmp_path, cli):
+    loop = FIXTURES / "maxtext" / "llama2_loop"
+    scan, back = tmp_path / "scan", tmp_path / "back"
+    r = cli("to-scan", loop, scan, "--pattern", "layers_{i}", "--into", "layers", "--axis", "1",
+            "--only", "params")
+    assert r.exit_code == 0, r.output
+    r = cli("to-loop", scan, back)
+    assert r.exit_code == 0, r.output
+    assert _from_record_line(r) == (
+        f"from {scan}'s record: to-loop --axis 1 --from layers --pattern 'layers_{{i}}'"
+    )
+    want = ckptconv.load(loop)["items"]["params"]
+    _assert_bits(ckptconv.load(back)["items"]["params"], want, ordered=False)
+
+
+def test_period_remainder_and_several_stacks_come_back_from_the_record(tmp_path, cli):
+    state = _maxtext_state(13)
+    src = tmp_path / "gemma"
+    ckptconv.save(state, src, format="orbax")
+    scan = tmp_path / "scan"
+    ckptconv.convert(src, scan, to="scan", pattern="layers_{i}", into="layers", period=6, axis=1)
+    r = cli("to-loop", scan, tmp_path / "back")
+    assert r.exit_code == 0, r.output
+    assert _from_record_line(r) == (
+        f"from {scan}'s record: to-loop --axis 1 --from layers --pattern 'layers_{{i}}' --period 6"
+    )
+    _assert_bits(ckptconv.load(tmp_path / "back"), state, ordered=False)
+
+    ds = _deepseek()
+    src = tmp_path / "ds"
+    ckptconv.save(ds, src, format="orbax")
+    scan = tmp_path / "ds_scan"
+    ckptconv.convert(src, scan, to="scan", axis=1,
+                     groups=[("dense_layers_{i}", "dense_layers"), ("moe_layers_{i}", "moe_layers")])
+    r = cli("to-loop", scan, tmp_path / "ds_back")
+    assert r.exit_code == 0, r.output
+    assert _from_record_line(r) == (
+        f"from {scan}'s record: to-loop --axis 1 --from dense_layers --pattern "
+        "'dense_layers_{i}' --from moe_layers --pattern 'moe_layers_{i}'"
+    )
+    _assert_bits(ckptconv.load(tmp_path / "ds_back"), ds, ordered=False)
+
+
+def test_digit_lists_and_layer_ranges_come_back_under_their_own_names(tmp_path, cli):
+    """HF-style digit lists stacked in place (h/0 … -> h), T5's block/1: beside block/0."""
+    rng = np.random.default_rng(0)
+    gpt = {"transformer": {"h": {str(i): {"attn": {"kernel": rng.standard_normal((4, 4)).astype(np.float32)}}
+                                 for i in range(3)},
+                           "wte": {"embedding": rng.standard_normal((8, 4)).astype(np.float32)}}}
+    src = tmp_path / "gpt"
+    ckptconv.save(gpt, src, format="orbax")
+    scan = tmp_path / "gpt_scan"
+    ckptconv.convert(src, scan, to="scan")
+    assert ckptconv.load(scan)["transformer"]["h"]["attn"]["kernel"].shape == (3, 4, 4)
+    r = cli("to-loop", scan, tmp_path / "gpt_back")
+    assert r.exit_code == 0, r.output
+    assert _from_record_line(r) == f"from {scan}'s record: to-loop --from h --pattern '{{i}}'"
+    _assert_bits(ckptconv.load(tmp_path / "gpt_back"), gpt, ordered=False)
+
+    t5 = _t5()
+    src = tmp_path / "t5"
+    ckptconv.save(t5, src, format="orbax")
+    scan = tmp_path / "t5_scan"
+    ckptconv.convert(src, scan, to="scan", layers="1:")
+    r = cli("to-loop", scan, tmp_path / "t5_back")
+    assert r.exit_code == 0, r.output
+    assert _from_record_line(r) == (
+        f"from {scan}'s record: to-loop --from blocks --pattern 'block/{{i}}' --layers 1:"
+    )
+    _assert_bits(ckptconv.load(tmp_path / "t5_back"), t5, ordered=False)
+
+
+def test_given_options_win_over_the_record_and_no_record_means_blocks(tmp_path, cli):
+    state = _maxtext_state(4)
+    src = tmp_path / "s"
+    ckptconv.save(state, src, format="orbax")
+    scan = tmp_path / "scan"
+    ckptconv.convert(src, scan, to="scan", pattern="layers_{i}", into="layers", axis=1)
+    r = cli("to-loop", scan, tmp_path / "named", "--from", "layers", "--axis", "1")
+    assert r.exit_code == 0, r.output
+    assert not [x for x in r.output.splitlines() if x.startswith("from ")]
+    assert "layer_0" in ckptconv.load(tmp_path / "named")["params"]["params"]["decoder"]
+    # A checkpoint without a record (saved by Orbax itself): the default stack name.
+    r = cli("to-loop", FIXTURES / "seed1_scan", tmp_path / "seed1")
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[0] == "params/blocks: 3 layers -> params/layer_{i}"
+
+
+@pytest.mark.parametrize("rec, opts", [
+    ({"command": "to-scan", "axis": 1, "groups": [
+        {"into": "layers", "template": "layers_{i}", "period": 6, "start": 0}]},
+     {"axis": 1, "source": "layers", "pattern": "layers_{i}", "period": 6}),
+    ({"command": "to-scan", "axis": 0, "groups": [
+        {"into": "h", "holder": "h", "template": "{i}"}]},
+     {"axis": 0, "source": "h", "pattern": "{i}"}),
+])
+def test_undo_options_of_a_record(rec, opts):
+    assert record.undo_options(rec) == opts
