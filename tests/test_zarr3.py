@@ -422,3 +422,32 @@ def test_maxtext_fixture(tmp_path, no_decode):
     want = _scan({f"layer_{i}": raw[f"layers_{i}"] for i in range(4)}, 1)
     assert {k: _bits(v) for k, v in _flat(got["layers"]).items()} == {k: _bits(v) for k, v in _flat(want).items()}
     assert json.loads((tmp_path / "scan" / "_METADATA").read_text())["use_zarr3"] is True
+
+
+def test_scalars_stack_on_axis_0(tmp_path, no_decode):
+    """0-d arrays (key "c", a shard of one element) stack into (N,) by chunk copy."""
+    rng = np.random.default_rng(10)
+    layers = {f"layer_{i}": {"count": np.uint32(i), "key": rng.integers(0, 2**31, 4).astype(np.uint32),
+                             "scale": np.float32(i / 2)} for i in range(N)}
+    src = _save(tmp_path / "loop", {"rngs": layers, "step": 2})
+    assert sorted(k.decode() for k in _kv(src).list().result() if k.startswith(b"rngs.layer_0.count/")) == [
+        "rngs.layer_0.count/c", "rngs.layer_0.count/zarr.json"]
+    ckptconv.convert(src, tmp_path / "scan", to="scan")
+    _check_output(tmp_path / "scan", {"rngs": {"blocks": _scan(layers, 0)}, "step": 2})
+    keys = sorted(k.decode() for k in _kv(tmp_path / "scan").list().result() if k.startswith(b"rngs.blocks.count/"))
+    assert keys == [f"rngs.blocks.count/c/{i}" for i in range(N)] + ["rngs.blocks.count/zarr.json"]
+    ckptconv.convert(tmp_path / "scan", tmp_path / "back", to="loop")
+    _check_output(tmp_path / "back", {"rngs": layers, "step": 2})
+
+
+def test_values_in_the_tree_are_zarr3(tmp_path):
+    """Plain arrays beside lazy leaves (`orbax_stream.write`) get Orbax's zarr3 codecs."""
+    src = _save(tmp_path / "src", {"w": np.ones((2, 3), np.float32)})
+    lazy = orbax_stream.read_lazy(src)
+    value = np.arange(6, dtype=np.int8).reshape(3, 2)
+    orbax_stream.write(src, {"w": lazy["w"], "v": value, "x": 1.5}, tmp_path / "out")
+    _check_output(tmp_path / "out", {"w": np.ones((2, 3), np.float32), "v": value, "x": 1.5})
+    z = _zarr_json(tmp_path / "out", "v")
+    [codec] = z["codecs"]
+    assert codec["name"] == "sharding_indexed" and codec["configuration"]["chunk_shape"] == [3, 2]
+    assert [c["name"] for c in codec["configuration"]["codecs"]] == ["bytes", "zstd"]

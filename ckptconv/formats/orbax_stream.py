@@ -374,6 +374,8 @@ def _check_zarray(z: Any, path: Path, key: str) -> dict[str, Any]:
             raise bad(f"has codecs {codecs!r:.80}, not a list of named codecs")
         shape, chunks = z.get("shape"), conf.get("chunk_shape")
     else:
+        if z.get("zarr_format", 2) != 2:
+            raise bad(f"has zarr_format {z.get('zarr_format')!r:.20}, not 2")
         shape, chunks = z.get("shape"), z.get("chunks")
     sizes = (isinstance(shape, list) and isinstance(chunks, list)
              and all(isinstance(d, int) and not isinstance(d, bool) for d in shape + chunks))
