@@ -279,8 +279,12 @@ def _common_options(fn: Any) -> Any:
         help="Output format (default: the input's).",
     )(fn)
     fn = click.option(
+        "--axis-for", "axis_for", multiple=True, metavar="NAME=N",
+        help="Layer axis of the groups under collection (or path) NAME, e.g. nnx_aux=0 (repeatable). By default --axis places the params' and their optimizer moments' layer axis, and other collections use 0.",
+    )(fn)
+    fn = click.option(
         "--axis", type=click.IntRange(min=0),
-        help="Position of the layer axis (default 0; MaxText: 1).",
+        help="Position of the layer axis of the params and their optimizer moments (default 0; MaxText: 1).",
     )(fn)
     return fn
 
@@ -289,6 +293,8 @@ def _run_convert(ctx: click.Context, src: Path, dst: Path, to: str | None, **kw:
     verb = {"scan": "stack", "loop": "unstack", None: "convert"}[to]
     dry_run = kw.get("dry_run", False)
     kw["only"] = list(kw.get("only") or ()) or None
+    if "axis_for" in kw:
+        kw["axis_for"] = list(kw["axis_for"]) or None
     bar = _Progress(f"to-{to}" if to else "extract") if sys.stderr.isatty() else None
     start = time.perf_counter()
     try:
@@ -321,44 +327,33 @@ def _run_convert(ctx: click.Context, src: Path, dst: Path, to: str | None, **kw:
     else:
         click.echo(f"wrote {dst} ({result.out_format}, {_human(result.nbytes)}) in {elapsed:.1f} s")
     if to == "scan" and not dry_run:
-        undo = _undo_command(result, dst, kw.get("axis") or 0)
+        undo = _undo_command(result, dst)
         if undo:
             click.echo(f"to undo: {undo}")
 
 
-def _undo_command(result: Any, dst: Path, axis: int) -> str | None:
-    """The to-loop command that gives the input's layer names back."""
+def _undo_command(result: Any, dst: Path) -> str | None:
+    """The to-loop command that gives the input's layer names back (what
+    to-loop OUT also does with no options, from OUT's record)."""
     import shlex
 
-    pairs: list[tuple[str, str]] = []
-    period = None
-    start = 0
-    for g in result.groups:
-        if g.holder is not None:
-            pattern = "{i}" if g.into == g.holder else f"{g.holder}/{{i}}"
-        else:
-            pattern = g.template
-        if (str(g.into), pattern) not in pairs:
-            pairs.append((str(g.into), pattern))
-        period = period or g.period
-        start = max(start, g.start)
-    if not pairs:
+    if not result.groups:
         return None
-    args = ["ckptconv", "to-loop", str(dst), "LOOP_OUT"]
-    for source, pattern in pairs:
-        if source != "blocks" or len(pairs) > 1:
-            args += ["--from", source]
-        if pattern != "layer_{i}" or len(pairs) > 1:
-            args += ["--pattern", pattern]
+    opts = record_mod.undo_options(record_mod.build(result, result.options))
+    args = ["ckptconv", "to-loop", shlex.quote(str(dst)), "LOOP_OUT"]
+    # Defaults left out: a single stack named blocks, layers named layer_{i}.
+    if opts.get("source") == "blocks":
+        del opts["source"]
+    if opts.get("pattern") == "layer_{i}":
+        del opts["pattern"]
+    text = record_mod.options_text(opts)
     if result.out_format != result.layout.format:
-        args += ["--format", result.layout.format]
-    if period:
-        args += ["--period", str(period)]
-    if start:
-        args += ["--layers", f"{start}:"]
-    if axis:
-        args += ["--axis", str(axis)]
-    return " ".join(shlex.quote(a) if a != "LOOP_OUT" else a for a in args)
+        fmt = f"--format {result.layout.format}"
+        # --format goes after the --from/--pattern pairs, as before.
+        head = record_mod.options_text({k: v for k, v in opts.items() if k in ("source", "pattern", "stacks")})
+        tail = record_mod.options_text({k: v for k, v in opts.items() if k not in ("source", "pattern", "stacks")})
+        text = " ".join(x for x in (head, fmt, tail) if x)
+    return " ".join(args + ([text] if text else []))
 
 
 @main.command("to-scan")

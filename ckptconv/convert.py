@@ -116,8 +116,8 @@ class Selection:
 
 
 #: The options `convert` passes on to `stack.to_scan` / `unstack.to_loop`.
-SCAN_OPTIONS = ("pattern", "into", "axis", "period", "layers", "remainder", "groups")
-LOOP_OPTIONS = ("source", "pattern", "axis", "period", "layers", "stacks")
+SCAN_OPTIONS = ("pattern", "into", "axis", "axis_for", "period", "layers", "remainder", "groups")
+LOOP_OPTIONS = ("source", "pattern", "axis", "axis_for", "period", "layers", "stacks")
 
 
 def plan_item(lazy_tree: Any, to: str, options: dict[str, Any]) -> tuple[Any, list[Any]]:
@@ -133,6 +133,7 @@ def plan_item(lazy_tree: Any, to: str, options: dict[str, Any]) -> tuple[Any, li
     if to == "scan":
         out = to_scan(lazy_tree, **opts)
         opts.pop("axis", None)
+        opts.pop("axis_for", None)
         return out, find_groups(lazy_tree, **opts)
     out = to_loop(lazy_tree, **opts)
     return out, loop_stacks(lazy_tree, **opts)
@@ -175,7 +176,8 @@ def plan(
         # Nothing said how to unstack: undo the conversion IN records, if any.
         rec = record.read(src, step)
         if rec is not None and rec.get("command") == "to-scan" and rec.get("groups"):
-            options = {**options, **record.undo_options(rec)}
+            undo = record.undo_options(rec)
+            options = {**undo, **{k: v for k, v in options.items() if k not in undo}}
             from_record = True
     items = []
     first_error: NothingToConvertError | None = None
@@ -231,7 +233,7 @@ def plan(
 
 
 #: to-loop options that say how to unstack (without them, IN's record does).
-_LOOP_LAYOUT = ("source", "pattern", "period", "layers", "stacks", "axis")
+_LOOP_LAYOUT = ("source", "pattern", "period", "layers", "stacks", "axis", "axis_for")
 
 
 def _in_item(why: str, name: str, layout: Layout) -> str:
@@ -320,9 +322,10 @@ def convert(
       dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: floating leaves
         are cast while streaming (round to nearest even); integer, boolean
         and PRNG-key leaves are untouched.
-      **options: for to-scan ``pattern``, ``into``, ``axis``, ``period``,
-        ``layers``, ``remainder``, ``groups``; for to-loop ``source``,
-        ``pattern``, ``axis``, ``period``, ``layers``, ``stacks`` (as
+      **options: for to-scan ``pattern``, ``into``, ``axis``, ``axis_for``,
+        ``period``, ``layers``, ``remainder``, ``groups``; for to-loop
+        ``source``, ``pattern``, ``axis``, ``axis_for``, ``period``,
+        ``layers``, ``stacks`` (as
         `ckptconv.to_scan` / `ckptconv.to_loop`).
 
     Returns:

@@ -567,6 +567,23 @@ def _find(tree: Any, specs: list[Spec]) -> tuple[list[Group], list[NearGroup]]:
                     f"and --pattern {g.template!r}; the patterns overlap. Give patterns that "
                     "select different layers."
                 )
+    # State that one layer holds beside params of many (MaxText's loop model
+    # keeps its RNG streams once, under layers_0) is not layer state.
+    from ckptconv import axes
+
+    bases = [g.path + ((g.holder,) if g.holder is not None else ()) for g in groups]
+    once = set(axes.held_once(bases, [len(g.keys) for g in groups]))
+    if once:
+        most = max(len(g.keys) for g in groups)
+        for i in sorted(once):
+            g = groups[i]
+            near.append(NearGroup(
+                g.path, g.template,
+                f"{format_path(bases[i] + (g.keys[0],))}: only {g.keys[0]} holds it (the "
+                f"params have {most} layers): not layer state (RNG streams kept once); it "
+                "stays where it is",
+            ))
+        groups = [g for i, g in enumerate(groups) if i not in once]
     for g in groups:
         if g.period and g.num_layers < g.period:
             raise GroupError(

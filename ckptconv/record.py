@@ -42,6 +42,11 @@ def build(result: Any, options: dict[str, Any]) -> dict[str, Any]:
     rec: dict[str, Any] = {"version": ver, "command": command, "source": result.src.name}
     if result.to is not None:
         rec["axis"] = int(options.get("axis") or 0)
+        from ckptconv.axes import parse_axis_for
+
+        axis_for = parse_axis_for(options.get("axis_for"))
+        if axis_for:
+            rec["axis_for"] = axis_for
         rec["groups"] = [_group(g) for g in result.groups]
     sel = result.selection
     if sel is not None:
@@ -160,7 +165,7 @@ def undo_options(rec: dict[str, Any]) -> dict[str, Any]:
             pairs.append((into, pattern))
         period = period or g.get("period")
         start = max(start, int(g.get("start") or 0))
-    opts: dict[str, Any] = {"axis": int(rec.get("axis") or 0)}
+    opts: dict[str, Any] = {}
     if len(pairs) == 1:
         opts["source"], opts["pattern"] = pairs[0]
     elif pairs:
@@ -169,6 +174,9 @@ def undo_options(rec: dict[str, Any]) -> dict[str, Any]:
         opts["period"] = period
     if start:
         opts["layers"] = f"{start}:"
+    opts["axis"] = int(rec.get("axis") or 0)
+    if rec.get("axis_for"):
+        opts["axis_for"] = dict(rec["axis_for"])
     return opts
 
 
@@ -184,6 +192,8 @@ def scan_options(rec: dict[str, Any]) -> dict[str, Any]:
         period = period or g.get("period")
         remainder = remainder or g.get("remainder")
     opts: dict[str, Any] = {"axis": int(rec.get("axis") or 0)}
+    if rec.get("axis_for"):
+        opts["axis_for"] = dict(rec["axis_for"])
     if len(pairs) == 1:
         opts["pattern"], opts["into"] = pairs[0]
     elif pairs:
@@ -202,12 +212,17 @@ def options_text(opts: dict[str, Any]) -> str:
              "layers": "--layers", "axis": "--axis", "remainder": "--remainder"}
     words: list[str] = []
     for key, value in opts.items():
+        if value is None:
+            continue
         if key in ("stacks", "groups"):
             a, b = ("--from", "--pattern") if key == "stacks" else ("--pattern", "--into")
             for x, y in value:
                 words += [a, x, b, y]
         elif key == "axis" and not value:
             continue
+        elif key == "axis_for":
+            for name, n in value.items():
+                words += ["--axis-for", f"{name}={n}"]
         elif key in flags and value is not None:
             words += [flags[key], str(value)]
     return " ".join(shlex.quote(w) for w in words)

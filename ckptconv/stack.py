@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptconv import lazy
+from ckptconv import axes, lazy
 from ckptconv.errors import GroupError, NothingToConvertError
 from ckptconv.groups import (
     DEFAULT_PREFIXES,
@@ -102,6 +102,7 @@ def to_scan(
     layers: Any = None,
     remainder: str = "separate",
     groups: Any = None,
+    axis_for: Any = None,
 ) -> Any:
     """Stack every group of layer subtrees into one subtree with a layer axis.
 
@@ -113,7 +114,11 @@ def to_scan(
       into: the key under which each group's stack goes, in the group's parent
         (default ``blocks``). Digit-keyed lists stacked whole are replaced in
         place, under their own key, unless ``into`` is given.
-      axis: position of the new layer axis in every leaf (MaxText uses 1).
+      axis: position of the new layer axis in every leaf of the params and
+        the trees that mirror them (MaxText uses 1); other collections stack
+        on axis 0 (see `ckptconv.axes`).
+      axis_for: ``{"nnx_aux": 0}`` (or ``["nnx_aux=0"]``): the layer axis of
+        the groups under a collection or path, overriding the rule.
       axis_name: partition name inserted into boxed leaves' ``names`` at
         ``axis``, as ``nn.scan(metadata_params={nn.PARTITION_NAME: ...})`` does.
       period: stack blocks of K consecutive layers, as MaxText's scanned
@@ -149,6 +154,7 @@ def to_scan(
     found, near = _find(tree, specs)
     if not found:
         raise NothingToConvertError(_no_group_message(tree, specs, near))
+    axis_of = group_axes(tree, found, axis, axis_for)
     by_path: dict[tuple, list[Group]] = {}
     for g in found:
         by_path.setdefault(g.path, []).append(g)
@@ -156,12 +162,33 @@ def to_scan(
     def convert(node: Any, path: tuple) -> Any:
         here = by_path.get(path)
         if here:
-            return _stack_groups(node, path, here, axis, axis_name, convert)
+            return _stack_groups(node, path, here, axis_of, axis_name, convert)
         if not _is_container(node):
             return node
         return _map_children(node, convert, path)
 
     return convert(tree, ())
+
+
+def group_axes(tree: Any, found: list[Group], axis: int, axis_for: Any = None) -> dict[int, int]:
+    """``id(group) -> layer axis`` by `ckptconv.axes.choose`."""
+    rule = axes.parse_axis_for(axis_for)
+    for n in rule.values():
+        _check_axis(n)
+    bases, sigs = [], []
+    for g in found:
+        base = g.path + ((g.holder,) if g.holder is not None else ())
+        bases.append(base)
+        sigs.append(axes.signature(_at(tree, base + (g.keys[0],))))
+    chosen = axes.choose(bases, sigs, axis, rule, params=axes.has_params(tree) if axis or rule else None)
+    return {id(g): n for g, n in zip(found, chosen)}
+
+
+def _at(tree: Any, path: tuple) -> Any:
+    node = tree
+    for k in path:
+        node = node[k] if _is_mapping(node) else dict(_children(node)[0])[k]
+    return node
 
 
 def _stacked_outputs(node: Any, g: Group, axis: int, axis_name: str) -> list[tuple[Any, Any]]:
@@ -186,7 +213,8 @@ def _stacked_outputs(node: Any, g: Group, axis: int, axis_name: str) -> list[tup
 
 
 def _stack_groups(
-    node: Any, path: tuple, groups: list[Group], axis: int, axis_name: str, convert: Any
+    node: Any, path: tuple, groups: list[Group], axis_of: dict[int, int], axis_name: str,
+    convert: Any,
 ) -> Any:
     by_into: dict[Any, Group] = {}
     for g in groups:
@@ -210,7 +238,7 @@ def _stack_groups(
             removed.update(g.keys)
         else:
             partial.setdefault(g.holder, set()).update(g.keys)
-    outputs = {id(g): _stacked_outputs(node, g, axis, axis_name) for g in groups}
+    outputs = {id(g): _stacked_outputs(node, g, axis_of[id(g)], axis_name) for g in groups}
     new_keys = [k for g in groups for k, _ in outputs[id(g)]]
     for k in new_keys:
         replaced_whole = any(

@@ -127,10 +127,11 @@ def find_stacks(
                         f"({', '.join(map(str, list(v.keys())[:3]))} …): it is a list of layers, "
                         "already in loop form. Use to-scan to stack it."
                     )
+                ax = _axis_at(axis, path + (k,))
                 if period:
-                    out.append(_period_stack(node, path, source, axis, period, pattern))
+                    out.append(_period_stack(node, path, source, ax, period, pattern))
                 else:
-                    out.append(Stacked(path + (k,), _layer_count(v, path + (k,), axis)))
+                    out.append(Stacked(path + (k,), _layer_count(v, path + (k,), ax)))
             elif period and _is_mapping(node) and k == _remainder_key(source):
                 continue
             else:
@@ -138,6 +139,45 @@ def find_stacks(
 
     walk(tree, ())
     return out
+
+
+def _axis_at(axis: Any, path: tuple) -> int:
+    """``axis`` is an int, or a function of the stack's path (per-collection axes)."""
+    return axis(path) if callable(axis) else axis
+
+
+def stack_axes(tree: Any, sources: list[str], axis: int, axis_for: Any = None) -> Any:
+    """The layer axis of every stack named in ``sources``, as a function of its
+    path, by `ckptconv.axes.choose` (params and their mirrors on ``axis``,
+    other collections on 0, ``axis_for`` overriding)."""
+    from ckptconv import axes
+
+    rule = axes.parse_axis_for(axis_for)
+    for n in rule.values():
+        _check_axis(n)
+    if not axis and not rule:
+        return axis
+    paths: list[tuple] = []
+
+    def walk(node: Any, path: tuple) -> None:
+        if not _is_container(node):
+            return
+        items = list(node.items()) if _is_mapping(node) else _children(node)[0]
+        for k, v in items:
+            if _is_mapping(node) and k in sources:
+                paths.append(path + (k,))
+            else:
+                walk(v, path + (k,))
+
+    walk(tree, ())
+    subs = []
+    for p in paths:
+        node = tree
+        for k in p:
+            node = node[k] if _is_mapping(node) else dict(_children(node)[0])[k]
+        subs.append(axes.signature(node))
+    chosen = dict(zip(paths, axes.choose(paths, subs, axis, rule, params=axes.has_params(tree))))
+    return lambda path: chosen.get(tuple(path), axis)
 
 
 def _is_digit_key(k: Any) -> bool:
@@ -336,6 +376,7 @@ def to_loop(
     period: int | None = None,
     layers: Any = None,
     stacks: Any = None,
+    axis_for: Any = None,
 ) -> Any:
     """Unstack every subtree named ``source`` into one subtree per layer.
 
@@ -349,7 +390,11 @@ def to_loop(
         under ``source`` itself as a digit-keyed list (keys ``'0' … 'N-1'``);
         ``"NAME/{i}"`` puts them into the digit-keyed list ``NAME`` beside
         ``source`` (merged with the layers already there: T5's ``block/0``).
-      axis: the layer axis of every leaf.
+      axis: the layer axis of every leaf of the params and the trees that
+        mirror them; other collections' stacks have theirs on 0 (see
+        `ckptconv.axes`).
+      axis_for: ``{"nnx_aux": 0}`` (or ``["nnx_aux=0"]``): the layer axis of
+        the stacks under a collection or path, overriding the rule.
       axis_name: the partition name removed from boxed leaves' ``names``.
       period: the inverse of `to_scan`'s ``period``: ``source`` holds K stacks
         named by ``pattern`` and the leftovers are under ``<source>_remainder``.
@@ -369,6 +414,7 @@ def to_loop(
     """
     _check_axis(axis)
     specs = _loop_specs(source, pattern, period, layers, stacks)
+    axis = stack_axes(tree, [s[0] for s in specs], axis, axis_for)
     loop_stacks(tree, axis=axis, stacks=specs)  # raises when there is nothing to unstack
     by_source = {src: (pat, per, rng) for src, pat, per, rng in specs}
 
@@ -384,7 +430,9 @@ def to_loop(
         for src in here:
             pat, per, rng = by_source[src]
             holder, template = loop_template(pat)
-            layers_ = _unstack_layers(node, path, src, axis, axis_name, per, template)
+            layers_ = _unstack_layers(
+                node, path, src, _axis_at(axis, path + (src,)), axis_name, per, template
+            )
             n = len(layers_)
             start = 0 if rng is None else (rng[0] or 0)
             if rng is not None and rng[1] is not None and rng[1] - start != n:
@@ -427,7 +475,7 @@ def to_loop(
                 outputs[src] = []
                 continue
             if src in specs.defaulted:
-                holder = _source_list(node, node[src], axis)
+                holder = _source_list(node, node[src], _axis_at(axis, path + (src,)))
                 if holder is not None:
                     raise GroupError(
                         f"{format_path(path + (src,))}: beside it is the list "
@@ -597,6 +645,7 @@ def loop_stacks(
     period: int | None = None,
     layers: Any = None,
     stacks: Any = None,
+    axis_for: Any = None,
 ) -> list[Stacked]:
     """The stacks `to_loop` with these options would unstack (same arguments).
 
@@ -604,6 +653,8 @@ def loop_stacks(
       NothingToConvertError: none; GroupError: bad options or stacks.
     """
     specs = _loop_specs(source, pattern, period, layers, stacks)
+    if not callable(axis):
+        axis = stack_axes(tree, [s[0] for s in specs], axis, axis_for)
     found = []
     for src, pat, per, rng in specs:
         for st in find_stacks(tree, src, axis=axis, period=per, pattern=loop_template(pat)[1]):

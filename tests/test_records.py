@@ -29,7 +29,7 @@ def test_maxtext_fixture_round_trip_needs_no_options_back(tmp_path, cli):
     r = cli("to-loop", scan, back)
     assert r.exit_code == 0, r.output
     assert _from_record_line(r) == (
-        f"from {scan}'s record: to-loop --axis 1 --from layers --pattern 'layers_{{i}}'"
+        f"from {scan}'s record: to-loop --from layers --pattern 'layers_{{i}}' --axis 1"
     )
     want = ckptconv.load(loop)["items"]["params"]
     _assert_bits(ckptconv.load(back)["items"]["params"], want, ordered=False)
@@ -44,7 +44,7 @@ def test_period_remainder_and_several_stacks_come_back_from_the_record(tmp_path,
     r = cli("to-loop", scan, tmp_path / "back")
     assert r.exit_code == 0, r.output
     assert _from_record_line(r) == (
-        f"from {scan}'s record: to-loop --axis 1 --from layers --pattern 'layers_{{i}}' --period 6"
+        f"from {scan}'s record: to-loop --from layers --pattern 'layers_{{i}}' --period 6 --axis 1"
     )
     _assert_bits(ckptconv.load(tmp_path / "back"), state, ordered=False)
 
@@ -57,8 +57,8 @@ def test_period_remainder_and_several_stacks_come_back_from_the_record(tmp_path,
     r = cli("to-loop", scan, tmp_path / "ds_back")
     assert r.exit_code == 0, r.output
     assert _from_record_line(r) == (
-        f"from {scan}'s record: to-loop --axis 1 --from dense_layers --pattern "
-        "'dense_layers_{i}' --from moe_layers --pattern 'moe_layers_{i}'"
+        f"from {scan}'s record: to-loop --from dense_layers --pattern "
+        "'dense_layers_{i}' --from moe_layers --pattern 'moe_layers_{i}' --axis 1"
     )
     _assert_bits(ckptconv.load(tmp_path / "ds_back"), ds, ordered=False)
 
@@ -111,10 +111,10 @@ def test_given_options_win_over_the_record_and_no_record_means_blocks(tmp_path, 
 @pytest.mark.parametrize("rec, opts", [
     ({"command": "to-scan", "axis": 1, "groups": [
         {"into": "layers", "template": "layers_{i}", "period": 6, "start": 0}]},
-     {"axis": 1, "source": "layers", "pattern": "layers_{i}", "period": 6}),
+     {"source": "layers", "pattern": "layers_{i}", "period": 6, "axis": 1}),
     ({"command": "to-scan", "axis": 0, "groups": [
         {"into": "h", "holder": "h", "template": "{i}"}]},
-     {"axis": 0, "source": "h", "pattern": "{i}"}),
+     {"source": "h", "pattern": "{i}", "axis": 0}),
 ])
 def test_undo_options_of_a_record(rec, opts):
     assert record.undo_options(rec) == opts
