@@ -316,6 +316,8 @@ def _run_convert(ctx: click.Context, src: Path, dst: Path, to: str | None, **kw:
             click.echo(f"{prefix}nothing to {verb}; {copied} unchanged")
         for g in item.groups:
             click.echo(f"{prefix}{g.describe()}")
+        for note in item.notes:
+            click.echo(f"{prefix}left alone: {note}")
     cast = result.cast
     if cast is not None:
         click.echo(

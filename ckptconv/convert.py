@@ -30,7 +30,7 @@ from ckptconv.errors import (
     OutputExistsError,
 )
 from ckptconv.formats.layout import Layout
-from ckptconv.groups import find_groups
+from ckptconv.groups import find_groups, find_near_groups
 from ckptconv.stack import to_scan
 from ckptconv.unstack import loop_stacks, to_loop
 
@@ -45,6 +45,7 @@ class ItemPlan:
     out_tree: Any = None  # None: copied unchanged
     nbytes: int = 0
     cast: subset.Cast | None = None  # what --dtype did to this item
+    notes: list[str] = field(default_factory=list)  # what to-scan left alone, and why
 
 
 @dataclass
@@ -201,6 +202,10 @@ def plan(
                 item.out_tree = lazy_tree
             else:
                 item.out_tree, item.groups = plan_item(lazy_tree, to, options)
+                if to == "scan":
+                    opts = {k: v for k, v in options.items()
+                            if v is not None and k not in ("axis", "axis_for")}
+                    item.notes = [n.message for n in find_near_groups(lazy_tree, **opts)]
         except NothingToConvertError as e:
             # Items without layers (metrics, dataset state) are copied as they are.
             first_error = first_error or e

@@ -631,10 +631,21 @@ def find_groups(
     return _find(tree, specs)[0]
 
 
-def find_near_groups(tree: Any, pattern: str | None = None) -> list[NearGroup]:
-    """Digit-keyed sibling layers alike except for a few members (T5's block 0),
-    which default detection leaves alone; each says what option would stack them."""
-    return _find(tree, _specs(None, pattern, None, None, None, "separate"))[1]
+def find_near_groups(
+    tree: Any,
+    pattern: str | None = None,
+    *,
+    into: str | None = None,
+    period: int | None = None,
+    layers: Any = None,
+    remainder: str = "separate",
+    groups: Any = None,
+) -> list[NearGroup]:
+    """What `to_scan` with these options leaves alone, each with a message:
+    digit-keyed sibling layers alike except for a few members (T5's block 0;
+    the message names the option that stacks them) and state that only one
+    layer holds beside params of many (MaxText's RNG streams)."""
+    return _find(tree, _specs(groups, pattern, into, period, layers, remainder))[1]
 
 
 def _check_members(group_path: tuple, keys: tuple, members: list[Any], axis: int, first: int = 0) -> None:
