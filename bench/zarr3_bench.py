@@ -8,9 +8,10 @@ Orbax's ``PyTreeCheckpointHandler``: ``use_zarr3=False`` (Orbax's default)
 and ``use_zarr3=True`` (MaxText's). Then, ``--repeat`` times, runs
 ``ckptconv to-scan`` on each (and ``to-loop`` of that output) in its own
 process under ``/usr/bin/time -v`` (convert_bench's `measure`), zarr2 and zarr3
-back to back in alternating order, and prints wall time and peak RSS with
-min / median / max over the repeats, and the zarr3/zarr2 wall ratio of the
-runs of the same repeat. The outputs of the first repeat are compared leaf by
+back to back in alternating order, and prints wall time, CPU time (user +
+system) and peak RSS with min / median / max over the repeats, and the
+zarr3/zarr2 wall ratio of the runs of the same repeat; ``cp -r`` of the input,
+once per repeat, shows the disk's pace. The outputs of the first repeat are compared leaf by
 leaf (zarr3 against zarr2: the same arrays), and the zarr3 ones must say
 ``use_zarr3``.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -37,6 +39,17 @@ def save(tree: dict, path: Path, zarr3: bool) -> None:
     handler = ocp.PyTreeCheckpointHandler(use_zarr3=zarr3)
     with ocp.Checkpointer(handler) as ckptr:
         ckptr.save(path.absolute(), args=ocp.args.PyTreeSave(tree))
+
+
+def timed(cmd: list[str]) -> tuple[float, float, float]:
+    """`measure` (wall s, peak RSS MB) plus the CPU seconds (user + system)
+    the command's processes used: less swayed than wall time by other work
+    on a busy machine."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall, rss = measure(cmd)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, rss, cpu
 
 
 def spread(xs: list[float], fmt: str) -> str:
@@ -71,6 +84,7 @@ def main() -> None:
         cases = ("to-scan", "to-loop (ckptconv's scan)")
         walls = {(c, v): [] for c in cases for v in versions}
         rsss = {(c, v): [] for c in cases for v in versions}
+        cpus = {(c, v): [] for c in cases for v in versions}
         ratios = {c: [] for c in cases}
         cp_walls: list[float] = []
         for r in range(args.repeat):
@@ -83,9 +97,10 @@ def main() -> None:
             for v in order:
                 scan, back = fresh(work / f"scan_{v}"), fresh(work / f"back_{v}")
                 for case, cmd in zip(cases, (["to-scan", loops[v], scan], ["to-loop", scan, back])):
-                    wall, rss = measure([*CKPTCONV, *map(str, cmd)])
+                    wall, rss, cpu = timed([*CKPTCONV, *map(str, cmd)])
                     walls[case, v].append(wall)
                     rsss[case, v].append(rss)
+                    cpus[case, v].append(cpu)
                 outs[v] = scan, back
             for case in cases:
                 ratios[case].append(walls[case, "zarr3"][-1] / walls[case, "zarr2"][-1])
@@ -102,12 +117,13 @@ def main() -> None:
                 fresh(outs[v][0])
                 fresh(outs[v][1])
         print(f"\n{args.repeat} runs each; min/median/max; cp -r of the input {spread(cp_walls, '.2f')} s")
-        print(f"{'case':<27} {'zarr':<5} {'wall s':>17} {'peak RSS MB':>15}   zarr3/zarr2 wall, same run")
+        print(f"{'case':<27} {'zarr':<5} {'wall s':>17} {'cpu s':>17} {'peak RSS MB':>15}   "
+              "zarr3/zarr2 wall, same run")
         for case in cases:
             for v in versions:
                 ratio = spread(ratios[case], ".2f") if v == "zarr3" else ""
                 print(f"{case:<27} {v[-1]:<5} {spread(walls[case, v], '.2f'):>17} "
-                      f"{spread(rsss[case, v], '.0f'):>15}   {ratio}")
+                      f"{spread(cpus[case, v], '.2f'):>17} {spread(rsss[case, v], '.0f'):>15}   {ratio}")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -741,7 +741,7 @@ class _DecodeJob:
 
     kind "stack": `leaves` is one Stack output; "slices": every Slice output of
     one source (decoded one layer-thick slab at a time); "ref": a Ref copied by
-    decoding (zarr3 sources); "value": an in-memory array value.
+    decoding (a cast); "value": an in-memory array value.
     """
 
     kind: str
