@@ -11,6 +11,15 @@ every layer's intermediates are diffed.
 With ``period`` K (MaxText's scanned Gemma-3), layer ``K·b + j`` sits at index
 ``b`` of ``<into>/<name_j>`` and the leftovers under ``<into>_remainder``; every
 per-layer figure (structure and numbers) still names the real layer number.
+
+Checkpoint paths are read with the streaming readers, one leaf pair at a time
+(SCAN's leaf and the LOOP leaves it stacks), so the structural check needs
+memory for about one leaf, not the checkpoints. Without options, the options
+come from SCAN's conversion record (`ckptconv.record`) when it has one.
+
+Before a model runs, its params are checked against the checkpoint and the
+two forms' intermediates are matched (``jax.eval_shape``: nothing is
+computed); either mismatch is a `VerifyError` naming the paths.
 """
 
 from __future__ import annotations
@@ -19,13 +28,14 @@ import ast
 import importlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ckptconv import lazy
 from ckptconv import tree as treelib
 from ckptconv.errors import CkptconvError, GroupError, NothingToConvertError, VerifyError
 from ckptconv.groups import Group, find_groups
@@ -98,6 +108,17 @@ class Report:
     #: why the numbers were not compared although a model was given (the scan
     #: model could not run on a SCAN whose structure is already wrong)
     not_run: str | None = None
+    #: the conversion options used, and where they came from ("given",
+    #: "record": SCAN's conversion record, "default")
+    options: dict[str, Any] = field(default_factory=dict)
+    options_from: str = "default"
+    #: per-layer intermediate names in the loop model's order (the plot's columns)
+    names: list[str] = field(default_factory=list)
+    #: loop-form intermediates not compared, and why (a layer collection's own
+    #: output, which the scan form, being the scanned layers, does not record)
+    skipped: list[str] = field(default_factory=list)
+    #: where `verify` wrote the plot (``plot=PATH``)
+    plot: str | None = None
 
     @property
     def structure_passed(self) -> bool:
@@ -117,6 +138,25 @@ class Report:
         bad = [r.layer for r in self.rows if not r.passed and r.layer is not None]
         return min(bad) if bad else None
 
+    def cells(self) -> tuple[list[int], list[str], np.ndarray]:
+        """The plot's matrix: ``(layers, names, worst)``, ``worst[i, j]`` the
+        worst ``|Δ| / (atol + rtol·|loop|)`` of intermediate ``names[j]`` in
+        layer ``layers[i]`` over its calls (> 1 fails; NaN where that layer has
+        no such intermediate). Rows outside the layers are not in it."""
+        layers = sorted({r.layer for r in self.rows if r.layer is not None})
+        names = [n for n in self.names if any(r.name == n for r in self.rows if r.layer is not None)]
+        names += sorted({r.name for r in self.rows if r.layer is not None} - set(names))
+        li = {v: i for i, v in enumerate(layers)}
+        ni = {v: j for j, v in enumerate(names)}
+        worst = np.full((len(layers), len(names)), np.nan)
+        for r in self.rows:
+            if r.layer is None:
+                continue
+            i, j = li[r.layer], ni[r.name]
+            w = r.worst if r.passed or r.worst > 1 else math.inf  # failed: never below 1
+            worst[i, j] = w if np.isnan(worst[i, j]) else max(worst[i, j], w)
+        return layers, names, worst
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out.update(
@@ -133,6 +173,11 @@ class Report:
         if max_rows is None:
             max_rows = 5 if self.passed else 20
         lines = [f"verify {self.loop} (loop) against {self.scan} (scan)"]
+        if self.options_from == "record":
+            from ckptconv.record import options_text
+
+            text = options_text(self.options) or "(defaults)"
+            lines.append(f"options: from SCAN's conversion record: {text}")
         bad = [c for c in self.leaves if not c.ok]
         how = f"to_scan(LOOP, period={self.period})" if self.period else "to_scan(LOOP)"
         if not bad:
@@ -189,6 +234,16 @@ class Report:
                 )
             if len(self.rows) > max_rows:
                 lines.append(f"  … {len(self.rows) - max_rows} more rows (--json for all)")
+            if self.skipped:
+                lines.append(
+                    f"not compared: {len(self.skipped)} outputs of a layer collection as a "
+                    "whole, which the scan form (the scanned layers) does not record; every "
+                    "layer and all that follows the collection are compared:"
+                )
+                for name in self.skipped[:3]:
+                    lines.append(f"  {name}")
+                if len(self.skipped) > 3:
+                    lines.append(f"  … and {len(self.skipped) - 3} more")
             if self.unmatched:
                 lines.append(
                     f"{len(self.unmatched)} intermediates exist in one form only, so they were "
@@ -202,6 +257,8 @@ class Report:
                     "  Does the scan module stack the intermediates collection? "
                     "nn.scan(..., variable_axes={'params': 0, 'intermediates': 0})"
                 )
+        if self.plot:
+            lines.append(f"plot: {self.plot}")
         lines.append("PASS" if self.passed else "FAIL")
         return "\n".join(lines)
 
@@ -244,6 +301,64 @@ def _finite(x: Any) -> Any:
 
 
 # --------------------------------------------------------------------------
+# Reading the checkpoints
+
+
+@dataclass
+class _Side:
+    """One checkpoint: its name in messages, its tree (lazy `Ref` leaves for a
+    path, read with ``read``; the tree itself for an in-memory input), its
+    CheckpointManager step."""
+
+    name: str
+    tree: Any
+    read: Callable[[Any], np.ndarray] | None = None
+    step: int | None = None
+    path: Path | None = None
+
+    def value(self, leaf: Any) -> np.ndarray:
+        """A leaf's values as numpy (lazy leaves read now)."""
+        if isinstance(leaf, lazy.LAZY):
+            assert self.read is not None
+            return np.asarray(lazy._value(leaf, self.read))
+        return np.asarray(treelib._unbox(leaf))
+
+    def materialize(self, tree: Any) -> Any:
+        return tree if self.read is None else lazy.materialize(tree, self.read)
+
+
+def _open(x: str | Path | Any, step: int | None = None) -> _Side:
+    """A checkpoint path (a CheckpointManager root at ``step``, default its
+    latest; ``step`` does not apply to other inputs), described, not read."""
+    if not isinstance(x, (str, Path)):
+        return _Side("<tree>", x)
+    from ckptconv import formats
+
+    path = Path(x)
+    fmt = formats.detect(path)
+    layout = fmt.describe(path)
+    if layout.kind == "root" and step is not None:
+        layout = fmt.describe(path, step)
+    at = layout.step if layout.kind == "root" else None
+    items = dict(layout.items)
+    if list(items) == [""]:
+        item = items[""]
+        return _Side(str(x), fmt.read_lazy(item), lambda ref: fmt.read_array(item, ref), at, path)
+    # Several items ({item: tree}, as `load` gives them): each Ref names its item.
+    tree = {}
+    for name, item in items.items():
+        tree[name] = lazy._map_lazy(
+            fmt.read_lazy(item), lambda r, n=name: lazy.Ref((n, r), r.shape, r.dtype)
+        )
+
+    def read(ref: Any) -> np.ndarray:
+        name, inner = ref.source
+        return fmt.read_array(items[name], inner)
+
+    return _Side(str(x), tree, read, at, path)
+
+
+# --------------------------------------------------------------------------
 # Structure
 
 
@@ -282,15 +397,64 @@ def _where(path: tuple, where: list[tuple[tuple, list[int], bool]]) -> tuple[tup
     return next((w for w in where if path[: len(w[0])] == w[0]), None)
 
 
+_CHUNK = 1 << 22  # elements compared at a time: bounded temporaries on large leaves
+
+
+def _flat_view(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a).reshape(-1)
+    return a.view(np.uint8) if a.dtype.itemsize and a.dtype.kind != "O" else a
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    x, y = _flat_view(a), _flat_view(b)
+    step = _CHUNK * 4
+    return all(np.array_equal(x[i : i + step], y[i : i + step]) for i in range(0, x.size, step))
+
+
+def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    if not (a.dtype.kind in "fciu" or a.dtype.name == "bfloat16"):
+        return float("nan")
+    x, y = a.reshape(-1), b.reshape(-1)
+    best = 0.0
+    for i in range(0, x.size, _CHUNK):
+        with np.errstate(invalid="ignore"):
+            d = np.abs(x[i : i + _CHUNK].astype(np.float64) - y[i : i + _CHUNK].astype(np.float64))
+        if d.size:
+            m = np.nanmax(d) if not np.isnan(d).all() else math.nan
+            best = m if math.isnan(m) or math.isnan(best) else max(best, float(m))
+    return float(best)
+
+
+def _scan_opts(
+    pattern: str | None, into: str | None, period: int | None, remainder: str,
+    layers: Any, groups: Any,
+) -> dict[str, Any]:
+    opts: dict[str, Any] = {"period": period, "remainder": remainder, "layers": layers}
+    if groups is not None:
+        opts["groups"] = groups
+    else:
+        opts.update(pattern=pattern, into=into)
+    return opts
+
+
 def check_structure(
-    loop: Any, scan: Any, *, pattern: str | None = None, into: str = "blocks", axis: int = 0,
-    period: int | None = None, remainder: str = "separate",
+    loop: Any, scan: Any, *, pattern: str | None = None, into: str | None = None, axis: int = 0,
+    period: int | None = None, remainder: str = "separate", layers: Any = None,
+    groups: Any = None, loop_read: Callable[[Any], np.ndarray] | None = None,
+    scan_read: Callable[[Any], np.ndarray] | None = None,
 ) -> list[LeafCheck]:
     """Compare SCAN with ``to_scan(LOOP)`` (same options) leaf by leaf, layer by
-    layer; ``LeafCheck.layers`` are real layer numbers (``K·b + j`` with a period)."""
-    opts = {"pattern": pattern, "into": into, "period": period, "remainder": remainder}
+    layer; ``LeafCheck.layers`` are real layer numbers (``K·b + j`` with a period).
+
+    Trees may have lazy leaves (`ckptconv.lazy.Ref`, as the formats'
+    ``read_lazy`` gives them), read with ``loop_read``/``scan_read``: then one
+    SCAN leaf and one LOOP layer are in memory at a time."""
+    opts = _scan_opts(pattern, into, period, remainder, layers, groups)
     expected = to_scan(loop, axis=axis, **opts)
     where = _layer_map(find_groups(loop, **opts))
+    lside, sside = _Side("LOOP", loop, loop_read), _Side("SCAN", scan, scan_read)
     want, got = _flat(expected), _flat(scan)
     checks = []
     for p, e in want.items():
@@ -311,32 +475,50 @@ def check_structure(
             same = e == f
             checks.append(LeafCheck(name, "equal" if same else "differs", repr(e), repr(f)))
             continue
-        a = np.asarray(treelib._unbox(e))
-        b = np.asarray(treelib._unbox(f))
-        if a.tobytes() == b.tobytes():
-            checks.append(LeafCheck(name, "equal"))
-            continue
-        w = _where(p, where)
-        layers: list[int] = []
-        if w is not None and not w[2]:
-            layers = list(w[1])  # an unstacked leftover layer
-        elif w is not None:
-            for i in range(a.shape[axis]):
-                if np.take(a, i, axis).tobytes() != np.take(b, i, axis).tobytes():
-                    layers.append(w[1][i] if i < len(w[1]) else i)
-        checks.append(LeafCheck(name, "differs", layers=layers, max_abs=_max_abs(a, b)))
+        checks.append(_check_leaf(name, p, e, f, lside, sside, where, axis))
+        del f
     for p, f in got.items():
         if p not in want:
             checks.append(LeafCheck(treelib.format_path(p), "unexpected", found=_describe(f)))
     return checks
 
 
-def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
-    if a.dtype.kind in "fciu" or a.dtype.name == "bfloat16":
-        with np.errstate(invalid="ignore"):
-            d = np.abs(a.astype(np.float64) - b.astype(np.float64))
-        return float(np.nanmax(d)) if d.size else 0.0
-    return float("nan")
+def _check_leaf(
+    name: str, p: tuple, e: Any, f: Any, lside: _Side, sside: _Side,
+    where: list[tuple[tuple, list[int], bool]], axis: int,
+) -> LeafCheck:
+    """One leaf pair. A stacked leaf of a lazy LOOP is compared layer by layer
+    (SCAN's leaf, then each LOOP layer in turn), never stacked in memory."""
+    b = sside.value(f)
+    w = _where(p, where)
+    if isinstance(e, lazy.Stack):
+        layers, worst = [], 0.0
+        for i, part in enumerate(e.parts):
+            a = lside.value(part)
+            bi = np.take(b, i, axis=e.axis)
+            if not _same_bits(a, bi):
+                layers.append(w[1][i] if w is not None and i < len(w[1]) else i)
+                worst = _nanmax(worst, _max_abs(a, bi))
+        if not layers:
+            return LeafCheck(name, "equal")
+        return LeafCheck(name, "differs", layers=layers, max_abs=worst)
+    a = lside.value(e)
+    if _same_bits(a, b):
+        return LeafCheck(name, "equal")
+    layers: list[int] = []
+    if w is not None and not w[2]:
+        layers = list(w[1])  # an unstacked leftover layer
+    elif w is not None and a.ndim > axis:
+        for i in range(a.shape[axis]):
+            if not _same_bits(np.take(a, i, axis), np.take(b, i, axis)):
+                layers.append(w[1][i] if i < len(w[1]) else i)
+    return LeafCheck(name, "differs", layers=layers, max_abs=_max_abs(a, b))
+
+
+def _nanmax(a: float, b: float) -> float:
+    if math.isnan(a) or math.isnan(b):
+        return math.nan
+    return max(a, b)
 
 
 # --------------------------------------------------------------------------
@@ -361,42 +543,159 @@ def resolve(target: str) -> Any:
     return obj
 
 
+#: Collections a variables dict holds (MaxText's train state keeps one under ``params``).
+_COLLECTIONS = {"params", "batch_stats", "cache", "params_axes"}
+
+
 def _variables(t: Any) -> dict[str, Any]:
     """The model variables in a checkpoint tree: its collections if it has
-    ``params`` at the top (optimizer state and the rest left out); for a
+    ``params`` at the top (optimizer state and the rest left out; MaxText's
+    ``params/params/…``: the variables dict under ``params``); for a
     CheckpointManager step (``{item: tree}``), those of the one item that has
     ``params``; else the whole tree as params."""
-    if isinstance(t, dict) and "params" in t:
+    if isinstance(t, Mapping) and "params" in t:
+        inner = t["params"]
+        if isinstance(inner, Mapping) and "params" in inner and set(inner) <= _COLLECTIONS:
+            return {k: inner[k] for k in ("params", "batch_stats", "cache") if k in inner}
         return {k: t[k] for k in ("params", "batch_stats", "cache") if k in t}
-    if isinstance(t, dict):
-        items = [v for v in t.values() if isinstance(v, dict) and "params" in v]
+    if isinstance(t, Mapping):
+        items = [v for v in t.values() if isinstance(v, Mapping) and "params" in v]
         if len(items) == 1:
             return _variables(items[0])
     return {"params": t}
 
 
-def _run(module: Any, variables: Any, inputs: tuple, repeats: int) -> tuple[Any, Timing]:
+def _is_array(x: Any) -> bool:
+    import jax
+
+    leaves = jax.tree_util.tree_leaves(x)
+    return bool(leaves) and all(isinstance(v, (np.ndarray, np.generic, jax.Array)) for v in leaves)
+
+
+@dataclass
+class _Call:
+    """How the models are called: positional and keyword inputs. Arrays (and
+    pytrees of arrays) are traced; anything else (``deterministic=True``, a
+    mode string) is passed as it is, a static argument."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+
+    @classmethod
+    def of(cls, inputs: Any) -> _Call:
+        if isinstance(inputs, Mapping):
+            return cls((), dict(inputs))
+        if isinstance(inputs, (tuple, list)):
+            return cls(tuple(inputs), {})
+        return cls((inputs,), {})
+
+    def dynamic(self) -> tuple[list, dict]:
+        return (
+            [a for a in self.args if _is_array(a)],
+            {k: v for k, v in self.kwargs.items() if _is_array(v)},
+        )
+
+    def __call__(self, fn: Callable[..., Any], dyn: tuple[list, dict]) -> Any:
+        pos, kw = iter(dyn[0]), dyn[1]
+        args = [next(pos) if _is_array(a) else a for a in self.args]
+        return fn(*args, **{**self.kwargs, **kw})
+
+
+def _run(module: Any, variables: Any, call: _Call, repeats: int) -> tuple[Any, Timing]:
     """Time the plain forward (compile, then steps), then run once capturing
     every intermediate. Timing the plain forward keeps the figures about the
     model, not about copying out its intermediates."""
     import jax
 
-    def plain(v: Any, *a: Any) -> Any:
-        return module.apply(v, *a, mutable=True)
+    def plain(v: Any, dyn: Any) -> Any:
+        return call(lambda *a, **k: module.apply(v, *a, mutable=True, **k), dyn)
 
-    def captured(v: Any, *a: Any) -> Any:
-        return module.apply(v, *a, capture_intermediates=True, mutable=True)
+    def captured(v: Any, dyn: Any) -> Any:
+        return call(
+            lambda *a, **k: module.apply(v, *a, capture_intermediates=True, mutable=True, **k), dyn
+        )
 
+    dyn = call.dynamic()
     start = time.perf_counter()
-    compiled = jax.jit(plain).lower(variables, *inputs).compile()
+    compiled = jax.jit(plain).lower(variables, dyn).compile()
     compile_s = time.perf_counter() - start
-    jax.block_until_ready(compiled(variables, *inputs))
+    jax.block_until_ready(compiled(variables, dyn))
     start = time.perf_counter()
     for _ in range(repeats):
-        jax.block_until_ready(compiled(variables, *inputs))
+        jax.block_until_ready(compiled(variables, dyn))
     step_s = (time.perf_counter() - start) / max(repeats, 1)
-    out = jax.device_get(jax.jit(captured)(variables, *inputs))
+    out = jax.device_get(jax.jit(captured)(variables, dyn))
     return out, Timing(compile_s, step_s)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
+
+
+def _listed(title: str, items: list[str], n: int = 5) -> list[str]:
+    if not items:
+        return []
+    out = [f"  {title} ({len(items)}):"]
+    out += [f"    {x}" for x in items[:n]]
+    if len(items) > n:
+        out.append(f"    … and {len(items) - n} more")
+    return out
+
+
+def _shapes(tree: Any) -> dict[tuple, tuple]:
+    """path -> shape of every array leaf (boxed leaves unboxed)."""
+    return {
+        p: tuple(s) for p, x in treelib.leaves_with_paths(tree)
+        if (s := treelib.leaf_shape(x)) is not None
+    }
+
+
+def _check_params(form: str, module: Any, variables: dict[str, Any], call: _Call, ckpt: str) -> str | None:
+    """Why ``module`` cannot run on ``variables`` (the checkpoint's), or None:
+    the paths its ``init`` creates against those the checkpoint holds
+    (``jax.eval_shape``: nothing is computed). None too when ``init`` itself
+    cannot be traced: running will say what is wrong."""
+    import jax
+    from flax.core import meta
+
+    def init(key: Any, dyn: Any) -> Any:
+        rngs = {"params": key, "dropout": key}
+        return call(lambda *a, **k: module.init(rngs, *a, **k), dyn)
+
+    try:
+        made = jax.eval_shape(init, jax.random.PRNGKey(0), call.dynamic())
+    except Exception:  # noqa: BLE001 - the run reports it, with its own message
+        return None
+    made = meta.unbox(dict(made))
+    missing, unexpected, shape = [], [], []
+    for coll in ("params", "batch_stats"):
+        if coll not in made and coll not in variables:
+            continue
+        want = _shapes(made.get(coll, {}))
+        have = _shapes(variables.get(coll, {}))
+        for p, s in want.items():
+            name = treelib.format_path((coll, *p))
+            if p not in have:
+                missing.append(f"{name} {list(s)}")
+            elif have[p] != s:
+                shape.append(f"{name}: the model's {list(s)}, the checkpoint's {list(have[p])}")
+        unexpected += [f"{treelib.format_path((coll, *p))} {list(s)}" for p, s in have.items() if p not in want]
+    if not (missing or unexpected or shape):
+        return None
+    lines = [
+        f"the {form} model ({type(module).__name__}) does not fit {ckpt}: "
+        f"{len(missing)} params missing from the checkpoint, {len(unexpected)} not in the "
+        f"model, {len(shape)} of another shape."
+    ]
+    lines += _listed("missing from the checkpoint", missing)
+    lines += _listed("in the checkpoint, not in the model", unexpected)
+    lines += _listed("shape", shape)
+    lines.append(
+        "  Does --model/--block build this checkpoint's form (layer names, stacked key, "
+        "layer axis, --period, sizes in --block-kwargs)?"
+    )
+    return "\n".join(lines)
 
 
 def _tolerance(dtype: np.dtype, atol: float | None, rtol: float | None) -> tuple[float, float]:
@@ -432,42 +731,218 @@ def _compare(name: str, layer: int | None, a: np.ndarray, b: np.ndarray, atol: f
     )
 
 
+# --------------------------------------------------------------------------
+# Matching the two forms' intermediates
+#
+# The loop form's intermediates are stacked as its params were (the same
+# groups, layer axis 0, as nn.scan stacks them), on `Ref` leaves that name the
+# loop value's path, so the same plan serves the check before running (on
+# jax.eval_shape's shapes) and the comparison after (on the values).
+
+
+def _refs(tree: Any, path: tuple = ()) -> Any:
+    """``tree`` with every array leaf replaced by ``Ref(source=its path)``."""
+    if tree is None or (not treelib.is_leaf(tree) and treelib._is_container(tree)):
+        if tree is None:
+            return None
+        return treelib._map_children(tree, lambda v, p: _refs(v, p), path)
+    shape = getattr(tree, "shape", None)
+    try:
+        dtype = np.dtype(tree.dtype)
+    except (AttributeError, TypeError):
+        return tree
+    return tree if shape is None else lazy.Ref(path, tuple(shape), dtype)
+
+
+def _is_digit(k: Any) -> bool:
+    return isinstance(k, int) or (isinstance(k, str) and k.isdigit())
+
+
+def _get(tree: Any, path: tuple) -> Any:
+    node = tree
+    for k in path:
+        if isinstance(node, Mapping) and k in node:
+            node = node[k]
+        elif isinstance(node, (tuple, list)) and isinstance(k, int) and k < len(node):
+            node = node[k]
+        else:
+            return None
+    return node
+
+
+def _inter_specs(groups: Sequence[Group]) -> list[dict[str, Any]]:
+    """to_scan options that stack the loop form's intermediates as ``groups``
+    (the params' groups) were stacked."""
+    specs: list[dict[str, Any]] = []
+    for g in groups:
+        in_place = g.holder is not None and g.into == g.holder
+        partial = g.start != 0 or (g.total and g.num_layers != g.total)
+        spec = {
+            "pattern": g.template, "into": None if in_place else g.into, "period": g.period,
+            "remainder": g.remainder,
+            "layers": (g.start, g.start + g.num_layers) if partial else None,
+        }
+        if spec not in specs:
+            specs.append(spec)
+    return specs
+
+
+@dataclass
+class _Plan:
+    """Which loop value(s) each scan intermediate is compared with."""
+
+    want: dict[tuple, Any]  # scan path -> Ref (a loop path) or Stack (one Ref per layer)
+    got: dict[tuple, Any]  # scan path -> scan value
+    where: list[tuple[tuple, list[int], bool]]
+    skipped: list[str]
+    names: list[str]
+
+    def mismatch(self) -> tuple[list[str], list[str], list[str]]:
+        loop_only = [treelib.format_path(p) for p in self.want if p not in self.got]
+        scan_only = [treelib.format_path(p) for p in self.got if p not in self.want]
+        shape = []
+        for p, e in self.want.items():
+            if p in self.got:
+                se, sg = treelib.leaf_shape(e), treelib.leaf_shape(self.got[p])
+                if se != sg:
+                    shape.append(
+                        f"{treelib.format_path(p)}: loop form {list(se) if se is not None else se} "
+                        f"(stacked), scan form {list(sg) if sg is not None else sg}"
+                    )
+        return loop_only, scan_only, shape
+
+
+def _plan(loop_inter: Any, scan_inter: Any, specs: list[dict[str, Any]]) -> _Plan:
+    tree = _refs(loop_inter)
+    # A layer collection (Hugging Face's FlaxGPT2BlockCollection: children
+    # 0 … N-1) records its own calls beside its layers: set them aside.
+    own: dict[tuple, dict[Any, Any]] = {}
+
+    def strip(node: Any, path: tuple) -> None:
+        if not isinstance(node, dict):
+            return
+        digits = [k for k in node if _is_digit(k)]
+        others = [k for k in node if not _is_digit(k)]
+        if len(digits) >= 1 and others and all(isinstance(node[k], dict) for k in digits):
+            own[path] = {k: node.pop(k) for k in others}
+        for k, v in node.items():
+            strip(v, path + (k,))
+
+    has_list = any(s["pattern"] == "{i}" for s in specs)
+    if has_list:
+        strip(tree, ())
+    where: list[tuple[tuple, list[int], bool]] = []
+    for spec in specs:
+        try:
+            found = find_groups(tree, **spec)
+            tree = to_scan(tree, axis=0, **spec)
+        except NothingToConvertError:
+            continue
+        except GroupError as e:
+            raise VerifyError(
+                f"the loop model's layers do not record the same intermediates, so they cannot "
+                f"be stacked to compare with the scan form's: {e}"
+            ) from e
+        where += _layer_map(found)
+    want = _flat(tree)
+    got = _flat(scan_inter)
+    skipped: list[str] = []
+    for path, records in own.items():
+        for k, value in records.items():
+            here = _get(tree, path + (k,))
+            n_stacked = len(here) if isinstance(here, (tuple, list)) else 0
+            there = _get(scan_inter, path + (k,))
+            n_scan = len(there) if isinstance(there, (tuple, list)) else None
+            calls = value if isinstance(value, (tuple, list)) else None
+            if calls is not None and n_scan == n_stacked + len(calls):
+                # The scan form's module records the collection's call after its layers'.
+                for j, c in enumerate(calls):
+                    for sub, leaf in treelib.leaves_with_paths(c):
+                        want[path + (k, n_stacked + j) + sub] = leaf
+            elif calls is not None and (n_scan == n_stacked or (n_scan is None and n_stacked == 0)):
+                skipped.append(treelib.format_path(path + (k,)))
+            else:
+                for sub, leaf in treelib.leaves_with_paths(value):
+                    want[path + (k,) + sub] = leaf
+    names: list[str] = []
+    for p in want:
+        w = _where(p, where)
+        if w is not None and (w[2] is False or isinstance(want[p], lazy.Stack)):
+            n = _inter_name(p[len(w[0]):])
+            if n not in names:
+                names.append(n)
+    return _Plan(want, got, where, skipped, names)
+
+
+def _no_match_error(plan: _Plan) -> VerifyError:
+    loop_only, scan_only, shape = plan.mismatch()
+    lines = [
+        f"the loop and scan models' intermediates do not correspond ({len(loop_only)} in the "
+        f"loop form only, {len(scan_only)} in the scan form only, {len(shape)} of another "
+        "shape), so not every layer could be compared. Nothing was run."
+    ]
+    lines += _listed("loop form only (after stacking its layers)", loop_only)
+    lines += _listed("scan form only", scan_only)
+    lines += _listed("shape", shape)
+    lines.append(
+        "  Does the scan module stack the intermediates collection? nn.scan(..., "
+        "variable_axes={'params': 0, 'intermediates': 0}). Do both forms name their "
+        "modules alike (the layers' own names inside, the stacked key outside)?"
+    )
+    return VerifyError("\n".join(lines))
+
+
+def _rows(plan: _Plan, values: dict[tuple, Any], atol: float | None, rtol: float | None) -> list[Row]:
+    rows: list[Row] = []
+    for p, e in plan.want.items():
+        if p not in plan.got:
+            continue
+        b = np.asarray(plan.got[p])
+        w = _where(p, plan.where)
+        if isinstance(e, lazy.Stack) and w is not None:
+            prefix, layers, _ = w
+            name = _inter_name(p[len(prefix):])
+            if b.shape[:1] != (len(e.parts),):
+                a = np.stack([np.asarray(values[r.source]) for r in e.parts])
+                rows.append(_compare(name, None, a, b, atol, rtol))
+                continue
+            for i, part in enumerate(e.parts):
+                layer = layers[i] if i < len(layers) else i
+                rows.append(_compare(name, layer, np.asarray(values[part.source]), b[i], atol, rtol))
+            continue
+        if isinstance(e, lazy.Stack):
+            a = np.stack([np.asarray(values[r.source]) for r in e.parts])
+        elif isinstance(e, lazy.Ref):
+            a = np.asarray(values[e.source])
+        else:
+            a = np.asarray(e)
+        if w is not None and not w[2]:
+            rows.append(_compare(_inter_name(p[len(w[0]):]), w[1][0], a, b, atol, rtol))
+        else:
+            rows.append(_compare(_inter_name(p), None, a, b, atol, rtol))
+    rows.sort(key=lambda r: (r.passed, -r.worst, r.layer if r.layer is not None else -1))
+    return rows
+
+
 def compare_intermediates(
-    loop_inter: Any, scan_inter: Any, *, pattern: str | None, into: str,
+    loop_inter: Any, scan_inter: Any, *, pattern: str | None = None, into: str | None = None,
     atol: float | None = None, rtol: float | None = None,
-    period: int | None = None, remainder: str = "separate",
+    period: int | None = None, remainder: str = "separate", groups: Sequence[Group] | None = None,
 ) -> tuple[list[Row], list[str]]:
     """Rows for every intermediate of every layer (worst first), and the names
-    found in only one form. The loop form's intermediates are stacked as
-    ``to_scan(..., axis=0, period=period)`` would; each row names the real
-    layer number and the intermediate's path inside the layer."""
-    opts = {"pattern": pattern, "into": into, "period": period, "remainder": remainder}
-    expected = to_scan(loop_inter, axis=0, **opts)
-    where = _layer_map(find_groups(loop_inter, **opts))
-    want, got = _flat(expected), _flat(scan_inter)
-    rows: list[Row] = []
-    for p, e in want.items():
-        if p not in got:
-            continue
-        a, b = np.asarray(e), np.asarray(got[p])
-        w = _where(p, where)
-        if w is None:
-            rows.append(_compare(_inter_name(p), None, a, b, atol, rtol))
-            continue
-        prefix, layers, stacked = w
-        name = _inter_name(p[len(prefix):])
-        if not stacked:
-            rows.append(_compare(name, layers[0], a, b, atol, rtol))
-            continue
-        if a.shape != b.shape or a.shape[0] != len(layers):
-            rows.append(_compare(name, None, a, b, atol, rtol))
-            continue
-        for i, layer in enumerate(layers):
-            rows.append(_compare(name, layer, a[i], b[i], atol, rtol))
-    unmatched = [f"loop: {treelib.format_path(p)}" for p in want if p not in got]
-    unmatched += [f"scan: {treelib.format_path(p)}" for p in got if p not in want]
-    rows.sort(key=lambda r: (r.passed, -r.worst, r.layer if r.layer is not None else -1))
-    return rows, unmatched
+    found in only one form. The loop form's intermediates are stacked as the
+    params ``groups`` were (or as ``to_scan(..., pattern, into, period)``
+    would), on axis 0; each row names the real layer number and the
+    intermediate's path inside the layer."""
+    if groups is not None:
+        specs = _inter_specs(groups)
+    else:
+        specs = [{"pattern": pattern, "into": into, "period": period, "remainder": remainder, "layers": None}]
+    plan = _plan(loop_inter, scan_inter, specs)
+    values = _flat(loop_inter)
+    loop_only, scan_only, _ = plan.mismatch()
+    unmatched = [f"loop: {p}" for p in loop_only] + [f"scan: {p}" for p in scan_only]
+    return _rows(plan, values, atol, rtol), unmatched
 
 
 def _inter_name(path: Sequence[Any]) -> str:
@@ -478,27 +953,27 @@ def _inter_name(path: Sequence[Any]) -> str:
     return out
 
 
-def _load(path: str | Path | Any, step: int | None = None) -> tuple[str, Any, int | None]:
-    """(name, tree, step): a CheckpointManager root at ``step`` (default: its
-    latest); ``step`` does not apply to other inputs."""
-    if isinstance(path, (str, Path)):
-        from ckptconv import formats
-        from ckptconv.io import load
-
-        fmt = formats.detect(Path(path))
-        layout = fmt.describe(Path(path))
-        if layout.kind == "root" and step is not None:
-            layout = fmt.describe(Path(path), step)
-        at = layout.step if layout.kind == "root" else None
-        return str(path), load(path, step=at), at
-    return "<tree>", path, None
-
-
-def _has_stacks(t: Any, into: str, axis: int, period: int | None, pattern: str | None) -> bool:
+def _has_stacks(t: Any, into: str | None, axis: int, period: int | None, pattern: str | None) -> bool:
     try:
-        return bool(find_stacks(t, into, axis=axis, period=period, pattern=pattern or "layer_{i}"))
+        return bool(find_stacks(t, into or "blocks", axis=axis, period=period, pattern=pattern or "layer_{i}"))
     except GroupError:
         return False
+
+
+def _record_options(side: _Side) -> dict[str, Any] | None:
+    """The to-scan options SCAN's conversion record names, if it has one."""
+    if side.path is None:
+        return None
+    from ckptconv import record
+
+    rec = record.read(side.path, side.step)
+    if not rec or rec.get("command") != "to-scan" or not rec.get("groups"):
+        return None
+    opts = record.scan_options(rec)
+    start = max(int(g.get("start") or 0) for g in rec["groups"])
+    if start:
+        opts["layers"] = f"{start}:"
+    return opts
 
 
 def verify(
@@ -506,26 +981,35 @@ def verify(
     scan: Any,
     *,
     pattern: str | None = None,
-    into: str = "blocks",
-    axis: int = 0,
+    into: str | None = None,
+    axis: int | None = None,
     period: int | None = None,
     remainder: str = "separate",
+    layers: Any = None,
+    groups: Any = None,
     block: str | Any | None = None,
     block_kwargs: dict[str, Any] | None = None,
     model: str | Callable[..., Any] | None = None,
-    inputs: Sequence[Any] | None = None,
+    inputs: Any = None,
     input_shape: Sequence[int] | None = None,
     seed: int = 0,
     atol: float | None = None,
     rtol: float | None = None,
     repeats: int = 5,
     step: int | None = None,
+    plot: str | Path | None = None,
 ) -> Report:
     """Check that ``scan`` is the conversion of ``loop``, and that both compute alike.
 
     Args:
-      loop, scan: checkpoint paths or in-memory trees.
-      pattern, into, axis: the options the conversion used (as `to_scan`).
+      loop, scan: checkpoint paths or in-memory trees. Paths are read leaf by
+        leaf (one SCAN leaf and one LOOP layer in memory at a time).
+      pattern, into, axis, layers, groups: the options the conversion used (as
+        `to_scan`; ``groups`` for several stacks). With none of pattern, into,
+        axis, period, layers and groups given, they come from SCAN's
+        conversion record when it has one (ckptconv writes one into Orbax
+        outputs), else to_scan's defaults (``into`` ``blocks``, or a digit
+        list's own key; axis 0).
       period, remainder: with ``period`` K, SCAN holds blocks of K layers
         (``to_scan(..., period=K)``, MaxText's scanned Gemma-3: layer ``K·b + j``
         at index ``b`` of ``<into>/<name_j>``, leftovers under
@@ -537,20 +1021,29 @@ def verify(
         (N from the checkpoint).
       block_kwargs: keyword arguments for ``block`` (or for ``model``).
       model: ``"module:function"`` or a function returning
-        ``(loop_module, scan_module, inputs)``.
-      inputs: positional inputs for ``block`` models (default: random normal
-        of ``input_shape`` drawn with ``seed``).
+        ``(loop_module, scan_module, inputs)``: two Linen modules (NNX modules
+        bridged with ``nnx.bridge.ToLinen`` included) whose params are the
+        checkpoints' (``params`` at the top of LOOP and SCAN, else the whole
+        tree), and their inputs: a tuple (positional), a dict (keywords) or one
+        array. Arrays are traced; other values (``deterministic=True``) are
+        passed as they are.
+      inputs: inputs in place of the model's (``block``: default random
+        normal of ``input_shape`` drawn with ``seed``).
       atol, rtol: tolerances (default by dtype: `DEFAULT_TOLERANCES`; integer
         outputs such as tokens must match exactly).
       repeats: step-time runs per form.
       step: the step of CheckpointManager roots, on both sides (default: the
         latest of each, which must then be the same step).
+      plot: write a heatmap of layers × intermediates here (``.png`` or
+        ``.svg``; needs matplotlib: ``pip install 'ckptconv[plot]'``).
 
     Returns:
       A `Report`; ``report.passed`` is the verdict.
 
     Raises:
-      VerifyError: bad targets or inputs; CkptconvError: unreadable checkpoints.
+      VerifyError: bad targets or inputs; a model whose params do not fit its
+        checkpoint; forms whose intermediates do not correspond.
+      CkptconvError: unreadable checkpoints.
     """
     if block is not None and model is not None:
         raise VerifyError("give --block or --model, not both.")
@@ -560,88 +1053,141 @@ def verify(
             "layers: give --model (a function returning (loop_module, scan_module, inputs)) "
             "whose scan module holds the K sub-layers."
         )
-    loop_name, loop_tree, loop_step = _load(loop, step)
-    scan_name, scan_tree, scan_step = _load(scan, step)
-    if loop_step is not None and scan_step is not None and loop_step != scan_step:
+    if plot is not None:
+        from ckptconv import plot as plotlib
+
+        if block is None and model is None:
+            raise VerifyError("--plot draws the layers' intermediates: give --block or --model.")
+        plotlib.require(plot)
+    L, S = _open(loop, step), _open(scan, step)
+    if L.step is not None and S.step is not None and L.step != S.step:
         raise VerifyError(
-            f"{loop_name} is at step {loop_step} and {scan_name} at step {scan_step} (the "
+            f"{L.name} is at step {L.step} and {S.name} at step {S.step} (the "
             "latest of each): a conversion is of one step. Pass --step N to compare step N "
             "of both."
         )
+    given = any(v is not None for v in (pattern, into, axis, period, layers, groups))
+    options_from = "given" if given else "default"
+    if not given:
+        rec = _record_options(S)
+        if rec is not None:
+            options_from = "record"
+            pattern, into, groups = rec.get("pattern"), rec.get("into"), rec.get("groups")
+            axis, period, layers = rec.get("axis"), rec.get("period"), rec.get("layers")
+            remainder = rec.get("remainder") or remainder
+    axis = 0 if axis is None else axis
+    opts = _scan_opts(pattern, into, period, remainder, layers, groups)
     try:
-        leaves = check_structure(
-            loop_tree, scan_tree, pattern=pattern, into=into, axis=axis, period=period,
-            remainder=remainder,
-        )
+        leaves = check_structure(L.tree, S.tree, axis=axis, loop_read=L.read, scan_read=S.read, **opts)
     except GroupError as e:
         swapped = ""
-        if (isinstance(e, NothingToConvertError) or period) and _has_stacks(loop_tree, into, axis, period, pattern):
+        if (isinstance(e, NothingToConvertError) or period) and _has_stacks(L.tree, into, axis, period, pattern):
             swapped = " LOOP holds a stacked subtree: are LOOP and SCAN swapped? Give the loop form first."
-        raise type(e)(f"{loop_name} (LOOP): {e}{swapped}") from e
-    report = Report(loop_name, scan_name, leaves, period=period)
+        how = " (options from SCAN's conversion record)" if options_from == "record" else ""
+        raise type(e)(f"{L.name} (LOOP): {e}{how}{swapped}") from e
+    shown = {k: v for k, v in {**opts, "axis": axis}.items() if v is not None}
+    if shown.get("remainder") == "separate" and not period:
+        shown.pop("remainder")
+    report = Report(L.name, S.name, leaves, period=period, options=shown, options_from=options_from)
     if block is None and model is None:
         return report
-    groups = find_groups(loop_tree, pattern, into=into, period=period, remainder=remainder)
-    template = groups[0].template
+
+    loop_lazy, scan_lazy = _variables(L.tree), _variables(S.tree)
+    param_groups = find_groups(loop_lazy.get("params", {}), **opts)
+    if not param_groups:
+        raise VerifyError(f"{L.name} (LOOP): its params hold no layer group to compare.")
     if model is not None:
         fn = resolve(model) if isinstance(model, str) else model
         try:
             loop_module, scan_module, model_inputs = fn(**(block_kwargs or {}))
         except TypeError as e:
             raise VerifyError(f"--model {model}: {e}. Check --block-kwargs.") from e
-        model_inputs = tuple(model_inputs) if isinstance(model_inputs, (tuple, list)) else (model_inputs,)
-        if inputs is not None:
-            model_inputs = tuple(inputs)
+        call = _Call.of(model_inputs if inputs is None else inputs)
     else:
         from ckptconv import models
 
+        g = param_groups[0]
         cls = resolve(block) if isinstance(block, str) else block
-        n = groups[0].num_layers
-        loop_module = models.LoopModel(block=cls, num_layers=n, block_kwargs=block_kwargs or {}, pattern=template)
-        scan_module = models.ScanModel(block=cls, num_layers=n, block_kwargs=block_kwargs or {}, into=into, axis=axis)
+        kw = block_kwargs or {}
+        loop_module = models.LoopModel(block=cls, num_layers=g.num_layers, block_kwargs=kw, pattern=g.template)
+        scan_module = models.ScanModel(block=cls, num_layers=g.num_layers, block_kwargs=kw, into=g.into, axis=axis)
         if inputs is None:
             if input_shape is None:
                 raise VerifyError("--block needs --input-shape B,T,D or --input FILE.npy.")
             rng = np.random.default_rng(seed)
             inputs = (rng.standard_normal(tuple(input_shape)).astype(np.float32),)
-        model_inputs = tuple(inputs)
+        call = _Call.of(inputs)
+    loop_vars, scan_vars = L.materialize(loop_lazy), S.materialize(scan_lazy)
+    why = _check_params("loop", loop_module, loop_vars, call, f"{L.name} (LOOP)")
+    if why:
+        raise VerifyError(why)
+    why = _check_params("scan", scan_module, scan_vars, call, f"{S.name} (SCAN)")
+    if why and not report.structure_passed:
+        # SCAN is not laid out as to_scan(LOOP) would lay it out (already a
+        # FAIL), and the scan model cannot run on it: report the wrong
+        # conversion (exit 1) rather than a bad command line (exit 2).
+        report.not_run = (
+            "the scan model cannot run on SCAN, whose structure differs from to_scan(LOOP) "
+            "(above): " + why.splitlines()[0]
+        )
+        return report
+    if why:
+        raise VerifyError(why)
+    specs = _inter_specs(param_groups)
     form = "scan"  # first: on a wrongly structured SCAN it may not run at all
     try:
-        (_, scan_state), t_scan = _run(scan_module, _variables(scan_tree), model_inputs, repeats)
+        import jax
+
+        def shapes(module: Any, v: Any) -> Any:
+            def f(v: Any, dyn: Any) -> Any:
+                return call(
+                    lambda *a, **k: module.apply(v, *a, capture_intermediates=True, mutable=True, **k),
+                    dyn,
+                )[1].get("intermediates", {})
+
+            return jax.eval_shape(f, v, call.dynamic())
+
+        scan_shapes = shapes(scan_module, scan_vars)
         form = "loop"
-        (_, loop_state), t_loop = _run(loop_module, _variables(loop_tree), model_inputs, repeats)
+        loop_shapes = shapes(loop_module, loop_vars)
+        plan = _plan(loop_shapes, scan_shapes, specs)
+        if any(plan.mismatch()):
+            raise _no_match_error(plan)
+        form = "scan"
+        (_, scan_state), t_scan = _run(scan_module, scan_vars, call, repeats)
+        form = "loop"
+        (_, loop_state), t_loop = _run(loop_module, loop_vars, call, repeats)
     except CkptconvError:
         raise
-    except Exception as e:  # a model that does not fit its checkpoint
-        why = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__
+    except Exception as e:  # a model that does not fit its checkpoint or inputs
+        why = _first_line(e)
         if form == "scan" and not report.structure_passed:
-            # SCAN is not laid out as to_scan(LOOP) would lay it out (already a
-            # FAIL), and the scan model cannot run on it: report the wrong
-            # conversion (exit 1) rather than a bad command line (exit 2).
             report.not_run = (
                 f"the scan model cannot run on SCAN ({why}), whose structure differs from "
                 "to_scan(LOOP) (above)"
             )
             return report
         raise VerifyError(
-            f"running the models failed ({why}). "
+            f"running the models failed (the {form} model: {why}). "
             "Check that --block/--model and --block-kwargs match the checkpoints "
             "(hidden size, heads, layer count) and the input shape; --debug shows the traceback."
         ) from e
-    rows, unmatched = compare_intermediates(
-        loop_state.get("intermediates", {}), scan_state.get("intermediates", {}),
-        pattern=template, into=into, atol=atol, rtol=rtol, period=period, remainder=remainder,
-    )
-    import jax
-
+    loop_inter = loop_state.get("intermediates", {})
+    plan = _plan(loop_inter, scan_state.get("intermediates", {}), specs)
+    loop_only, scan_only, _ = plan.mismatch()
     dev = jax.devices()[0]
     report.numeric = True
-    report.rows = rows
-    report.unmatched = unmatched
+    report.rows = _rows(plan, _flat(loop_inter), atol, rtol)
+    report.unmatched = [f"loop: {p}" for p in loop_only] + [f"scan: {p}" for p in scan_only]
+    report.skipped = plan.skipped
+    report.names = plan.names
     report.device = f"{dev.platform}:{dev.id} ({getattr(dev, 'device_kind', '')})"
     report.atol, report.rtol = atol, rtol
     report.tolerances = {
-        r.dtype: _tolerance(jax.numpy.dtype(r.dtype), atol, rtol) for r in rows
+        r.dtype: _tolerance(jax.numpy.dtype(r.dtype), atol, rtol) for r in report.rows
     }
     report.timings = {"loop": t_loop, "scan": t_scan}
+    if plot is not None:
+        plotlib.render(report, plot)
+        report.plot = str(plot)
     return report
