@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import jax
@@ -398,16 +399,25 @@ def test_damaged_chunk(tmp_path, damage):
     _nothing_written(tmp_path)
 
 
-def test_damaged_chunk_without_ocdbt(tmp_path):
-    """Pre-OCDBT zarr3 (a file per chunk): a truncated chunk file."""
+def test_without_ocdbt(tmp_path, no_decode):
+    """Pre-OCDBT zarr3 (a file per chunk) converts by chunk copy too; a
+    truncated chunk file is refused."""
     src = tmp_path / "loop"
+    layers = _layers(9)
     handler = ocp.PyTreeCheckpointHandler(use_zarr3=True, use_ocdbt=False)
     with ocp.Checkpointer(handler) as c:
-        c.save(src.absolute(), args=ocp.args.PyTreeSave({"params": _layers(9)}))
+        c.save(src.absolute(), args=ocp.args.PyTreeSave({"params": layers}))
+    ckptconv.convert(src, tmp_path / "scan", to="scan", axis=1)
+    _check_output(tmp_path / "scan", {"params": {"blocks": _scan(layers, 1)}})
+    shutil.rmtree(tmp_path / "scan")
     chunk = src / "params.layer_1.norm" / "c" / "0"
     chunk.write_bytes(chunk.read_bytes()[:-3])
-    with pytest.raises(FormatError, match=r"chunk params.layer_1.norm/c/0 of leaf 'params.blocks.norm' is 3\d bytes, shorter than its shard index|checksum"):
+    with pytest.raises(FormatError) as e:
         ckptconv.convert(src, tmp_path / "scan", to="scan")
+    assert str(e.value) == (
+        f"{src.absolute()}: chunk params.layer_1.norm/c/0 of leaf 'params.blocks.norm' has a shard index "
+        "whose checksum (crc32c) does not match: the file is truncated or overwritten. Copy the checkpoint again."
+    )
     _nothing_written(tmp_path)
 
 
