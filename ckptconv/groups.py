@@ -31,7 +31,8 @@ from ckptconv.tree import (
 DEFAULT_PREFIXES = ("layer", "layers", "block", "blocks", "h")
 
 
-_DEFAULT_RE = re.compile(r"^(%s)_(0|[1-9][0-9]*)$" % "|".join(DEFAULT_PREFIXES))
+# ``layers_3``, and ``blocks.3`` (recurrentgemma names its blocks so).
+_DEFAULT_RE = re.compile(r"^(%s)([_.])(0|[1-9][0-9]*)$" % "|".join(DEFAULT_PREFIXES))
 
 
 _DIGITS_RE = re.compile(r"^(0|[1-9][0-9]*)$")
@@ -296,7 +297,7 @@ def _candidate_groups(node: Any, pattern: str | None) -> list[tuple[str, dict[in
     for k in keys:
         m = _DEFAULT_RE.match(str(k)) if isinstance(k, str) else None
         if m:
-            found.setdefault(m.group(1) + "_{i}", {})[int(m.group(2))] = k
+            found.setdefault(m.group(1) + m.group(2) + "{i}", {})[int(m.group(3))] = k
     return list(found.items())
 
 
@@ -486,10 +487,30 @@ def _digit_group_keys(node: Any, path: tuple, spec: Spec, near: list[NearGroup])
         return keys
     if spec.layers is None:
         members = [node[k] for k in keys]
+        if same_keys:
+            # Same leaves, other shapes: different units (a ResNet
+            # bottleneck's convolutions), not layers of one stack.
+            near.append(NearGroup(path, "{i}", _unlike_message(path, members)))
+            return None
         run = _alike_run(members)
         if run is not None:
             near.append(NearGroup(path, "{i}", _near_message(path, "{i}", keys, members, run)))
     return None
+
+
+def _unlike_message(path: tuple, members: list[Any]) -> str:
+    """Say how the members of a list of different units differ."""
+    ref = dict(leaves_with_paths(members[0]))
+    for i, m in enumerate(members[1:], 1):
+        for p, b in leaves_with_paths(m):
+            a = ref.get(p)
+            if a is not None and (leaf_shape(a) != leaf_shape(b) or leaf_dtype(a) != leaf_dtype(b)):
+                return (
+                    f"{format_path(path)}: its {len(members)} members hold the same leaves in "
+                    f"other shapes ({format_path(p)}: {leaf_shape(a)} in 0, {leaf_shape(b)} "
+                    f"in {i}): different units, not layers of one stack; left as they are"
+                )
+    return f"{format_path(path)}: its members differ: not layers of one stack; left as they are"
 
 
 def _walk_groups(

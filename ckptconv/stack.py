@@ -291,7 +291,7 @@ def _no_group_message(tree: Any, specs: list[Spec], near: list[NearGroup]) -> st
         if patterns
         else "no layer groups found (looked for "
         + ", ".join(p + "_0, " + p + "_1 …" for p in DEFAULT_PREFIXES)
-        + " and digit keys 0, 1 … at any depth)"
+        + " (or with '.': blocks.0 …) and digit keys 0, 1 … at any depth)"
     )
     return (
         f"{what}; the top-level keys are {', '.join(map(str, top)) or 'none'}. "

@@ -104,6 +104,7 @@ def find_stacks(
         or whose blocks do not match ``period``.
     """
     out: list[Stacked] = []
+    loop_form: list[tuple[tuple, Any]] = []
 
     def walk(node: Any, path: tuple) -> None:
         if not _is_container(node):
@@ -121,12 +122,12 @@ def find_stacks(
                         f"--period {count} and --pattern naming the layers inside it "
                         + (f"(--pattern '{names}')." if names else "(for example 'layers_{i}').")
                     )
-                if _is_mapping(v) and v and all(_is_digit_key(c) for c in v.keys()):
-                    raise GroupError(
-                        f"{format_path(path + (k,))}: its keys are layer numbers "
-                        f"({', '.join(map(str, list(v.keys())[:3]))} …): it is a list of layers, "
-                        "already in loop form. Use to-scan to stack it."
-                    )
+                if _is_layer_list(v):
+                    # A list of layers, in loop form: left alone when other
+                    # subtrees of this name are stacks (HF ResNet's stages,
+                    # some of which to-scan could not stack), else an error.
+                    loop_form.append((path + (k,), v))
+                    continue
                 ax = _axis_at(axis, path + (k,))
                 if period:
                     out.append(_period_stack(node, path, source, ax, period, pattern))
@@ -138,7 +139,19 @@ def find_stacks(
                 walk(v, path + (k,))
 
     walk(tree, ())
+    if loop_form and not out:
+        where, v = loop_form[0]
+        raise GroupError(
+            f"{format_path(where)}: its keys are layer numbers "
+            f"({', '.join(map(str, list(v.keys())[:3]))} …): it is a list of layers, "
+            "already in loop form. Use to-scan to stack it."
+        )
     return out
+
+
+def _is_layer_list(v: Any) -> bool:
+    """A mapping keyed by layer numbers: loop form, nothing to unstack."""
+    return _is_mapping(v) and bool(v) and all(_is_digit_key(c) for c in v.keys())
 
 
 def _axis_at(axis: Any, path: tuple) -> int:
@@ -421,7 +434,11 @@ def to_loop(
     def convert(node: Any, path: tuple) -> Any:
         if not _is_container(node):
             return node
-        here = [s for s in by_source if _is_mapping(node) and s in node]
+        # A list of layers already in loop form is left as it is (find_stacks).
+        here = [
+            s for s in by_source
+            if _is_mapping(node) and s in node and not _is_layer_list(node[s])
+        ]
         if not here:
             return _map_children(node, convert, path)
         outputs: dict[Any, list[tuple[Any, Any]]] = {}

@@ -1,0 +1,85 @@
+"""Hugging Face Flax models written by transformers' own save_pretrained
+(fixtures/hf, made by fixtures/hf/make.py): to-scan, then the undo command it
+prints, run as printed, gives the input back byte for byte. (The field stage
+loads the results with from_pretrained: tests/field/test_hf_fixtures.py.)"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+from conftest import digest
+
+HF = Path(__file__).resolve().parents[1] / "fixtures" / "hf"
+
+CASES = {
+    "gpt2": ((), ["transformer/h/{i}: 3 layers -> transformer/h"]),
+    "bert": ((), ["bert/encoder/layer/{i}: 3 layers -> bert/encoder/layer"]),
+    "llama": ((), ["model/layers/{i}: 3 layers -> model/layers"]),
+    "t5": (("--layers", "1:"), [
+        "encoder/block/{i}: 2 layers (layers 1 … 2 of 3) -> encoder/blocks",
+        "decoder/block/{i}: 2 layers (layers 1 … 2 of 3) -> decoder/blocks",
+    ]),
+    "resnet": ((), [
+        "params/resnet/encoder/stages/0/layers/{i}: 3 layers -> params/resnet/encoder/stages/0/layers",
+        "batch_stats/resnet/encoder/stages/0/layers/{i}: 3 layers -> batch_stats/resnet/encoder/stages/0/layers",
+    ]),
+}
+
+
+def _undo(output: str, out: Path) -> list[str]:
+    (line,) = [x for x in output.splitlines() if x.startswith("to undo: ")]
+    words = shlex.split(line[len("to undo: "):])
+    assert words[:2] == ["ckptconv", "to-loop"]
+    return [w if w != "LOOP_OUT" else str(out) for w in words[2:]]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_to_scan_and_the_printed_undo_give_the_file_back(tmp_path, cli, name):
+    src = HF / name / "flax_model.msgpack"
+    before = digest(src)
+    opts, lines = CASES[name]
+    scan = tmp_path / "scan.msgpack"
+    r = cli("to-scan", src, scan, *opts)
+    assert r.exit_code == 0, r.output
+    assert [x for x in r.output.splitlines() if "->" in x] == lines
+    back = tmp_path / "back.msgpack"
+    r = cli("to-loop", *_undo(r.output, back))
+    assert r.exit_code == 0, r.output
+    assert back.read_bytes() == src.read_bytes()
+    assert digest(src) == before
+
+
+def test_into_is_honoured_for_digit_lists(tmp_path, cli):
+    src = HF / "gpt2" / "flax_model.msgpack"
+    r = cli("to-scan", src, tmp_path / "scan.msgpack", "--into", "blocks")
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[0] == "transformer/h/{i}: 3 layers -> transformer/blocks"
+    assert _undo(r.output, tmp_path / "back.msgpack")[1:] == [
+        str(tmp_path / "back.msgpack"), "--pattern", "h/{i}"]
+    r = cli("to-loop", *_undo(r.output, tmp_path / "back.msgpack"))
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "back.msgpack").read_bytes() == src.read_bytes()
+
+
+def test_resnet_conv_units_are_left_alone_with_a_note(tmp_path, cli):
+    src = HF / "resnet" / "flax_model.msgpack"
+    r = cli("inspect", src)
+    assert r.exit_code == 0, r.output
+    assert (
+        "left alone: params/resnet/encoder/stages/1/layers/0/layer: its 3 members hold the "
+        "same leaves in other shapes (convolution/kernel: (1, 1, 8, 4) in 0, (3, 3, 4, 4) "
+        "in 1): different units, not layers of one stack; left as they are"
+    ) in r.output.splitlines()
+    # No layer count suggestion for different units (it would break the good stacks).
+    assert "--layers" not in r.output
+
+
+def test_t5_default_names_the_odd_block_and_the_option(tmp_path, cli):
+    src = HF / "t5" / "flax_model.msgpack"
+    r = cli("to-scan", src, tmp_path / "scan.msgpack")
+    assert r.exit_code == 2
+    assert "layer 0 has extra layer/0/SelfAttention/relative_attention_bias/embedding" in r.output
+    assert "pass --layers 1:" in r.output
+    assert not (tmp_path / "scan.msgpack").exists()
