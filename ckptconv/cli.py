@@ -270,6 +270,10 @@ def _selection_options(fn: Any) -> Any:
 
 def _common_options(fn: Any) -> Any:
     fn = _selection_options(fn)
+    fn = click.option(
+        "--like", "like", type=click.Path(path_type=Path), metavar="REF",
+        help="A checkpoint in the target layout (e.g. MaxText's own of the same model in the other form): the options are worked out from it, and OUT must have its structure.",
+    )(fn)
     fn = click.option("--dry-run", is_flag=True, help="Check and report; write nothing.")(fn)
     fn = click.option("--fsync", is_flag=True, help="Flush OUT to disk before renaming it into place (durable against power loss; slower).")(fn)
     fn = click.option("--force", is_flag=True, help="Replace OUT if it exists.")(fn)
@@ -305,7 +309,8 @@ def _run_convert(ctx: click.Context, src: Path, dst: Path, to: str | None, **kw:
             bar.close()
     elapsed = time.perf_counter() - start
     if result.from_record:
-        click.echo(f"from {src}'s record: to-loop {record_mod.options_text(result.options)}")
+        where = f"like {result.like}" if result.like else f"from {src}'s record"
+        click.echo(f"{where}: to-{to} {record_mod.options_text(result.options)}")
     sel = result.selection
     if sel is not None and (sel.only or sel.root is not None):
         click.echo(sel.describe())

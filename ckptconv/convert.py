@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ckptconv import formats, lazy, record, subset, tree
+from ckptconv import like as like_mod
 from ckptconv.errors import (
     CkptconvError,
     FormatError,
@@ -62,8 +63,9 @@ class Result:
     selection: Selection | None = None
     #: The layout options used (given, or read from IN's record).
     options: dict[str, Any] = field(default_factory=dict)
-    #: True when to-loop took its options from IN's record.
+    #: True when the options came from IN's record (to-loop) or from REF (``like``).
     from_record: bool = False
+    like: Path | None = None
 
     @property
     def cast(self) -> subset.Cast | None:
@@ -150,6 +152,7 @@ def plan(
     to: str | None = "scan",
     step: int | None = None,
     selection: Selection | None = None,
+    like: str | Path | None = None,
     **options: Any,
 ) -> tuple[Layout, list[ItemPlan], dict[str, Any], bool]:
     """Read ``src``'s layout and trees (no array data) and plan every item.
@@ -158,6 +161,8 @@ def plan(
     they came from IN's record (a to-loop given none undoes IN's to-scan).
 
     ``to`` is ``"scan"``, ``"loop"`` or None (no layout change: `extract`).
+    ``like``: a checkpoint in the target layout; the options are worked out
+    from it (`ckptconv.like`) and the plan must give its structure.
     ``selection`` keeps subtrees (before the conversion, so that nothing else
     is read), then takes the root subtree and casts (after it).
 
@@ -172,7 +177,7 @@ def plan(
     fmt = formats.detect(src)
     layout = fmt.describe(src, step)
     sel = selection or Selection()
-    from_record = False
+    from_record = from_like = False
     if to == "loop" and not any(options.get(k) is not None for k in _LOOP_LAYOUT):
         # Nothing said how to unstack: undo the conversion IN records, if any.
         rec = record.read(src, step)
@@ -184,6 +189,7 @@ def plan(
     first_error: NothingToConvertError | None = None
     found: set[tuple[str, ...]] = set()
     misses: dict[tuple[str, ...], str] = {}
+    refs = _like_trees(like, layout, sel) if like is not None else None
     for name, path in layout.items.items():
         item = ItemPlan(name, path)
         lazy_tree = fmt.read_lazy(path)
@@ -197,11 +203,48 @@ def plan(
             lazy_tree = subset.keep_only(lazy_tree, sel.only)
             if lazy_tree is None:
                 continue  # an item that holds none of the paths is left out
+        ref_tree = None
+        if refs is not None:
+            ref_tree = refs.get(name, refs.get("") if len(refs) == 1 else None)
+            if ref_tree is None and len(refs) == 1 and len(layout.items) == 1:
+                (ref_tree,) = refs.values()
+            if ref_tree is not None and not like_mod.differences(lazy_tree, ref_tree):
+                items.append(item)  # already in REF's layout: copied
+                continue
+            if ref_tree is not None:
+                try:
+                    how, inferred = like_mod.infer(lazy_tree, ref_tree)
+                except GroupError as e:
+                    raise GroupError(f"{path}: --like {like}: {e}") from e
+                if how != to:
+                    raise GroupError(
+                        f"{path}: --like {like}: REF is in {'scan' if how == 'scan' else 'loop'} "
+                        f"form, so this is a to-{how}, not a to-{to}; run ckptconv to-{how} "
+                        f"IN OUT --like {like}."
+                    )
+                options = {**inferred, **{k: v for k, v in options.items()
+                                          if v is not None and k not in inferred}}
+                from_like = True
         try:
             if to is None:
                 item.out_tree = lazy_tree
             else:
                 item.out_tree, item.groups = plan_item(lazy_tree, to, options)
+                if ref_tree is not None:
+                    diff = like_mod.differences(item.out_tree, ref_tree)
+                    if diff:
+                        agree = like_mod.agreeing_top_keys(item.out_tree, ref_tree)
+                        hint = (
+                            "; the parts that match are "
+                            + ", ".join(agree)
+                            + ": keep only them with "
+                            + " ".join(f"--only {k}" for k in agree)
+                            if agree else ""
+                        )
+                        raise GroupError(
+                            f"--like {like}: the output would not have REF's structure ("
+                            + "; ".join(diff) + f"). Nothing was written{hint}."
+                        )
                 if to == "scan":
                     opts = {k: v for k, v in options.items()
                             if v is not None and k not in ("axis", "axis_for")}
@@ -234,11 +277,28 @@ def plan(
     if to is not None and not any(i.groups for i in items):
         assert first_error is not None
         raise NothingToConvertError(f"{src}: {first_error}") from first_error
-    return layout, items, options, from_record
+    return layout, items, options, from_record or from_like
 
 
 #: to-loop options that say how to unstack (without them, IN's record does).
 _LOOP_LAYOUT = ("source", "pattern", "period", "layers", "stacks", "axis", "axis_for")
+
+
+def _like_trees(like: str | Path, layout: Layout, sel: Selection) -> dict[str, Any]:
+    """REF's item trees (no data read), with the same --only as IN."""
+    ref = Path(like)
+    if not ref.exists():
+        raise CkptconvError(f"--like {like}: no such file or directory.")
+    ref_fmt = formats.detect(ref)
+    ref_layout = ref_fmt.describe(ref)
+    out = {}
+    for name, p in ref_layout.items.items():
+        t = ref_fmt.read_lazy(p)
+        if sel.only:
+            t = subset.keep_only(t, sel.only)
+        if t is not None:
+            out[name] = t
+    return out
 
 
 def _in_item(why: str, name: str, layout: Layout) -> str:
@@ -293,6 +353,7 @@ def convert(
     only: str | list[str] | None = None,
     root: str | None = None,
     dtype: Any = None,
+    like: str | Path | None = None,
     **options: Any,
 ) -> Result:
     """Convert the checkpoint at ``src`` and write it to ``dst``, in bounded memory.
@@ -327,6 +388,10 @@ def convert(
       dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: floating leaves
         are cast while streaming (round to nearest even); integer, boolean
         and PRNG-key leaves are untouched.
+      like: a checkpoint in the target layout (MaxText's own checkpoint of
+        the same model in the other form, a Hugging Face file): the options
+        are worked out from the two trees' metadata, and the output must have
+        REF's structure (paths, shapes, dtypes) or nothing is written.
       **options: for to-scan ``pattern``, ``into``, ``axis``, ``axis_for``,
         ``period``, ``layers``, ``remainder``, ``groups``; for to-loop
         ``source``, ``pattern``, ``axis``, ``axis_for``, ``period``,
@@ -343,11 +408,14 @@ def convert(
     src, dst = Path(src), Path(dst)
     selection = Selection.of(only, root, dtype)
     _check_paths(src, dst, force)
-    layout, items, used, from_record = plan(src, to=to, step=step, selection=selection, **options)
+    layout, items, used, from_record = plan(
+        src, to=to, step=step, selection=selection, like=like, **options
+    )
     out_format = format or layout.format
     out_fmt = formats.get(out_format)
     result = Result(src, dst, to, layout, out_format, items, selection=selection)
     result.options, result.from_record = used, from_record
+    result.like = Path(like) if like is not None else None
     if dry_run:
         return result
     in_fmt = formats.get(layout.format)

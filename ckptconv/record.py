@@ -211,6 +211,9 @@ def options_text(opts: dict[str, Any]) -> str:
     flags = {"source": "--from", "into": "--into", "pattern": "--pattern", "period": "--period",
              "layers": "--layers", "axis": "--axis", "remainder": "--remainder"}
     words: list[str] = []
+    order = ["source", "pattern", "into", "stacks", "groups", "period", "remainder", "layers",
+             "axis", "axis_for"]
+    opts = {k: opts[k] for k in sorted(opts, key=lambda k: order.index(k) if k in order else 99)}
     for key, value in opts.items():
         if value is None:
             continue
