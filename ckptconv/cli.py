@@ -207,6 +207,8 @@ def inspect(
             click.echo(f"to-loop: {it.to_loop_hint}")
         else:
             click.echo(f"to-loop: no {source!r} subtree")
+        for line in it.known:
+            click.echo(f"known layout: {line}")
 
 
 def _scan_options(

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptconv import formats, tree
+from ckptconv import formats, known, tree
 from ckptconv.errors import CkptconvError, NothingToConvertError
 from ckptconv.groups import Group, NearGroup, find_groups, find_near_groups
 from ckptconv.stack import to_scan
@@ -36,6 +36,7 @@ class ItemReport:
     to_loop_error: str | None = None
     near: list[NearGroup] = field(default_factory=list)
     to_loop_hint: str | None = None  # nothing named --from, but these look stacked
+    known: list[str] = field(default_factory=list)  # a known tool's layout, and its command
 
     @property
     def nbytes(self) -> int:
@@ -104,6 +105,7 @@ class Inspection:
                         ],
                         "error": it.to_loop_error,
                     },
+                    "known_layout": it.known,
                 }
                 for it in self.items
             ],
@@ -151,6 +153,9 @@ def inspect(
         except CkptconvError as e:
             rep.to_loop_error = str(e)
         rep.leaves = _fold_rows(t, rep.to_scan)
+        # A list default to-scan leaves alone (T5's block 0) has its own advice.
+        near_paths = {tree.format_path(n.path) for n in rep.near}
+        rep.known = [x for x in known.propose(t) if not any(f" {p} " in x for p in near_paths)]
         items.append(rep)
     return Inspection(layout.format, layout.kind, path, layout.step, items)
 

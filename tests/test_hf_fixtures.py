@@ -83,3 +83,31 @@ def test_t5_default_names_the_odd_block_and_the_option(tmp_path, cli):
     assert "layer 0 has extra layer/0/SelfAttention/relative_attention_bias/embedding" in r.output
     assert "pass --layers 1:" in r.output
     assert not (tmp_path / "scan.msgpack").exists()
+
+
+def test_inspect_recognises_the_layouts_and_its_proposals_work(tmp_path, cli):
+    """The command inspect proposes for a known layout, run as proposed, converts."""
+    cases = {
+        HF / "gpt2" / "flax_model.msgpack": "Hugging Face layer list transformer/h (3 layers): "
+        "ckptconv to-scan IN OUT stacks it in place; to-loop OUT LOOP --from h --pattern '{i}' "
+        "gives it back",
+        HF.parent / "maxtext" / "llama2_loop": "MaxText train state, loop form (4 layers): its "
+        "scan form (scan_layers=true, param_scan_axis 1) is: ckptconv to-scan IN OUT --pattern "
+        "'layers_{i}' --into layers --axis 1",
+        HF.parent / "maxtext" / "llama2_scan": "MaxText train state, scan form: its loop form "
+        "(scan_layers=false) is: ckptconv to-loop IN OUT --from layers --pattern 'layers_{i}' --axis 1",
+    }
+    for i, (src, line) in enumerate(cases.items()):
+        r = cli("inspect", src)
+        assert r.exit_code == 0, r.output
+        assert f"known layout: {line}" in r.output.splitlines()
+        cmd = shlex.split(line.split(": ", 1)[1] if "is: " not in line else line.split("is: ", 1)[1])
+        if "stacks it in place" in line:
+            cmd = ["ckptconv", "to-scan", "IN", "OUT"]
+        out = tmp_path / f"out{i}"
+        r = cli(*[str(src) if w == "IN" else str(out) if w == "OUT" else w for w in cmd[1:]])
+        assert r.exit_code == 0, r.output
+    # T5's blocks are not alike: no in-place proposal, the --layers advice instead.
+    r = cli("inspect", HF / "t5" / "flax_model.msgpack")
+    assert "known layout" not in r.output
+    assert "pass --layers 1:" in r.output
