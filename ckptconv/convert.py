@@ -421,14 +421,16 @@ def convert(
     in_fmt = formats.get(layout.format)
     total = result.nbytes
     update = (lambda n: progress(n, total)) if progress else None
+    rec = record.build(result, result.options)
+    kw = {"record": rec} if getattr(out_fmt, "WRITES_RECORD", False) else {}
     with _atomic_output(dst, force) as tmp:
         if out_format == layout.format:
-            _write_same_format(layout, items, in_fmt, tmp, update, fsync)
+            _write_same_format(layout, items, in_fmt, tmp, update, fsync, kw)
         else:
             rooted = selection is not None and selection.root is not None
-            _write_other_format(layout, items, in_fmt, out_fmt, tmp, update, rooted)
+            _write_other_format(layout, items, in_fmt, out_fmt, tmp, update, rooted, kw)
         if out_format == "orbax":
-            record.stamp(tmp, dst, to, record.build(result, result.options))
+            record.stamp(tmp, dst, to, rec)
         if fsync:
             # The Orbax writer already flushed its files before its commit
             # marker; this pass covers the rest (msgpack files, copied items,
@@ -485,11 +487,13 @@ def check_output(dst: Path, force: bool) -> None:
 
 
 def _write_same_format(
-    layout: Layout, items: list[ItemPlan], fmt: Any, out: Path, progress: Any, fsync: bool
+    layout: Layout, items: list[ItemPlan], fmt: Any, out: Path, progress: Any, fsync: bool,
+    kw: dict[str, Any] | None = None,
 ) -> None:
+    kw = kw or {}
     if layout.kind in ("file", "item"):
         (item,) = items
-        fmt.write(item.source, item.out_tree, out, progress, fsync)
+        fmt.write(item.source, item.out_tree, out, progress, fsync, **kw)
         return
     out.mkdir()
     for item in items:
@@ -498,7 +502,7 @@ def _write_same_format(
         if item.out_tree is None:
             shutil.copytree(item.source, dest, symlinks=True)
         else:
-            fmt.write(item.source, item.out_tree, dest, progress, fsync)
+            fmt.write(item.source, item.out_tree, dest, progress, fsync, **kw)
     for path, rel in layout.others:
         dest = out / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -518,6 +522,7 @@ def _write_other_format(
     out: Path,
     progress: Any,
     rooted: bool = False,
+    kw: dict[str, Any] | None = None,
 ) -> None:
     """Write another format. Formats that stream (``STREAMS``: msgpack,
     safetensors) get each output leaf read from the input when their writer
@@ -542,7 +547,7 @@ def _write_other_format(
     if rooted:
         (tree_out,) = trees.values()
     if streams:
-        out_fmt.write(None, tree_out, out, progress)
+        out_fmt.write(None, tree_out, out, progress, **(kw or {}))
     else:
         out_fmt.save(tree_out, out)
 

@@ -118,3 +118,15 @@ def test_given_options_win_over_the_record_and_no_record_means_blocks(tmp_path, 
 ])
 def test_undo_options_of_a_record(rec, opts):
     assert record.undo_options(rec) == opts
+
+
+def test_safetensors_outputs_carry_the_record_too(tmp_path, cli):
+    src = FIXTURES / "hf" / "gpt2" / "flax_model.msgpack"
+    scan = tmp_path / "scan.safetensors"
+    assert cli("to-scan", src, scan, "--format", "safetensors").exit_code == 0
+    rec = record.read(scan)
+    assert rec["command"] == "to-scan" and rec["groups"][0]["keys"] == ["0", "1", "2"]
+    r = cli("to-loop", scan, tmp_path / "back.msgpack", "--format", "msgpack")
+    assert r.exit_code == 0, r.output
+    assert _from_record_line(r) == f"from {scan}'s record: to-loop --from h --pattern '{{i}}'"
+    assert (tmp_path / "back.msgpack").read_bytes() == src.read_bytes()

@@ -114,6 +114,14 @@ def _flat(tree, prefix=""):
     return out
 
 
+def _kept(meta: dict, command: str) -> dict:
+    """The input's metadata, with ckptconv's record beside it (a JSON string)."""
+    meta = dict(meta)
+    rec = json.loads(meta.pop("ckptconv"))
+    assert rec["command"] == command, rec
+    return meta
+
+
 def test_to_scan_and_back_bit_for_bit(tmp_path):
     flat = llama()
     src = lib_save(flat, tmp_path / "model.safetensors", metadata=META)
@@ -121,12 +129,12 @@ def test_to_scan_and_back_bit_for_bit(tmp_path):
     res = ckptconv.convert(src, tmp_path / "scan.safetensors", to="scan")
     assert [(g.path, g.into, g.num_layers) for g in res.groups] == [(("model",), "layers", LAYERS)]
     got, meta = lib_load(tmp_path / "scan.safetensors")
-    assert same(got, scan_of(flat)) and meta == META and aligned(tmp_path / "scan.safetensors")
+    assert same(got, scan_of(flat)) and _kept(meta, "to-scan") == META and aligned(tmp_path / "scan.safetensors")
     ckptconv.convert(
         tmp_path / "scan.safetensors", tmp_path / "loop.safetensors", to="loop", source="layers", pattern="{i}"
     )
     back, meta = lib_load(tmp_path / "loop.safetensors")
-    assert same(back, flat) and meta == META
+    assert same(back, flat) and _kept(meta, "to-loop") == META
     assert digest(src) == before
 
 
@@ -151,11 +159,13 @@ def shard_safetensors(flat: dict, folder: Path, max_shard_size: int) -> Path:
     return folder
 
 
-def read_sharded(folder: Path) -> tuple[dict, dict, dict]:
+def read_sharded(folder: Path, command: str | None = None) -> tuple[dict, dict, dict]:
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     merged, sizes = {}, {}
     for name in sorted(set(index["weight_map"].values())):
         part, meta = lib_load(folder / name)
+        if command is not None:
+            meta = _kept(meta, command)
         assert meta == {"format": "pt"} and aligned(folder / name)
         assert all(index["weight_map"][k] == name for k in part)
         merged.update(part)
@@ -171,13 +181,13 @@ def test_sharded_directory_keeps_its_layout(tmp_path):
     _, _, in_sizes = read_sharded(src)
     assert len(in_sizes) >= 3
     ckptconv.convert(src, tmp_path / "scan", to="scan")
-    got, index, sizes = read_sharded(tmp_path / "scan")
+    got, index, sizes = read_sharded(tmp_path / "scan", "to-scan")
     assert same(got, scan_of(flat))
     for name, size in sizes.items():
         assert size <= max(in_sizes.values()) or list(index["weight_map"].values()).count(name) == 1
     assert (tmp_path / "scan" / "config.json").read_text() == '{"model_type": "llama"}'
     ckptconv.convert(tmp_path / "scan", tmp_path / "loop", to="loop", source="layers", pattern="{i}")
-    assert same(read_sharded(tmp_path / "loop")[0], flat)
+    assert same(read_sharded(tmp_path / "loop", "to-loop")[0], flat)
 
 
 def test_cross_format(tmp_path):
@@ -192,7 +202,7 @@ def test_cross_format(tmp_path):
     ckptconv.convert(tmp_path / "scan.msgpack", tmp_path / "loop.safetensors", to="loop",
                      format="safetensors", source="layers", pattern="{i}")
     got, meta = lib_load(tmp_path / "loop.safetensors")
-    assert same(got, flat) and meta == {"format": "flax"}
+    assert same(got, flat) and _kept(meta, "to-loop") == {"format": "flax"}
     ckptconv.save(tree, tmp_path / "orbax", format="orbax")
     ckptconv.convert(tmp_path / "orbax", tmp_path / "o.safetensors", to="loop", format="safetensors",
                      source="layers", pattern="{i}")

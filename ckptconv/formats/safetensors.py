@@ -471,15 +471,27 @@ def _planner(item: Path | None, maps: byteplan.FileMaps, dst: Path) -> byteplan.
 DEFAULT_METADATA = {"format": "flax"}
 
 
+#: `write` takes ``record=``: the conversion record goes into ``__metadata__``.
+WRITES_RECORD = True
+_RECORD = "ckptconv"
+
+
 def write(
-    item: Path | None, out_tree: Any, dst: Path, progress: Any = None, fsync: bool = False
+    item: Path | None,
+    out_tree: Any,
+    dst: Path,
+    progress: Any = None,
+    fsync: bool = False,
+    record: dict | None = None,
 ) -> None:
     """Write ``out_tree`` as safetensors at ``dst``, streaming from ``item``.
 
     ``item`` (a file or a sharded directory, as read by `read_lazy`) gives the
     bytes of the lazy leaves, the ``__metadata__`` kept and, for a directory,
     the layout; None (another format's `lazy.Deferred` leaves, or arrays)
-    writes one file with `DEFAULT_METADATA`.
+    writes one file with `DEFAULT_METADATA`. ``record`` (`ckptconv.record`)
+    is added to ``__metadata__`` as JSON under ``"ckptconv"`` (safetensors
+    metadata values are strings), in every shard.
     """
     dst = Path(dst)
     item = Path(item) if item is not None else None
@@ -487,6 +499,7 @@ def write(
         planner = _planner(item, maps, dst)
         if item is not None and item.is_dir():
             index, flat, meta = _read_dir(item)
+            meta = _with_record(meta, record)
             sizes = {name: ref.nbytes for name, ref in flat}
             entries = _flatten(out_tree, dst, planner.is_array)
             hf_entries = [(name, x, _nbytes(x)) for _, name, x in entries]
@@ -497,8 +510,34 @@ def write(
             hf_index.write_sharded(index, hf_entries, dst, hf_index.largest_shard(index, sizes), write_shard)
             return
         meta = read_header(item).metadata if item is not None else DEFAULT_METADATA
+        meta = _with_record(meta, record)
         entries = _flatten(out_tree, dst, planner.is_array)
         _write_file(entries, dst, meta, planner, progress)
+
+
+def _with_record(meta: dict | None, record: dict | None) -> dict | None:
+    if record is None:
+        return meta
+    import json
+
+    return {**(meta or {}), _RECORD: json.dumps(record, separators=(",", ":"))}
+
+
+def read_record(item: Path) -> dict | None:
+    """The ckptconv record in a file's (or first shard's) ``__metadata__``."""
+    import json
+
+    item = Path(item)
+    try:
+        if item.is_dir():
+            meta = _read_dir(item)[2]
+        else:
+            meta = read_header(item).metadata
+        text = (meta or {}).get(_RECORD)
+        rec = json.loads(text) if isinstance(text, str) else None
+    except (FormatError, OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def _nbytes(x: Any) -> int:
