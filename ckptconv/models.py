@@ -108,6 +108,7 @@ __all__ = [
     "ScanModel",
     "causal_lm",
     "init_loop_params",
+    "replace_submodule",
     "resolve_block",
     "scan_blocks",
     "seed0",
@@ -348,6 +349,42 @@ def scan_blocks(
         # Boxed (nn.Partitioned) params get the layer axis named, as MaxText
         # expects; plain arrays are unaffected.
         metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
+def replace_submodule(
+    module_cls: type[nn.Module], name: str, make: Callable[[nn.Module], nn.Module]
+) -> type[nn.Module]:
+    """A subclass of ``module_cls`` whose ``setup`` builds ``make(original)``
+    where ``module_cls.setup`` assigns ``self.<name> = original``.
+
+    The way to a scan form of a model you did not write: Hugging Face's
+    ``FlaxGPT2Module.setup`` makes ``self.h = FlaxGPT2BlockCollection(...)``
+    (children ``0 … N-1``); ``replace_submodule(FlaxGPT2Module, "h", lambda
+    old: ScanH(old.config, dtype=old.dtype))`` is the same module with a scanned
+    ``h`` (params ``h/<block params>`` stacked, as ``to-scan`` stacks the
+    digit-keyed list in place), everything else (names, call, defaults) its own.
+
+    Args:
+        module_cls: a Linen module class that assigns ``self.<name>`` in ``setup``.
+        name: the attribute.
+        make: gets the module ``setup`` built (unbound: read its fields) and
+            returns the one to use instead; it gets the same name.
+
+    Returns:
+        The subclass (same ``__name__``).
+    """
+
+    def __setattr__(self, key, value):  # noqa: N807 - it is the dunder it extends
+        if key == name and isinstance(value, nn.Module) and self._state.in_setup:
+            value = make(value)
+        module_cls.__setattr__(self, key, value)
+
+    return type(
+        module_cls.__name__,
+        (module_cls,),
+        {"__setattr__": __setattr__, "__module__": module_cls.__module__,
+         "__qualname__": module_cls.__qualname__},
     )
 
 

@@ -796,6 +796,8 @@ class _Plan:
     where: list[tuple[tuple, list[int], bool]]
     skipped: list[str]
     names: list[str]
+    #: scan path -> the path rows are named by, where it is not the scan path
+    labels: dict[tuple, tuple] = field(default_factory=dict)
 
     def mismatch(self) -> tuple[list[str], list[str], list[str]]:
         loop_only = [treelib.format_path(p) for p in self.want if p not in self.got]
@@ -864,14 +866,22 @@ def _plan(loop_inter: Any, scan_inter: Any, specs: list[dict[str, Any]]) -> _Pla
             else:
                 for sub, leaf in treelib.leaves_with_paths(value):
                     want[path + (k,) + sub] = leaf
+    # nn.scan's contract: a scanned layer returns (carry, ys), the loop's layer
+    # the carry alone (MaxText's `(x, None) if scan_layers else x`): the scan
+    # form's record of the call then holds the carry at index 0 and nothing else.
+    labels: dict[tuple, tuple] = {}
+    for p in [p for p in want if p not in got and p + (0,) in got]:
+        if not any(q[: len(p)] == p and q[len(p)] != 0 for q in got if len(q) > len(p)):
+            want[p + (0,)] = want.pop(p)
+            labels[p + (0,)] = p
     names: list[str] = []
     for p in want:
         w = _where(p, where)
         if w is not None and (w[2] is False or isinstance(want[p], lazy.Stack)):
-            n = _inter_name(p[len(w[0]):])
+            n = _inter_name(labels.get(p, p)[len(w[0]):])
             if n not in names:
                 names.append(n)
-    return _Plan(want, got, where, skipped, names)
+    return _Plan(want, got, where, skipped, names, labels)
 
 
 def _no_match_error(plan: _Plan) -> VerifyError:
@@ -899,9 +909,10 @@ def _rows(plan: _Plan, values: dict[tuple, Any], atol: float | None, rtol: float
             continue
         b = np.asarray(plan.got[p])
         w = _where(p, plan.where)
+        label = plan.labels.get(p, p)
         if isinstance(e, lazy.Stack) and w is not None:
             prefix, layers, _ = w
-            name = _inter_name(p[len(prefix):])
+            name = _inter_name(label[len(prefix):])
             if b.shape[:1] != (len(e.parts),):
                 a = np.stack([np.asarray(values[r.source]) for r in e.parts])
                 rows.append(_compare(name, None, a, b, atol, rtol))
@@ -917,9 +928,9 @@ def _rows(plan: _Plan, values: dict[tuple, Any], atol: float | None, rtol: float
         else:
             a = np.asarray(e)
         if w is not None and not w[2]:
-            rows.append(_compare(_inter_name(p[len(w[0]):]), w[1][0], a, b, atol, rtol))
+            rows.append(_compare(_inter_name(label[len(w[0]):]), w[1][0], a, b, atol, rtol))
         else:
-            rows.append(_compare(_inter_name(p), None, a, b, atol, rtol))
+            rows.append(_compare(_inter_name(label), None, a, b, atol, rtol))
     rows.sort(key=lambda r: (r.passed, -r.worst, r.layer if r.layer is not None else -1))
     return rows
 
