@@ -332,6 +332,10 @@ def _run_convert(ctx: click.Context, src: Path, dst: Path, to: str | None, **kw:
             f"{_human(cast.before)} -> {_human(cast.after)} (saved {_human(cast.saved)})"
         )
     if dry_run:
+        if to is not None:
+            # The plan as options: what the record will say, and what reruns it.
+            opts = {k: v for k, v in result.options.items() if k not in ("dry_run",)}
+            click.echo(f"plan: to-{to} {record_mod.options_text(opts)}".rstrip())
         click.echo(f"dry run: would write {dst} ({result.out_format}, {_human(result.nbytes)}); nothing written")
     else:
         click.echo(f"wrote {dst} ({result.out_format}, {_human(result.nbytes)}) in {elapsed:.1f} s")

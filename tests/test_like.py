@@ -105,3 +105,10 @@ def test_differences_lists_each_kind():
         "1 shapes differ: x (2, 3) vs REF (3, 2)",
         "1 dtypes differ: y int32 vs REF int64",
     ]
+
+
+def test_dry_run_prints_the_plan_as_options(tmp_path, cli):
+    r = cli("to-scan", LOOP, tmp_path / "out", "--like", SCAN, "--only", "params", "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert "plan: to-scan --pattern 'layers_{i}' --into layers --axis 1" in r.output.splitlines()
+    assert not (tmp_path / "out").exists()
