@@ -127,3 +127,64 @@ def first_loss_full_state(items_dir: Path, scan_layers: bool, workdir: Path) -> 
         "checkpoint_period=1000000",
     )
     return _one_step_loss(lines, first, name)
+
+
+def _only_step(root: Path) -> int:
+    """The one step directory of a CheckpointManager root."""
+    steps = sorted(int(p.name) for p in Path(root).iterdir() if p.is_dir() and p.name.isdigit())
+    if len(steps) != 1:
+        raise MaxTextError(f"{root}: expected one step directory, got {steps}")
+    return steps[0]
+
+
+def _losses(lines: list[dict], first: int, count: int, run_name: str) -> dict[int, float]:
+    """{step: loss} of a run that trained steps first .. first + count - 1, checked."""
+    got = [line["step"] for line in lines]  # JSON numbers: 1.0, 2.0, …
+    if got != list(range(first, first + count)):
+        raise MaxTextError(f"{run_name}: expected steps {first}..{first + count - 1}; got {lines}")
+    losses = {int(line["step"]): float(line["learning/loss"]) for line in lines}
+    LOSSES[run_name] = losses[first]
+    return losses
+
+
+def resume(root: Path, scan_layers: bool, workdir: Path, count: int, run_name: str,
+           via: str = "run_dir", save_final: bool = False) -> tuple[dict[int, float], str]:
+    """Resume training from the one step of CheckpointManager root `root` for `count` steps.
+
+    A checkpoint saved at step s holds the state after s + 1 updates (its `step` leaf is
+    s + 1), so the resumed run trains steps s + 1 .. s + count and needs steps=s+count+1.
+    `via`:
+      "run_dir"     MaxText's own resume: `root` is copied to the new run's checkpoint
+                    directory (`<base_output_directory>/<run_name>/checkpoints`), where the
+                    trainer finds it as this run's latest step and restores the whole state.
+      "full_state"  `load_full_state_path=<root>/<s>/items`.
+    Both restore with Orbax's partial_load (MaxText 0.2.5, checkpointing.py): keys on disk
+    the model lacks are dropped, and leaves the model has but the checkpoint lacks keep
+    their fresh initial value, silently, except the weights (params), whose absence or
+    wrong shape MaxText refuses ("Checkpoint does not match the model").
+    With `save_final` the run saves its last step, s + count, under
+    `<workdir>/out/<run_name>/checkpoints` (what the model held after training); else it
+    writes no checkpoint. Returns ({step: loss}, the run's log text).
+    """
+    import shutil
+
+    root = Path(root).absolute()
+    workdir = Path(workdir).absolute()
+    s = _only_step(root)
+    extra = [
+        "enable_checkpointing=true",  # MaxText insists on it for either resume
+        "save_checkpoint_on_start=false",
+        f"save_checkpoint_on_completion={'true' if save_final else 'false'}",
+        "checkpoint_period=1000000",
+    ]
+    if via == "run_dir":
+        ckpt_dir = workdir / "out" / run_name / "checkpoints"
+        ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(root, ckpt_dir)
+    elif via == "full_state":
+        extra.append(f"load_full_state_path={root / str(s) / 'items'}")
+    else:
+        raise ValueError(f"via={via!r}")
+    lines = train(workdir, run_name, scan_layers, s + count + 1, *extra)
+    return _losses(lines, s + 1, count, run_name), (workdir / f"{run_name}.log").read_text(errors="replace")
+
