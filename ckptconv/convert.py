@@ -524,17 +524,18 @@ def _write_other_format(
     rooted: bool = False,
     kw: dict[str, Any] | None = None,
 ) -> None:
-    """Write another format. Formats that stream (``STREAMS``: msgpack,
-    safetensors) get each output leaf read from the input when their writer
-    reaches it, so memory holds one leaf. Orbax output goes through memory
-    (the Orbax writer moves chunks between Orbax stores only)."""
+    """Write another format. Each output leaf is read from the input when the
+    writer reaches it (``STREAMS``: msgpack, safetensors, Orbax; the Orbax
+    writer runs such reads as jobs within its decode budget), so memory holds
+    a few leaves, not the checkpoint. A format that does not stream gets the
+    tree in memory (`save`)."""
     streams = getattr(out_fmt, "STREAMS", False)
     trees = {}
     for item in items:
         t = item.out_tree
         if t is None:
             t = in_fmt.read_lazy(item.source)
-        read = lambda ref, p=item.source: in_fmt.read_array(p, ref)  # noqa: E731
+        read = _reader(in_fmt, item.source)
         if streams:
             trees[item.name] = lazy.defer(t, read)
         else:
@@ -550,6 +551,18 @@ def _write_other_format(
         out_fmt.write(None, tree_out, out, progress, **(kw or {}))
     else:
         out_fmt.save(tree_out, out)
+
+
+def _reader(fmt: Any, item: Path) -> Callable[[Any], Any]:
+    """``read(ref)`` for ``item``, with ``read.take(ref, index, axis)`` where
+    the format reads one layer of a stack on its own (Orbax)."""
+
+    def read(ref: Any) -> Any:
+        return fmt.read_array(item, ref)
+
+    if hasattr(fmt, "read_slice"):
+        read.take = lambda ref, index, axis: fmt.read_slice(item, ref, index, axis)  # type: ignore[attr-defined]
+    return read
 
 
 def _fsync_tree(path: Path) -> None:

@@ -101,6 +101,10 @@ class Deferred:
     read: Any
     shape: tuple[int, ...]
     dtype: np.dtype
+    #: For a stack: each layer's read, and the layer axis, so that a writer
+    #: can write one layer at a time (and chunk the output layer-thick).
+    parts: tuple[Any, ...] | None = None
+    axis: int | None = None
 
     @property
     def nbytes(self) -> int:
@@ -109,11 +113,21 @@ class Deferred:
 
 def defer(tree: Any, read: Any) -> Any:
     """`materialize`, but each lazy leaf becomes a `Deferred` read when written."""
-    return _map_lazy(
-        tree,
-        lambda leaf: Deferred(
-            lambda: _value(leaf, read), tuple(leaf.shape), np.dtype(leaf.dtype)
-        ),
+    return _map_lazy(tree, lambda leaf: _deferred(leaf, read))
+
+
+def _deferred(leaf: Ref | Stack | Slice | Cast, read: Any) -> Deferred:
+    parts = axis = None
+    inner = leaf.value if isinstance(leaf, Cast) else leaf
+    if isinstance(inner, Stack):
+        cast = np.dtype(leaf.dtype) if isinstance(leaf, Cast) else None
+        parts = tuple(
+            (lambda p=p: read(p)) if cast is None else (lambda p=p: read(p).astype(cast))
+            for p in inner.parts
+        )
+        axis = inner.axis
+    return Deferred(
+        lambda: _value(leaf, read), tuple(leaf.shape), np.dtype(leaf.dtype), parts, axis
     )
 
 
@@ -149,6 +163,10 @@ def _value(leaf: Ref | Stack | Slice | Cast, read: Any) -> np.ndarray:
         return read(leaf)
     if isinstance(leaf, Stack):
         return np.stack([read(p) for p in leaf.parts], axis=leaf.axis)
+    # A reader that can read one layer (``read.take``) is not made to read the stack.
+    take = getattr(read, "take", None)
+    if take is not None:
+        return np.asarray(take(leaf.source, leaf.index, leaf.axis))
     return np.take(read(leaf.source), leaf.index, axis=leaf.axis)
 
 

@@ -22,6 +22,9 @@ from ckptconv.formats import orbax_stream
 from ckptconv.formats.layout import Layout
 
 NAME = "orbax"
+#: Another format's leaves are written one at a time (`lazy.Deferred`), not
+#: through an in-memory tree.
+STREAMS = True
 
 _STEP_RE = re.compile(r"^(?:.*_)?(\d+)$")
 
@@ -118,8 +121,17 @@ def read_array(item: Path, ref: Any) -> np.ndarray:
     return orbax_stream.read_array(_norm(item), ref.source)
 
 
-def write(item: Path, out_tree: Any, dst: Path, progress: Any = None, fsync: bool = False) -> None:
-    orbax_stream.write(_norm(item), out_tree, _norm(dst), progress=progress, sync=fsync)
+def read_slice(item: Path, ref: Any, index: int, axis: int) -> np.ndarray:
+    """``np.take(array, index, axis)``, reading only the chunks it touches."""
+    region = (slice(None),) * axis + (index,)
+    return orbax_stream.read_array(_norm(item), ref.source, region)
+
+
+def write(
+    item: Path | None, out_tree: Any, dst: Path, progress: Any = None, fsync: bool = False
+) -> None:
+    src = _norm(item) if item is not None else None
+    orbax_stream.write(src, out_tree, _norm(dst), progress=progress, sync=fsync)
 
 
 def read_record(item: Path) -> dict | None:

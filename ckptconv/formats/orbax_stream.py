@@ -94,7 +94,7 @@ import tensorstore as ts
 
 from ckptconv.errors import FormatError, OutputExistsError
 from ckptconv.formats.msgpack_stream import FLAX_DTYPES
-from ckptconv.lazy import LAZY, Cast, Ref, Slice, Stack
+from ckptconv.lazy import LAZY, Cast, Deferred, Ref, Slice, Stack
 
 __all__ = ["read_array", "read_lazy", "write"]
 
@@ -437,12 +437,16 @@ def read_lazy_with_orbax(item_dir: str | os.PathLike) -> Any:
     return convert(tree_metadata.tree, ())
 
 
-def read_array(item_dir: str | os.PathLike, source: str) -> np.ndarray:
-    """Reads one array of an Orbax item directory.
+def read_array(
+    item_dir: str | os.PathLike, source: str, index: tuple[Any, ...] | None = None
+) -> np.ndarray:
+    """Reads one array of an Orbax item directory, or the region ``index`` of it.
 
     Args:
       item_dir: the item directory.
       source: the array's Orbax param name, as in `Ref.source` from `read_lazy`.
+      index: a tuple of ints and slices: only the chunks it touches are read
+        (one layer of a stack saved layer-thick).
 
     Returns:
       The array (0-d for scalars), with its stored dtype.
@@ -450,8 +454,28 @@ def read_array(item_dir: str | os.PathLike, source: str) -> np.ndarray:
     Raises:
       FormatError: the directory or the array cannot be read.
     """
-    src = _Source(Path(item_dir))
-    return _run(_read_whole(src, source))
+    src = _opened(Path(item_dir))
+    if index is None:
+        return _run(_read_whole(src, source))
+    src.value_metadata(source)
+    return _run(src.read_region(source, index))
+
+
+_OPENED: dict[Path, _Source] = {}
+
+
+def _opened(path: Path) -> _Source:
+    """An item directory's `_Source`, parsed once per process for a run of
+    reads (another format's writer reads every leaf of one input); the last
+    few are kept."""
+    key = path.absolute()
+    src = _OPENED.get(key)
+    if src is None:
+        src = _Source(key)
+        if len(_OPENED) >= 4:
+            _OPENED.pop(next(iter(_OPENED)))
+        _OPENED[key] = src
+    return src
 
 
 async def _read_whole(src: _Source, name: str) -> np.ndarray:
@@ -496,7 +520,9 @@ def write(
     temporary directory is removed.
 
     Args:
-      src_dir: the item directory that `out_tree`'s lazy leaves refer to.
+      src_dir: the item directory that `out_tree`'s lazy leaves refer to;
+        None when it has none (another format's `lazy.Deferred` leaves, read
+        one at a time as the writer reaches them, and in-memory values).
       out_tree: nested dicts (any Mapping; keys are written as ``str(key)``),
         lists and tuples whose leaves are `Ref` (copied unchanged), `Stack`
         (``np.stack`` of its parts), `Slice` (``np.take``), ``None``, empty
@@ -520,7 +546,7 @@ def write(
     dst = Path(dst_dir).absolute()
     if dst.exists() or dst.is_symlink():
         raise OutputExistsError(f"{dst}: output already exists; remove it or choose another path")
-    src = _Source(Path(src_dir))
+    src = _Source(Path(src_dir)) if src_dir is not None else _NoSource()
     plan = _Plan(src, out_tree)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f"{dst.name}{TMP_DIR_SUFFIX}-{os.getpid()}-{time.time_ns()}")
@@ -538,6 +564,39 @@ def write(
 
 # --------------------------------------------------------------------------
 # The source item directory
+
+
+def _context() -> ts.Context:
+    return ts.Context(
+        {
+            "file_io_concurrency": {"limit": 128},
+            # No fsync per OCDBT commit: `write` fsyncs every output file
+            # once at the end instead, so the disk writes back in the
+            # background while chunks are still being copied.
+            "file_io_sync": False,
+            # Caches OCDBT B-tree nodes, as Orbax does; array chunks are not cached.
+            "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000},
+        }
+    )
+
+
+class _NoSource:
+    """The source of an output with no Orbax input (msgpack or safetensors in):
+    its leaves are `Deferred` reads or values; a `Ref` is an error."""
+
+    path = None
+    metadata: dict[str, Any] = {}
+    use_zarr3 = False
+    use_ocdbt = False
+    raise_missing = False
+
+    def __init__(self) -> None:
+        self.context = _context()
+
+    def value_metadata(self, name: str) -> dict[str, Any]:
+        raise FormatError(
+            f"output leaf refers to Orbax array {name!r}, but no Orbax source was given"
+        )
 
 
 class _Source:
@@ -566,17 +625,7 @@ class _Source:
             keys, value_metadata = _parse_entry(self.path / METADATA_FILE, keypath, entry, len(tree))
             self.entries[".".join(k for k, _ in keys)] = value_metadata
             self.parsed.append((keys, value_metadata))
-        self.context = ts.Context(
-            {
-                "file_io_concurrency": {"limit": 128},
-                # No fsync per OCDBT commit: `write` fsyncs every output file
-                # once at the end instead, so the disk writes back in the
-                # background while chunks are still being copied.
-                "file_io_sync": False,
-                # Caches OCDBT B-tree nodes, as Orbax does; array chunks are not cached.
-                "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000},
-            }
-        )
+        self.context = _context()
         base = {"driver": "file", "path": str(self.path) + "/"}
         if self.use_ocdbt:
             self.kvstore_spec: dict[str, Any] = {
@@ -755,6 +804,8 @@ class _DecodeJob:
             return value.source.nbytes
         if isinstance(value, Stack):
             return value.parts[0].nbytes
+        if isinstance(value, Deferred) and value.parts:
+            return value.nbytes // len(value.parts)
         return int(getattr(value, "nbytes", 0))
 
 
@@ -789,6 +840,9 @@ class _Plan:
         value = leaf.value
         if isinstance(value, LAZY):
             self._describe_lazy(leaf)
+        elif isinstance(value, Deferred):
+            # Another format's leaf: read when its job runs, one at a time.
+            leaf.value_type = "np.ndarray"
         elif value is None or (isinstance(value, (Mapping, list, tuple)) and not value):
             # Orbax's empty-value type names (`metadata.empty_values`).
             leaf.value_type = (
@@ -898,7 +952,9 @@ class _Plan:
             await dst.close()
 
     async def _write_arrays(self, dst: _Destination, progress: Progress | None) -> None:
-        array_leaves = [leaf for leaf in self.leaves if isinstance(leaf.value, (*LAZY, np.ndarray))]
+        array_leaves = [
+            leaf for leaf in self.leaves if isinstance(leaf.value, (*LAZY, Deferred, np.ndarray))
+        ]
         lazy_sources = sorted(
             {
                 ref.source
@@ -926,7 +982,7 @@ class _Plan:
                     self._check_ref(leaf, ref, zarrays.get(ref.source))
                 # The decode path writes zarr3 arrays with their source's codecs.
                 leaf.template = zarrays[_refs(value)[0].source] if self.src.use_zarr3 else None
-            if isinstance(value, np.ndarray):
+            if isinstance(value, (np.ndarray, Deferred)):
                 jobs.append(_DecodeJob("value", [leaf]))
             elif leaf.cast is not None:
                 # Decoded: a cast changes every chunk's bytes.
@@ -963,10 +1019,11 @@ class _Plan:
             _ChunkOp("", f"{name}/{_meta_file(z)}", 0, 0, name) for name, z in zarray_writes
         ]
         meta_values = {op.dst_key: _zarray_bytes(z) for op, (_, z) in zip(meta_ops, zarray_writes)}
-        await dst.copy_chunks(
-            await self.src.kvstore(), self.src.path, meta_ops + ops, meta_values, progress,
-            missing_is_damage=self.src.raise_missing,
-        )
+        if meta_ops or ops:
+            await dst.copy_chunks(
+                await self.src.kvstore(), self.src.path, meta_ops + ops, meta_values, progress,
+                missing_is_damage=self.src.raise_missing,
+            )
         # Jobs run concurrently within a budget of decoded bytes: one decodes
         # its source while another's layers are encoded and written, so both
         # cores work on small leaves; a leaf bigger than the budget runs alone,
@@ -1045,8 +1102,10 @@ class _Plan:
             "custom_metadata": self.src.metadata.get("custom_metadata"),
         }
         _write_file(tmp / METADATA_FILE, json.dumps(metadata).encode())
-        checkpoint_metadata = self.src.path / CHECKPOINT_METADATA_FILE
-        if checkpoint_metadata.exists():
+        checkpoint_metadata = (
+            self.src.path / CHECKPOINT_METADATA_FILE if self.src.path is not None else None
+        )
+        if checkpoint_metadata is not None and checkpoint_metadata.exists():
             _write_file(tmp / CHECKPOINT_METADATA_FILE, checkpoint_metadata.read_bytes())
         if sync:
             _fsync_tree(tmp)
@@ -1544,7 +1603,18 @@ class _Destination:
     ) -> None:
         if job.kind == "value":
             leaf = job.leaves[0]
-            data = np.asarray(leaf.value)
+            value = leaf.value
+            if isinstance(value, Deferred) and value.parts is not None:
+                # Another format's stack: one layer in memory at a time, and
+                # layer-thick chunks, so that unstacking it is a chunk copy.
+                arr = await self.create(lane, leaf, value.shape, value.dtype, value.axis)
+                lead = (slice(None),) * value.axis
+                for layer, part in enumerate(value.parts):
+                    data = np.asarray(part()).astype(value.dtype, copy=False)
+                    await self.put(lane, leaf, arr, (*lead, layer), data, progress)
+                    del data
+                return
+            data = np.asarray(value.read() if isinstance(value, Deferred) else value)
             arr = await self.create(lane, leaf, data.shape, data.dtype, None)
             await self.put(lane, leaf, arr, (), data, progress)
         elif job.kind == "ref":

@@ -1,0 +1,76 @@
+"""msgpack -> Orbax and back, streaming: the Orbax writer takes another format's
+leaves one at a time (a stack one layer at a time, chunked layer-thick), and
+unstacking such an output into msgpack reads one layer per output leaf."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import flax.serialization
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+import ckptconv
+from ckptconv.formats import orbax as orbax_fmt
+
+HF = Path(__file__).resolve().parents[1] / "fixtures" / "hf"
+
+
+def _leaves(t):
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(t)}
+
+
+def test_msgpack_to_orbax_streams_layers_and_restores_in_orbax(tmp_path, monkeypatch):
+    from ckptconv.formats import msgpack as msgpack_fmt
+
+    src = HF / "gpt2" / "flax_model.msgpack"
+    reads = []
+    real = msgpack_fmt.read_array
+
+    def spy(item, ref):
+        reads.append(tuple(ref.shape))
+        return real(item, ref)
+
+    monkeypatch.setattr(msgpack_fmt, "read_array", spy)
+    out = tmp_path / "scan"
+    ckptconv.convert(src, out, to="scan", format="orbax")
+    # Every read is one input array (a layer's leaf), never a stack.
+    tree = flax.serialization.msgpack_restore(src.read_bytes())
+    layer_shapes = {tuple(x.shape) for x in _leaves(tree).values()}
+    assert reads and set(reads) <= layer_shapes
+    # Orbax itself restores the output: equal to the in-memory to_scan.
+    got = ocp.PyTreeCheckpointer().restore(out.absolute())
+    want = ckptconv.to_scan(tree)
+    assert _leaves(got).keys() == _leaves(want).keys()
+    for k, v in _leaves(want).items():
+        assert _leaves(got)[k].tobytes() == v.tobytes(), k
+    # Stacks are chunked one layer thick, so that unstacking is a chunk copy.
+    meta = json.loads((out / "_METADATA").read_text())
+    assert meta["use_zarr3"] is False
+    import tensorstore as ts
+
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{out}"}).result()
+    zarray = json.loads(bytes(kv.read("transformer.h.attn.c_attn.kernel/.zarray").result().value))
+    assert zarray["shape"] == [3, 96, 32] and zarray["chunks"] == [1, 96, 32]
+
+
+def test_orbax_stack_to_msgpack_reads_one_layer_per_leaf(tmp_path, monkeypatch):
+    src = HF / "gpt2" / "flax_model.msgpack"
+    scan = tmp_path / "scan"
+    ckptconv.convert(src, scan, to="scan", format="orbax")
+    whole, regions = [], []
+    real = orbax_fmt.orbax_stream.read_array
+
+    def spy(item, source, index=None):
+        (whole if index is None else regions).append(source)
+        return real(item, source, index)
+
+    monkeypatch.setattr(orbax_fmt.orbax_stream, "read_array", spy)
+    back = tmp_path / "back.msgpack"
+    ckptconv.convert(scan, back, to="loop", format="msgpack", source="h", pattern="{i}")
+    assert back.read_bytes() == src.read_bytes()
+    stacked = [k for k in regions if k.startswith("transformer.h.")]
+    assert len(stacked) == 3 * len(set(stacked))  # one read per layer of each stack
+    assert not [k for k in whole if k.startswith("transformer.h.")]
