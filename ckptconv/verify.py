@@ -601,7 +601,7 @@ class _Call:
         return fn(*args, **{**self.kwargs, **kw})
 
 
-def _run(module: Any, variables: Any, call: _Call, repeats: int) -> tuple[Any, Timing]:
+def _run(module: Any, variables: Any, call: _Call, repeats: int) -> tuple[Any, Timing | None]:
     """Time the plain forward (compile, then steps), then run once capturing
     every intermediate. Timing the plain forward keeps the figures about the
     model, not about copying out its intermediates."""
@@ -616,6 +616,8 @@ def _run(module: Any, variables: Any, call: _Call, repeats: int) -> tuple[Any, T
         )
 
     dyn = call.dynamic()
+    if repeats <= 0:  # no timing: one compile (of the capturing run) instead of two
+        return jax.device_get(jax.jit(captured)(variables, dyn)), None
     start = time.perf_counter()
     compiled = jax.jit(plain).lower(variables, dyn).compile()
     compile_s = time.perf_counter() - start
@@ -995,7 +997,7 @@ def verify(
     into: str | None = None,
     axis: int | None = None,
     period: int | None = None,
-    remainder: str = "separate",
+    remainder: str | None = "separate",
     layers: Any = None,
     groups: Any = None,
     block: str | Any | None = None,
@@ -1042,7 +1044,7 @@ def verify(
         normal of ``input_shape`` drawn with ``seed``).
       atol, rtol: tolerances (default by dtype: `DEFAULT_TOLERANCES`; integer
         outputs such as tokens must match exactly).
-      repeats: step-time runs per form.
+      repeats: step-time runs per form (0: no timing, one compile per form fewer).
       step: the step of CheckpointManager roots, on both sides (default: the
         latest of each, which must then be the same step).
       plot: write a heatmap of layers × intermediates here (``.png`` or
@@ -1087,6 +1089,7 @@ def verify(
             axis, period, layers = rec.get("axis"), rec.get("period"), rec.get("layers")
             remainder = rec.get("remainder") or remainder
     axis = 0 if axis is None else axis
+    remainder = remainder or "separate"
     opts = _scan_opts(pattern, into, period, remainder, layers, groups)
     try:
         leaves = check_structure(L.tree, S.tree, axis=axis, loop_read=L.read, scan_read=S.read, **opts)
@@ -1197,7 +1200,7 @@ def verify(
     report.tolerances = {
         r.dtype: _tolerance(jax.numpy.dtype(r.dtype), atol, rtol) for r in report.rows
     }
-    report.timings = {"loop": t_loop, "scan": t_scan}
+    report.timings = {k: t for k, t in (("loop", t_loop), ("scan", t_scan)) if t is not None}
     if plot is not None:
         plotlib.render(report, plot)
         report.plot = str(plot)

@@ -191,7 +191,7 @@ def _swap_0_1(layers: dict) -> None:
 
 
 def test_correct_conversion_passes_with_options_from_the_record(converted):
-    rep = ckptconv.verify(converted["loop"], converted["scan"], model=converted["factory"], repeats=1)
+    rep = ckptconv.verify(converted["loop"], converted["scan"], model=converted["factory"], repeats=0)
     assert rep.passed, rep.table()
     assert rep.options_from == "record"
     assert rep.options == {"pattern": "layers_{i}", "into": "layers", "axis": 1}
@@ -283,7 +283,7 @@ def _check_image(drawn: plotlib.Drawn, img: np.ndarray) -> set[int]:
 def test_plot_of_perturbed_run_marks_exactly_the_layers_that_differ(converted, tmp_path):
     bad = _changed(converted, "bumped", _bump_last_layer)
     png = tmp_path / "bumped.png"
-    rep = ckptconv.verify(converted["loop"], bad, model=converted["factory"], repeats=1, plot=png, **LIB_OPTS)
+    rep = ckptconv.verify(converted["loop"], bad, model=converted["factory"], repeats=0, plot=png, **LIB_OPTS)
     assert rep.plot == str(png) and f"plot: {png}" in rep.table()
     layers, names, worst = rep.cells()
     assert layers == list(range(N)) and names == rep.names
@@ -298,7 +298,7 @@ def test_plot_of_perturbed_run_marks_exactly_the_layers_that_differ(converted, t
 
     # The correct conversion: nothing marked, every cell at the bottom of the scale
     # (bit for bit here) or below the tolerance.
-    ok = ckptconv.verify(converted["loop"], converted["scan"], model=converted["factory"], repeats=1)
+    ok = ckptconv.verify(converted["loop"], converted["scan"], model=converted["factory"], repeats=0)
     drawn = plotlib.render(ok, tmp_path / "ok.png")
     assert _check_image(drawn, _pixels(tmp_path / "ok.png")) == set()
     assert drawn.title.startswith(f"all {N} layers within tolerance")
@@ -307,7 +307,7 @@ def test_plot_of_perturbed_run_marks_exactly_the_layers_that_differ(converted, t
 def test_plot_svg_and_errors(converted, tmp_path, monkeypatch):
     bad = _changed(converted, "swapped", _swap_0_1)
     svg = tmp_path / "swapped.svg"
-    rep = ckptconv.verify(converted["loop"], bad, model=converted["factory"], repeats=1, plot=svg, **LIB_OPTS)
+    rep = ckptconv.verify(converted["loop"], bad, model=converted["factory"], repeats=0, plot=svg, **LIB_OPTS)
     root = ET.parse(svg).getroot()
     assert root.tag.endswith("svg")
     assert "first failing layer: 0" in svg.read_text()
@@ -370,7 +370,7 @@ def test_loop_model_with_other_sizes_names_the_shapes(converted):
     if converted["factory"] is not linen_forms:
         pytest.skip("one model is enough")
     # other token lengths fit the same params: the forms run and agree
-    assert ckptconv.verify(converted["loop"], converted["scan"], model=forms, repeats=1).passed
+    assert ckptconv.verify(converted["loop"], converted["scan"], model=forms, repeats=0).passed
 
     def other_vocab():
         class Small(Transformer):
