@@ -377,3 +377,74 @@ def test_period_hints_structure_only():
     rest["layers_0"] = {"w": rest["layers_0"]["w"] + np.float32([0, 1, 0])}
     rep = ckptconv.verify(p, s, period=6, **PERIOD_OPTS)
     assert [(c.path, c.layers) for c in rep.leaves if not c.ok] == [("params/layers_remainder/layers_0/w", [12])]
+
+
+# --------------------------------------------------------------------------
+# Streaming, and options from SCAN's conversion record
+
+
+def test_structure_check_reads_one_leaf_pair_at_a_time(pair, monkeypatch):
+    """Paths are read with the lazy readers: every LOOP read is one layer's leaf
+    (never a stack), every SCAN read one leaf, each once."""
+    from ckptconv.formats import orbax as orbax_fmt
+
+    loop, scan, params = pair
+    reads: list[tuple[str, tuple]] = []
+    real = orbax_fmt.read_array
+
+    def spy(item, ref):
+        out = real(item, ref)
+        reads.append((item.name, out.shape))
+        return out
+
+    monkeypatch.setattr(orbax_fmt, "read_array", spy)
+    rep = ckptconv.verify(loop, scan)
+    assert rep.passed and len(rep.leaves) == 12
+    loop_reads = [s for name, s in reads if name == "loop"]
+    scan_reads = [s for name, s in reads if name == "scan"]
+    layer_shapes = {leaf.shape for _, leaf in ckptconv.tree.leaves_with_paths(params["params"]["layer_0"])}
+    assert len(loop_reads) == 12 * N and set(loop_reads) == layer_shapes
+    assert len(scan_reads) == 12 and all(s[0] == N for s in scan_reads)
+
+
+def _save_converted(d, tree, **opts):
+    d.mkdir(exist_ok=True)
+    ckptconv.save(tree, d / "loop")
+    ckptconv.convert(d / "loop", d / "scan", to="scan", **opts)
+    return d / "loop", d / "scan"
+
+
+def test_options_come_from_the_record(tmp_path):
+    rng = np.random.default_rng(0)
+    tree = {"params": {
+        **{f"dense_layers_{i}": {"w": rng.standard_normal((2, 3)).astype(np.float32)} for i in range(2)},
+        **{f"moe_layers_{i}": {"w": rng.standard_normal((4, 3)).astype(np.float32)} for i in range(2)},
+    }}
+    groups = [("dense_layers_{i}", "dense_layers"), ("moe_layers_{i}", "moe_layers")]
+    loop, scan = _save_converted(tmp_path, tree, groups=groups, axis=1)
+    rep = ckptconv.verify(loop, scan)
+    assert rep.passed, rep.table()
+    assert rep.options_from == "record" and rep.options == {"groups": groups, "axis": 1}
+    assert rep.table().splitlines()[1] == (
+        "options: from SCAN's conversion record: --pattern 'dense_layers_{i}' --into dense_layers "
+        "--pattern 'moe_layers_{i}' --into moe_layers --axis 1"
+    )
+    # Options given: the record is not read; these are wrong for this SCAN.
+    given = ckptconv.verify(loop, scan, groups=groups)
+    assert given.options_from == "given" and not given.passed
+    # The library's groups=, as to_scan's.
+    assert ckptconv.verify(loop, scan, groups=groups, axis=1).passed
+
+
+def test_period_and_layers_from_the_record(tmp_path):
+    p = {"params": {f"layers_{i}": {"w": np.full((3,), i, np.float32)} for i in range(13)}}
+    loop, scan = _save_converted(tmp_path / "a", p, pattern="layers_{i}", into="layers", period=6)
+    rep = ckptconv.verify(loop, scan)
+    assert rep.passed, rep.table()
+    assert rep.options == {"pattern": "layers_{i}", "into": "layers", "period": 6, "remainder": "separate", "axis": 0}
+    t5 = {"block": {str(i): {"w": np.full((2,), i, np.float32), **({"bias": np.ones(2, np.float32)} if i == 0 else {})}
+                    for i in range(4)}}
+    loop, scan = _save_converted(tmp_path / "b", t5, layers="1:")
+    rep = ckptconv.verify(loop, scan)
+    assert rep.passed, rep.table()
+    assert rep.options["layers"] == "1:"
