@@ -376,3 +376,26 @@ def test_causal_lm_errors(lm):
     too_long = np.zeros((1, PROMPT + 1), np.int32)
     with pytest.raises(ValueError, match="max_len"):
         loop.apply(params, too_long, mutable=True)
+
+
+def test_replace_submodule_keeps_the_name_and_the_rest():
+    class Outer(nn.Module):
+        def setup(self):
+            self.inner = nn.Dense(3)
+            self.head = nn.Dense(2)
+
+        def __call__(self, x):
+            return self.head(self.inner(x))
+
+    def wider(old):
+        assert isinstance(old, nn.Dense) and old.features == 3  # setup's own, to read from
+        return nn.Dense(old.features + 2)
+
+    Wide = models.replace_submodule(Outer, "inner", wider)
+    assert Wide.__name__ == "Outer" and issubclass(Wide, Outer)
+    x = jnp.ones((1, 4))
+    params = Wide().init(jax.random.PRNGKey(0), x)["params"]
+    assert jax.tree.map(jnp.shape, params) == {
+        "inner": {"kernel": (4, 5), "bias": (5,)}, "head": {"kernel": (5, 2), "bias": (2,)},
+    }
+    assert jax.tree.map(jnp.shape, Outer().init(jax.random.PRNGKey(0), x)["params"])["inner"]["kernel"] == (4, 3)
