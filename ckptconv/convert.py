@@ -178,11 +178,13 @@ def plan(
     layout = fmt.describe(src, step)
     sel = selection or Selection()
     from_record = from_like = False
-    if to == "loop" and not any(options.get(k) is not None for k in _LOOP_LAYOUT):
-        # Nothing said how to unstack: undo the conversion IN records, if any.
+    layout_keys = _LOOP_LAYOUT if to == "loop" else _SCAN_LAYOUT
+    if to is not None and like is None and not any(options.get(k) is not None for k in layout_keys):
+        # Nothing said how to convert: undo the conversion IN records, if any.
         rec = record.read(src, step)
-        if rec is not None and rec.get("command") == "to-scan" and rec.get("groups"):
-            undo = record.undo_options(rec)
+        other = {"loop": "to-scan", "scan": "to-loop"}[to]
+        if rec is not None and rec.get("command") == other and rec.get("groups"):
+            undo = record.undo_options(rec) if to == "loop" else record.redo_options(rec)
             options = {**undo, **{k: v for k, v in options.items() if k not in undo}}
             from_record = True
     items = []
@@ -282,6 +284,7 @@ def plan(
 
 #: to-loop options that say how to unstack (without them, IN's record does).
 _LOOP_LAYOUT = ("source", "pattern", "period", "layers", "stacks", "axis", "axis_for")
+_SCAN_LAYOUT = ("pattern", "into", "period", "layers", "remainder", "groups", "axis", "axis_for")
 
 
 def _like_trees(like: str | Path, layout: Layout, sel: Selection) -> dict[str, Any]:

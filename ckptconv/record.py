@@ -180,6 +180,36 @@ def undo_options(rec: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
+def redo_options(rec: dict[str, Any]) -> dict[str, Any]:
+    """The to-scan options that undo a to-loop ``rec``: each stack's name as
+    ``into``, the layers' pattern, the period, the first layer and the axis."""
+    pairs: list[tuple[str, str]] = []
+    period = None
+    start = 0
+    for g in rec.get("groups", []):
+        source = str(g.get("path", "blocks")).split("/")[-1]
+        pattern = g.get("pattern") or "layer_{i}"
+        if "/" in pattern or pattern == "{i}":
+            pattern = "{i}"  # a digit-keyed list (beside what was left of it)
+        if (pattern, source) not in pairs:
+            pairs.append((pattern, source))
+        period = period or g.get("period")
+        start = max(start, int(g.get("start") or 0))
+    opts: dict[str, Any] = {}
+    if len(pairs) == 1:
+        opts["pattern"], opts["into"] = pairs[0]
+    elif pairs:
+        opts["groups"] = pairs
+    if period:
+        opts["period"] = period
+    if start:
+        opts["layers"] = f"{start}:"
+    opts["axis"] = int(rec.get("axis") or 0)
+    if rec.get("axis_for"):
+        opts["axis_for"] = dict(rec["axis_for"])
+    return opts
+
+
 def scan_options(rec: dict[str, Any]) -> dict[str, Any]:
     """The to-scan options a to-scan ``rec`` was made with (for verify)."""
     pairs = []

@@ -130,3 +130,29 @@ def test_safetensors_outputs_carry_the_record_too(tmp_path, cli):
     assert r.exit_code == 0, r.output
     assert _from_record_line(r) == f"from {scan}'s record: to-loop --from h --pattern '{{i}}'"
     assert (tmp_path / "back.msgpack").read_bytes() == src.read_bytes()
+
+
+def test_to_scan_with_no_options_undoes_a_recorded_to_loop(tmp_path, cli):
+    """Both directions read the record: scan -> loop -> scan needs options once."""
+    scan = FIXTURES / "maxtext" / "llama2_scan"
+    loop, back = tmp_path / "loop", tmp_path / "back"
+    assert cli("to-loop", scan, loop, "--from", "layers", "--pattern", "layers_{i}", "--axis", "1").exit_code == 0
+    r = cli("to-scan", loop, back)
+    assert r.exit_code == 0, r.output
+    assert _from_record_line(r) == (
+        f"from {loop}'s record: to-scan --pattern 'layers_{{i}}' --into layers --axis 1"
+    )
+    _assert_bits(ckptconv.load(back)["items"]["params"], ckptconv.load(scan)["items"]["params"],
+                 ordered=False)
+
+    t5 = _t5()
+    src = tmp_path / "t5"
+    ckptconv.save(ckptconv.to_scan(t5, layers="1:"), src, format="orbax")
+    t5_loop = tmp_path / "t5_loop"
+    assert cli("to-loop", src, t5_loop, "--pattern", "block/{i}", "--layers", "1:").exit_code == 0
+    r = cli("to-scan", t5_loop, tmp_path / "t5_back")
+    assert r.exit_code == 0, r.output
+    assert _from_record_line(r) == (
+        f"from {t5_loop}'s record: to-scan --pattern '{{i}}' --into blocks --layers 1:"
+    )
+    _assert_bits(ckptconv.load(tmp_path / "t5_back"), ckptconv.load(src), ordered=False)
