@@ -440,9 +440,10 @@ def _shape(value: str | None) -> tuple[int, ...] | None:
 @main.command()
 @click.argument("loop", type=click.Path(path_type=Path))
 @click.argument("scan", type=click.Path(path_type=Path))
-@click.option("--pattern", help="Layer key template with {i}, as given to to-scan.")
-@click.option("--into", default="blocks", show_default=True, help="Stacked key, as given to to-scan.")
-@click.option("--axis", type=click.IntRange(min=0), default=0, show_default=True, help="Layer axis, as given to to-scan.")
+@click.option("--pattern", help="Layer key template with {i}, as given to to-scan (default: SCAN's record, else layer_/layers_/… and digit keys).")
+@click.option("--into", help="Stacked key, as given to to-scan (default: SCAN's record, else blocks).")
+@click.option("--axis", type=click.IntRange(min=0), help="Layer axis, as given to to-scan (default: SCAN's record, else 0).")
+@click.option("--layers", "layer_range", metavar="START:STOP", help="As given to to-scan.")
 @click.option("--period", type=click.IntRange(min=1), help="Blocks of K layers, as given to to-scan (needs --model for the numbers).")
 @click.option("--remainder", type=click.Choice(["separate", "extend"]), default="separate", show_default=True, help="With --period: as given to to-scan.")
 @click.option("--block", help="MODULE:ATTR of a Flax module for ONE layer; runs both forms.")
@@ -455,12 +456,14 @@ def _shape(value: str | None) -> tuple[int, ...] | None:
 @click.option("--rtol", type=float, help="Relative tolerance (default by dtype).")
 @click.option("--json", "json_dest", help="Write the whole report as JSON to PATH, or '-' for stdout.")
 @click.option("--step", type=int, help="CheckpointManager step, of both (default: the latest of each, which must agree).")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Draw layers x intermediates, colour = worst |diff| / tolerance, as PNG or SVG (by the suffix; needs matplotlib: pip install 'ckptconv[plot]').")
 @click.pass_context
 def verify(
-    ctx: click.Context, loop: Path, scan: Path, pattern: str | None, into: str, axis: int,
+    ctx: click.Context, loop: Path, scan: Path, pattern: str | None, into: str | None,
+    axis: int | None, layer_range: str | None,
     period: int | None, remainder: str, block: str | None, block_kwargs: str,
     model: str | None, input_shape: str | None, input_file: Path | None, seed: int, atol: float | None, rtol: float | None,
-    json_dest: str | None, step: int | None,
+    json_dest: str | None, step: int | None, plot_path: Path | None,
 ) -> None:
     """Prove SCAN is the scan form of LOOP: structure bit for bit, then (with
     --block or --model) both forms run and every layer's intermediates are diffed.
@@ -486,7 +489,8 @@ def verify(
             loop, scan, pattern=pattern, into=into, axis=axis, period=period,
             remainder=remainder, block=block,
             block_kwargs=kwargs, model=model, inputs=inputs, input_shape=shape,
-            seed=seed, atol=atol, rtol=rtol, step=step,
+            seed=seed, atol=atol, rtol=rtol, step=step, layers=parse_layers(layer_range),
+            plot=plot_path,
         )
     if json_dest == "-":
         click.echo(json.dumps(rep.to_json(), indent=2))
