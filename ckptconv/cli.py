@@ -440,8 +440,8 @@ def _shape(value: str | None) -> tuple[int, ...] | None:
 @main.command()
 @click.argument("loop", type=click.Path(path_type=Path))
 @click.argument("scan", type=click.Path(path_type=Path))
-@click.option("--pattern", help="Layer key template with {i}, as given to to-scan (default: SCAN's record, else layer_/layers_/… and digit keys).")
-@click.option("--into", help="Stacked key, as given to to-scan (default: SCAN's record, else blocks).")
+@click.option("--pattern", "patterns", multiple=True, help="Layer key template with {i}, as given to to-scan (repeatable, paired with --into; default: SCAN's record, else layer_/layers_/… and digit keys).")
+@click.option("--into", "intos", multiple=True, help="Stacked key, as given to to-scan (default: SCAN's record, else blocks).")
 @click.option("--axis", type=click.IntRange(min=0), help="Layer axis, as given to to-scan (default: SCAN's record, else 0).")
 @click.option("--layers", "layer_range", metavar="START:STOP", help="As given to to-scan.")
 @click.option("--period", type=click.IntRange(min=1), help="Blocks of K layers, as given to to-scan (needs --model for the numbers).")
@@ -459,7 +459,7 @@ def _shape(value: str | None) -> tuple[int, ...] | None:
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Draw layers x intermediates, colour = worst |diff| / tolerance, as PNG or SVG (by the suffix; needs matplotlib: pip install 'ckptconv[plot]').")
 @click.pass_context
 def verify(
-    ctx: click.Context, loop: Path, scan: Path, pattern: str | None, into: str | None,
+    ctx: click.Context, loop: Path, scan: Path, patterns: tuple[str, ...], intos: tuple[str, ...],
     axis: int | None, layer_range: str | None,
     period: int | None, remainder: str, block: str | None, block_kwargs: str,
     model: str | None, input_shape: str | None, input_file: Path | None, seed: int, atol: float | None, rtol: float | None,
@@ -485,8 +485,10 @@ def verify(
             import numpy as np
 
             inputs = (np.load(input_file),)
+        pairs = _scan_options(patterns, intos, None, None, None)
         rep = run_verify(
-            loop, scan, pattern=pattern, into=into, axis=axis, period=period,
+            loop, scan, pattern=pairs.get("pattern"), into=pairs.get("into"),
+            groups=pairs.get("groups"), axis=axis, period=period,
             remainder=remainder, block=block,
             block_kwargs=kwargs, model=model, inputs=inputs, input_shape=shape,
             seed=seed, atol=atol, rtol=rtol, step=step, layers=parse_layers(layer_range),
