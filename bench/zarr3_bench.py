@@ -25,6 +25,7 @@ import resource
 import shutil
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -63,7 +64,8 @@ def main() -> None:
     ap.add_argument("--leaves", type=int, default=7)
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--workdir", type=Path, default=HERE / "out" / "zarr3")
+    # Not under bench/out: other benches remove that folder when they finish.
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "ckptconv-zarr3-bench")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
     work = args.workdir.absolute()
