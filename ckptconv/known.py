@@ -66,7 +66,7 @@ def _maxtext(tree: Any) -> list[str]:
     return out
 
 
-def _hf(tree: Any) -> list[str]:
+def _hf(tree: Any, stackable: set[str] | None) -> list[str]:
     out = []
 
     def walk(node: Any, path: tuple, depth: int) -> None:
@@ -76,7 +76,7 @@ def _hf(tree: Any) -> list[str]:
             if str(k) in HF_LISTS and isinstance(v, Mapping) and v:
                 where = "/".join(map(str, path + (k,)))
                 if all(str(c).isdigit() for c in v):
-                    if len(v) >= 2:
+                    if len(v) >= 2 and (stackable is None or where in stackable):
                         out.append(
                             f"Hugging Face layer list {where} ({len(v)} layers): "
                             f"ckptconv to-scan IN OUT stacks it in place; to-loop OUT LOOP "
@@ -97,6 +97,11 @@ def _hf(tree: Any) -> list[str]:
     return out[:4]
 
 
-def propose(tree: Any) -> list[str]:
-    """What this tree looks like, and the command for its other form."""
-    return _maxtext(tree) or _hf(tree)
+def propose(tree: Any, stackable: set[str] | None = None) -> list[str]:
+    """What this tree looks like, and the command for its other form.
+
+    ``stackable``: the paths of the digit-keyed lists default to-scan stacks
+    (`ckptconv.find_groups`); a list not among them (T5's, whose block 0
+    differs) gets no in-place proposal.
+    """
+    return _maxtext(tree) or _hf(tree, stackable)

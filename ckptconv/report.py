@@ -153,9 +153,14 @@ def inspect(
         except CkptconvError as e:
             rep.to_loop_error = str(e)
         rep.leaves = _fold_rows(t, rep.to_scan)
-        # A list default to-scan leaves alone (T5's block 0) has its own advice.
-        near_paths = {tree.format_path(n.path) for n in rep.near}
-        rep.known = [x for x in known.propose(t) if not any(f" {p} " in x for p in near_paths)]
+        # Lists default to-scan would not stack (T5's block 0) get no proposal.
+        try:
+            stackable = {
+                tree.format_path(g.path + (g.holder,)) for g in find_groups(t) if g.holder is not None
+            }
+        except CkptconvError:
+            stackable = set()
+        rep.known = known.propose(t, stackable)
         items.append(rep)
     return Inspection(layout.format, layout.kind, path, layout.step, items)
 

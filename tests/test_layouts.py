@@ -398,11 +398,13 @@ def test_inspect_names_the_stacks_it_sees(tmp_path, cli):
     assert cli("to-scan", src, tmp_path / "scan.safetensors").exit_code == 0
     r = cli("inspect", tmp_path / "scan.safetensors")
     assert r.exit_code == 0, r.output
-    assert r.output.splitlines()[-1] == (
+    assert r.output.splitlines()[-2:] == [
         "to-loop: no subtree named 'blocks' to unstack. Stacks seen: transformer/h (3 layers on axis 0): "
         "--from h (--pattern '{i}' if it replaced a digit-keyed list, as for HF and NNX). "
-        "(to-scan printed the exact command as 'to undo'.)"
-    )
+        "(to-scan printed the exact command as 'to undo'.)",
+        "known layout: transformer/h looks like a stacked Hugging Face layer list: ckptconv "
+        "to-loop IN OUT --from h --pattern '{i}' (from_pretrained loads the result)",
+    ]
     r = cli("to-loop", tmp_path / "scan.safetensors", tmp_path / "x", "--from", "h")
     assert r.exit_code == 0
     r = cli("to-loop", src, tmp_path / "y", "--from", "h")
