@@ -221,12 +221,17 @@ def test_correct_conversion_passes_with_options_from_the_record(converted):
 
 
 def test_correct_conversion_passes_on_the_command_line(converted, cli, tmp_path):
-    r = cli("verify", converted["loop"], converted["scan"], *OPTS, "--model", converted["target"],
+    r = cli("verify", converted["loop"], converted["scan"], "--model", converted["target"],
             "--json", tmp_path / "r.json")
     assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[1] == (
+        "options: from SCAN's conversion record: --pattern 'layers_{i}' --into layers --axis 1"
+    )
     assert r.output.splitlines()[-1] == "PASS"
+    r = cli("verify", converted["loop"], converted["scan"], *OPTS, "--model", converted["target"])
+    assert r.exit_code == 0 and "options: from" not in r.output, r.output
     rep = json.loads((tmp_path / "r.json").read_text())
-    assert rep["passed"] and rep["first_bad_layer"] is None
+    assert rep["passed"] and rep["first_bad_layer"] is None and rep["options_from"] == "record"
 
 
 def test_one_element_changed_fails_naming_the_layer(converted, cli, tmp_path):

@@ -151,8 +151,8 @@ def case(request, tmp_path_factory):
     loop = d / "hf" / "flax_model.msgpack"
     scan = d / "scan.msgpack"
     ckptconv_cmd("to-scan", loop, scan)
-    # to-scan's defaults stacked the digit-keyed list in place; said explicitly (the
-    # library's verify takes the same defaults when given no options):
+    # to-scan's defaults stacked the digit-keyed list in place; verify takes the same
+    # defaults (a msgpack file has no conversion record). Said explicitly, they are:
     opts = ("--pattern", "{i}", "--into", stacked[-1])
     return {"name": request.param, "factory": factory, "loop": loop, "scan": scan, "dir": d,
             "stacked": stacked, "target": f"{__name__}:{factory.__name__}", "opts": opts}
@@ -193,8 +193,7 @@ def test_correct_conversion_passes(case, tmp_path):
     # The library with no options: to_scan's defaults (the list stacked in place).
     lib = ckptconv.verify(case["loop"], case["scan"])
     assert lib.passed and lib.options == {"axis": 0}, lib.table()
-    r = run_cli("verify", case["loop"], case["scan"], *case["opts"], "--model", case["target"],
-                "--json", tmp_path / "r.json")
+    r = run_cli("verify", case["loop"], case["scan"], "--model", case["target"], "--json", tmp_path / "r.json")
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["passed"] and rep["structure_passed"] and rep["numeric_passed"]
@@ -246,13 +245,13 @@ def test_one_element_changed_fails_naming_the_layer(case, tmp_path):
 
 def test_wrongly_ordered_stack_fails_naming_the_layers(case, tmp_path):
     bad = _changed(case, "swapped", _swap_0_1)
-    r = run_cli("verify", case["loop"], bad, *case["opts"], "--model", case["target"],
-                "--json", tmp_path / "r.json")
+    r = run_cli("verify", case["loop"], bad, "--model", case["target"], "--json", tmp_path / "r.json")
     assert r.exit_code == 1, r.output
     assert "values differ in layers 0, 1" in r.output
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["first_bad_layer"] == 0
     assert all(c["layers"] == [0, 1] for c in rep["leaves"] if c["status"] != "equal")
-    structure = ckptconv.verify(case["loop"], bad)  # no options, no model: the structure alone
+    structure = ckptconv.verify(case["loop"], bad, pattern="{i}", into=case["stacked"][-1])
+    assert structure.options_from == "given"  # the same, with to-scan's defaults said explicitly
     assert not structure.passed
     assert {tuple(c.layers) for c in structure.leaves if not c.ok} == {(0, 1)}
