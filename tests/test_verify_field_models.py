@@ -157,14 +157,24 @@ def _state(loop_module: nn.Module, seed: int) -> dict:
     return {"params": {"params": params}, "step": np.int32(1)}
 
 
-@pytest.fixture(scope="module", params=["linen", "nnx"])
-def converted(request, tmp_path_factory):
-    d = tmp_path_factory.mktemp(request.param)
-    factory = linen_forms if request.param == "linen" else nnx_forms
+def _convert(kind: str, tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp(f"{kind}_")
+    factory = linen_forms if kind == "linen" else nnx_forms
     ckptconv.save(_state(factory()[0], seed=3), d / "loop")
     ckptconv.convert(d / "loop", d / "scan", to="scan", pattern="layers_{i}", into="layers", axis=1)
     target = f"{__name__}:{factory.__name__}"
     return {"dir": d, "loop": d / "loop", "scan": d / "scan", "factory": factory, "target": target}
+
+
+@pytest.fixture(scope="module", params=["linen", "nnx"])
+def converted(request, tmp_path_factory):
+    return _convert(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def linen_converted(tmp_path_factory):
+    """The Linen form only: for checks where one model is enough."""
+    return _convert("linen", tmp_path_factory)
 
 
 def _changed(converted, name: str, change) -> Any:
@@ -335,7 +345,7 @@ def test_plot_svg_and_errors(converted, tmp_path, monkeypatch):
 # Checked before anything runs
 
 
-def test_scan_model_that_does_not_fit_names_the_paths(converted):
+def test_scan_model_that_does_not_fit_names_the_paths(linen_converted):
     """A scan form whose stack is named otherwise than the checkpoint's fails
     before running (flax itself says only "InvalidRngError: … needs PRNG")."""
 
@@ -351,13 +361,11 @@ def test_scan_model_that_does_not_fit_names_the_paths(converted):
     def forms():
         return Transformer(scan=False), Renamed(), {"tokens": TOKENS}
 
-    if converted["factory"] is not linen_forms:
-        pytest.skip("one model is enough")
     with pytest.raises(ckptconv.VerifyError) as e:
-        ckptconv.verify(converted["loop"], converted["scan"], model=forms)
+        ckptconv.verify(linen_converted["loop"], linen_converted["scan"], model=forms)
     text = str(e.value)
     assert text.startswith(
-        f"the scan model (Renamed) does not fit {converted['scan']} (SCAN): 14 params missing "
+        f"the scan model (Renamed) does not fit {linen_converted['scan']} (SCAN): 14 params missing "
         "from the checkpoint, 17 not in the model, 0 of another shape.\n"
         "  missing from the checkpoint (14):\n"
         "    params/blocks/post_self_attention_layer_norm/scale [16, 3]\n"
@@ -368,14 +376,12 @@ def test_scan_model_that_does_not_fit_names_the_paths(converted):
     assert "InvalidRngError" not in text
 
 
-def test_loop_model_with_other_sizes_names_the_shapes(converted):
+def test_loop_model_with_other_sizes_names_the_shapes(linen_converted):
     def forms():
         return Transformer(scan=False), Transformer(scan=True), {"tokens": TOKENS[:, :4]}
 
-    if converted["factory"] is not linen_forms:
-        pytest.skip("one model is enough")
     # other token lengths fit the same params: the forms run and agree
-    assert ckptconv.verify(converted["loop"], converted["scan"], model=forms, repeats=0).passed
+    assert ckptconv.verify(linen_converted["loop"], linen_converted["scan"], model=forms, repeats=0).passed
 
     def other_vocab():
         class Small(Transformer):
@@ -386,7 +392,7 @@ def test_loop_model_with_other_sizes_names_the_shapes(converted):
         return Small(), Transformer(scan=True), {"tokens": TOKENS % 8}
 
     with pytest.raises(ckptconv.VerifyError) as e:
-        ckptconv.verify(converted["loop"], converted["scan"], model=other_vocab)
+        ckptconv.verify(linen_converted["loop"], linen_converted["scan"], model=other_vocab)
     text = str(e.value)
-    assert text.startswith(f"the loop model (Small) does not fit {converted['loop']} (LOOP): 0 params missing")
+    assert text.startswith(f"the loop model (Small) does not fit {linen_converted['loop']} (LOOP): 0 params missing")
     assert "    params/token_embedder/embedding: the model's [32, 16], the checkpoint's [64, 16]" in text
