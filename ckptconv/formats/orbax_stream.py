@@ -2128,7 +2128,14 @@ def _run(coro: Any) -> Any:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(coro)
+        try:
+            return asyncio.run(coro)
+        except asyncio.CancelledError:
+            # Nothing here cancels the main task: asyncio's own SIGINT handler
+            # did, and when Ctrl-C lands while tasks are being cancelled it
+            # re-raises the CancelledError instead of KeyboardInterrupt
+            # (asyncio.Runner checks task.uncancel() == 0). Ctrl-C it was.
+            raise KeyboardInterrupt from None
     # Called from async code (e.g. a notebook): use a private loop in a thread.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, coro).result()
