@@ -165,19 +165,7 @@ def undo_options(rec: dict[str, Any]) -> dict[str, Any]:
             pairs.append((into, pattern))
         period = period or g.get("period")
         start = max(start, int(g.get("start") or 0))
-    opts: dict[str, Any] = {}
-    if len(pairs) == 1:
-        opts["source"], opts["pattern"] = pairs[0]
-    elif pairs:
-        opts["stacks"] = pairs
-    if period:
-        opts["period"] = period
-    if start:
-        opts["layers"] = f"{start}:"
-    opts["axis"] = int(rec.get("axis") or 0)
-    if rec.get("axis_for"):
-        opts["axis_for"] = dict(rec["axis_for"])
-    return opts
+    return _options(rec, pairs, ("source", "pattern"), "stacks", period, start)
 
 
 def redo_options(rec: dict[str, Any]) -> dict[str, Any]:
@@ -195,11 +183,20 @@ def redo_options(rec: dict[str, Any]) -> dict[str, Any]:
             pairs.append((pattern, source))
         period = period or g.get("period")
         start = max(start, int(g.get("start") or 0))
+    return _options(rec, pairs, ("pattern", "into"), "groups", period, start)
+
+
+def _options(
+    rec: dict[str, Any], pairs: list[tuple[str, str]], one: tuple[str, str], many: str,
+    period: int | None, start: int,
+) -> dict[str, Any]:
+    """Options from the pairs a record gives: one pair as the ``one`` keys,
+    several as ``many``; then period, first layer, axis and axis_for."""
     opts: dict[str, Any] = {}
     if len(pairs) == 1:
-        opts["pattern"], opts["into"] = pairs[0]
+        opts[one[0]], opts[one[1]] = pairs[0]
     elif pairs:
-        opts["groups"] = pairs
+        opts[many] = pairs
     if period:
         opts["period"] = period
     if start:
