@@ -35,6 +35,10 @@ _EXPORTS = {
     "Stacked": "ckptconv.unstack",
     "find_stacks": "ckptconv.unstack",
     "to_loop": "ckptconv.unstack",
+    "RestoreError": "ckptconv.restore",
+    "RestorePlan": "ckptconv.restore",
+    "restore": "ckptconv.restore",
+    "plan_restore": "ckptconv.restore",
     "Report": "ckptconv.verify",
     "verify": "ckptconv.verify",
 }
@@ -51,6 +55,7 @@ if TYPE_CHECKING:
     )
     from ckptconv.groups import Group, NearGroup, Spec, find_groups, find_near_groups
     from ckptconv.io import load, save
+    from ckptconv.restore import RestoreError, RestorePlan, plan_restore, restore
     from ckptconv.stack import to_scan
     from ckptconv.subset import SelectionError
     from ckptconv.unstack import Stacked, find_stacks, to_loop
@@ -99,6 +104,8 @@ __all__ = [
     "NothingToConvertError",
     "OutputExistsError",
     "Report",
+    "RestoreError",
+    "RestorePlan",
     "Result",
     "SelectionError",
     "Spec",
@@ -110,6 +117,8 @@ __all__ = [
     "find_near_groups",
     "find_stacks",
     "load",
+    "plan_restore",
+    "restore",
     "save",
     "to_loop",
     "to_scan",

@@ -15,7 +15,7 @@ REF's structure is refused before anything is written.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ckptconv import axes
@@ -125,6 +125,7 @@ def _scan_options(tree: Any, ref: Any) -> dict[str, Any]:
             here = set(map(str, _node(tree, g.path).keys()))
             candidates = [k for k in parent if str(k) not in here]
         into, period, remainder, axis = None, None, None, None
+        why = None  # why the last candidate is no stack of these layers
         for k in candidates:
             sub = parent[k]
             if not isinstance(sub, Mapping) or not sub:
@@ -148,7 +149,8 @@ def _scan_options(tree: Any, ref: Any) -> dict[str, Any]:
                 break
             try:
                 axis = _group_axis(f"{where}/{k}", members, sub, len(members))
-            except GroupError:
+            except GroupError as e:
+                why = str(e)
                 continue
             into = str(k)
             break
@@ -156,7 +158,8 @@ def _scan_options(tree: Any, ref: Any) -> dict[str, Any]:
             failed.append(
                 f"{format_path(base)}: {len(members)} layers ({', '.join(map(str, g.keys[:3]))} …), "
                 f"but REF holds no stack of them under {where} (its keys there: "
-                f"{', '.join(map(str, list(parent)[:8]))})."
+                f"{', '.join(map(str, list(parent)[:8]))}"
+                + (f"; {why.rstrip('.')}" if why else "") + ")."
             )
             continue
         if (g.template, into) not in pairs:
@@ -342,26 +345,38 @@ def infer(tree: Any, ref: Any) -> tuple[str, dict[str, Any]]:
     raise GroupError("cannot see how IN becomes REF's layout: " + " ".join(errors))
 
 
-def differences(out: Any, ref: Any) -> list[str]:
-    """What differs between the planned output and REF, path by path."""
+def differences(
+    out: Any,
+    ref: Any,
+    *,
+    names: tuple[str, str] = ("OUT", "REF"),
+    ignore_dtype: Callable[[Any, Any], bool] | None = None,
+) -> list[str]:
+    """What differs between the planned output and REF, path by path.
+
+    ``names`` are the two sides in the text; ``ignore_dtype(a, b)`` is true
+    for a pair of leaves whose dtype difference does not count (a restore
+    that casts)."""
+    ours, theirs = names
     a, b = _leaves(out), _leaves(ref)
     lines = []
     missing = [p for p in b if p not in a]
     extra = [p for p in a if p not in b]
     if missing:
-        lines.append(f"{len(missing)} in REF but not in OUT: " + ", ".join(missing[:_SHOWN])
+        lines.append(f"{len(missing)} in {theirs} but not in {ours}: " + ", ".join(missing[:_SHOWN])
                      + (" …" if len(missing) > _SHOWN else ""))
     if extra:
-        lines.append(f"{len(extra)} in OUT but not in REF: " + ", ".join(extra[:_SHOWN])
+        lines.append(f"{len(extra)} in {ours} but not in {theirs}: " + ", ".join(extra[:_SHOWN])
                      + (" …" if len(extra) > _SHOWN else ""))
-    shapes = [f"{p} {leaf_shape(a[p])} vs REF {leaf_shape(b[p])}"
+    shapes = [f"{p} {leaf_shape(a[p])} vs {theirs} {leaf_shape(b[p])}"
               for p in a if p in b and leaf_shape(a[p]) != leaf_shape(b[p])]
     if shapes:
         lines.append(f"{len(shapes)} shapes differ: " + "; ".join(shapes[:_SHOWN])
                      + (" …" if len(shapes) > _SHOWN else ""))
-    dtypes = [f"{p} {leaf_dtype(a[p])} vs REF {leaf_dtype(b[p])}"
+    dtypes = [f"{p} {leaf_dtype(a[p])} vs {theirs} {leaf_dtype(b[p])}"
               for p in a if p in b and leaf_shape(a[p]) == leaf_shape(b[p])
-              and leaf_dtype(a[p]) != leaf_dtype(b[p])]
+              and leaf_dtype(a[p]) != leaf_dtype(b[p])
+              and not (ignore_dtype is not None and ignore_dtype(a[p], b[p]))]
     if dtypes:
         lines.append(f"{len(dtypes)} dtypes differ: " + "; ".join(dtypes[:_SHOWN])
                      + (" …" if len(dtypes) > _SHOWN else ""))

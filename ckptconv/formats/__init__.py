@@ -10,6 +10,9 @@ A format module provides:
 - ``read_lazy(item) -> tree``, ``read_array(item, ref)`` and
   ``write(item, out_tree, dst, progress, fsync)``: the streaming engine, on
   lazy leaves (`ckptconv.lazy`);
+- optionally ``read_region(item, ref, index)``: ``array[index]`` reading only
+  what the region touches (`ckptconv.restore` reads each device's part);
+  without it, the part is sliced out of ``read_array`` (a memory-map view);
 - ``STREAMS = True`` where ``write(None, tree, dst, progress)`` takes
   `ckptconv.lazy.Deferred` leaves (another format's, read one at a time).
 

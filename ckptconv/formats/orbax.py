@@ -127,6 +127,12 @@ def read_slice(item: Path, ref: Any, index: int, axis: int) -> np.ndarray:
     return orbax_stream.read_array(_norm(item), ref.source, region)
 
 
+def read_region(item: Path, ref: Any, index: tuple) -> np.ndarray:
+    """``array[index]`` (ints and slices), reading only the chunks it touches
+    (`ckptconv.restore`: one device's part of an array)."""
+    return orbax_stream.read_array(_norm(item), ref.source, tuple(index))
+
+
 def write(
     item: Path | None, out_tree: Any, dst: Path, progress: Any = None, fsync: bool = False
 ) -> None:

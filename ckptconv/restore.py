@@ -1,0 +1,406 @@
+"""Restoring a checkpoint of any layout straight into a train state (``ckptconv.restore``).
+
+A training script gives the state it wants (``like``: a `jax.eval_shape`
+result, `jax.ShapeDtypeStruct` leaves with or without a ``.sharding``,
+concrete arrays, a flax ``TrainState``, an ``nnx.State``), in loop or scan
+form. From the checkpoint's metadata and ``like``'s structure alone (no array
+data read), `plan_restore` works out whether and how to stack or unstack (`ckptconv.like`,
+the same inference as ``--like REF``), runs the same lazy `to_scan` / `to_loop`
+as `convert`, and checks that the result has ``like``'s paths, shapes and
+dtypes; a mismatch is an error naming the paths on each side, before anything
+is read. `RestorePlan.read` then builds each array on its target sharding:
+every device's part is read on its own (each process reads only what its
+devices hold), one leaf at a time, a layer of a stack at a time, so host
+memory holds the restored arrays and one part of one leaf, and nothing is
+written.
+
+The reading is ckptconv's own (TensorStore regions for Orbax, views of the
+memory-mapped file for msgpack and safetensors) rather than Orbax's
+``restore`` with ``ArrayRestoreArgs``: a stacked leaf is N arrays on disk and
+one array in memory, and a layer of a stack is a region of one, which no
+Orbax restore target can say. The regions read are the ones Orbax reads for
+the same shardings (only the chunks a part touches); tests check the result
+against Orbax's own restore where Orbax can do it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ckptconv import formats, lazy, tree
+from ckptconv import like as like_mod
+from ckptconv.convert import LOOP_OPTIONS, SCAN_OPTIONS, plan_item
+from ckptconv.errors import CkptconvError, GroupError, NothingToConvertError
+
+log = logging.getLogger("ckptconv")
+
+#: Options that say the direction on their own.
+_SCAN_ONLY = ("into", "remainder", "groups")
+_LOOP_ONLY = ("source", "stacks")
+
+
+class RestoreError(CkptconvError, ValueError):
+    """The checkpoint cannot be restored into ``like`` (structure, shapes or dtypes)."""
+
+
+@dataclass
+class RestorePlan:
+    """What `restore` will do, worked out from metadata alone.
+
+    Attributes:
+      path: the checkpoint given.
+      item: the Orbax item restored (``""`` for a lone item or a file).
+      to: ``"scan"``, ``"loop"`` or None (the checkpoint is in ``like``'s layout).
+      options: the layout options used (given, or inferred from ``like``).
+      inferred: True when the options were worked out from ``like``.
+      groups: the groups stacked or the stacks unstacked.
+      casts: ``(path, stored dtype, like's dtype)`` of each leaf cast.
+    """
+
+    path: Path
+    item: str
+    to: str | None
+    options: dict[str, Any]
+    inferred: bool
+    groups: list[Any] = field(default_factory=list)
+    casts: list[tuple[str, np.dtype, np.dtype]] = field(default_factory=list)
+    _source: Path | None = None
+    _format: Any = None
+    _leaves: list[tuple[str, Any, Any]] = field(default_factory=list)  # (path, lazy leaf, like's leaf)
+    _treedef: Any = None
+
+    def describe(self) -> str:
+        """One paragraph: what is read, how it is converted, what is cast."""
+        where = f"{self.path}" + (f" (item {self.item!r})" if self.item else "")
+        n = len(self._leaves)
+        if self.to is None:
+            how = "already in like's layout: read as stored"
+        else:
+            opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+            src = "worked out from like" if self.inferred else "given"
+            how = f"to-{self.to} ({opts}; {src}): " + "; ".join(_group_text(g) for g in self.groups)
+        text = f"restore {where} into like ({n} leaves): {how}"
+        if self.casts:
+            p, a, b = self.casts[0]
+            text += f"; cast {len(self.casts)} leaves to like's dtypes ({p}: {a} -> {b} …)"
+        return text + "."
+
+    def read(self) -> Any:
+        """The restored tree, in ``like``'s structure, each array on its target sharding."""
+        region = _region_reader(self._format, self._source)
+        out = [_build(lz, want, region, p) for p, lz, want in self._leaves]
+        import jax
+
+        return jax.tree_util.tree_unflatten(self._treedef, out)
+
+
+def _group_text(g: Any) -> str:
+    text = getattr(g, "describe", None)
+    if callable(text):
+        return text()
+    return str(g)
+
+
+def restore(
+    path: str | Path,
+    *,
+    like: Any = None,
+    step: int | None = None,
+    item: str | None = None,
+    to: str | None = None,
+    cast: bool = False,
+    **options: Any,
+) -> Any:
+    """Read a checkpoint, in any layout, into ``like``'s layout and shardings.
+
+    Args:
+      path: a msgpack or safetensors file, a Hugging Face directory, an Orbax
+        item, a CheckpointManager step or root.
+      like: the state to restore into: a pytree (dicts, lists, flax
+        ``TrainState``, optax states, ``nnx.State``) whose leaves are
+        `jax.ShapeDtypeStruct` (with or without ``.sharding``), `jax.Array`
+        (its sharding is used), numpy arrays (restored as numpy) or Python
+        scalars. Without it: the tree as stored, as `ckptconv.load`.
+      step: for a CheckpointManager root, the step (default: the latest).
+      item: for a CheckpointManager step with several items, the one to
+        restore (default: the one whose structure fits ``like``).
+      to: ``"scan"`` or ``"loop"``; default: worked out from ``like``.
+      cast: round stored values to ``like``'s dtypes where they differ
+        (float32 checkpoint, bfloat16 state). Off: a dtype difference is an
+        error, except integer scalars (a Python int step Orbax saved as int64).
+      **options: the layout options of `ckptconv.convert` (``pattern``,
+        ``into``, ``axis``, ``axis_for``, ``period``, ``layers``,
+        ``remainder``, ``groups``; ``source``, ``stacks``). Default: worked
+        out from the checkpoint's and ``like``'s structures.
+
+    Returns:
+      ``like``'s structure with restored leaves: `jax.Array`s on their target
+      shardings (a leaf without one: on the default device), numpy arrays
+      where ``like`` has numpy arrays. Nothing is written to disk. What was
+      decided is logged on the ``ckptconv`` logger (INFO) and is `plan_restore`'s
+      ``describe()``.
+
+    Raises:
+      RestoreError: the checkpoint does not fit ``like``: the message lists
+        the paths missing on each side and the shape and dtype differences.
+      CkptconvError: an unreadable checkpoint, inconsistent layers, bad options.
+    """
+    if like is None:
+        from ckptconv.io import load
+
+        return load(path, step=step)
+    p = plan_restore(path, like=like, step=step, item=item, to=to, cast=cast, **options)
+    log.info(p.describe())
+    return p.read()
+
+
+def plan_restore(
+    path: str | Path,
+    *,
+    like: Any,
+    step: int | None = None,
+    item: str | None = None,
+    to: str | None = None,
+    cast: bool = False,
+    **options: Any,
+) -> RestorePlan:
+    """What `restore` would do (same arguments), reading no array data.
+
+    Raises:
+      RestoreError, CkptconvError: as `restore`.
+    """
+    import jax
+
+    path = Path(path)
+    if to not in (None, "scan", "loop"):
+        raise CkptconvError(f"to must be 'scan', 'loop' or None, got {to!r}.")
+    allowed = set(SCAN_OPTIONS) | set(LOOP_OPTIONS)
+    unknown = sorted(k for k in options if k not in allowed)
+    if unknown:
+        raise CkptconvError(
+            f"restore takes no option {', '.join(unknown)}; its layout options are "
+            f"{', '.join(sorted(allowed))}."
+        )
+    fmt = formats.detect(path)
+    layout = fmt.describe(path, step)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+    wants = [(_key_path(kp), x) for kp, x in flat]
+    _check_like_leaves(wants)
+    skeleton = _skeleton(wants)
+    names = list(layout.items)
+    if item is not None:
+        if item not in layout.items:
+            raise CkptconvError(
+                f"{path}: no item {item!r}; the items here are {', '.join(map(repr, names))}."
+            )
+        names = [item]
+    tried: list[tuple[str, Exception]] = []
+    for name in names:
+        try:
+            p = _plan_item(path, name, layout.items[name], fmt, skeleton, to, cast, options)
+        except RestoreError as e:
+            tried.append((name, e))
+            continue
+        p._leaves = _pair(p._leaves, wants)
+        p._treedef = treedef
+        return p
+    if len(tried) == 1:
+        raise tried[0][1]
+    raise RestoreError(
+        f"{path}: no item fits like: "
+        + " ".join(f"item {n!r}: {_strip(str(e), path)}" for n, e in tried)
+        + " Pass item= to name the item."
+    )
+
+
+def _strip(message: str, path: Path) -> str:
+    return message.removeprefix(f"{path}: ")
+
+
+def _plan_item(
+    path: Path, name: str, item_path: Path, fmt: Any, skeleton: Any,
+    to: str | None, cast: bool, options: dict[str, Any],
+) -> RestorePlan:
+    where = f"{path}" + (f" (item {name!r})" if name else "")
+    stored = fmt.read_lazy(item_path)
+    given = {k: v for k, v in options.items() if v is not None}
+    p = RestorePlan(path, name, None, {}, False, _source=item_path, _format=fmt)
+    if to is None and not given and not like_mod.differences(stored, skeleton, ignore_dtype=_castable(cast)):
+        out = stored  # already in like's layout
+    else:
+        if to is None:
+            to = "loop" if any(k in given for k in _LOOP_ONLY) else (
+                "scan" if any(k in given for k in _SCAN_ONLY) else None)
+        inferred: dict[str, Any] = {}
+        if to is None or not given:
+            try:
+                how, inferred = like_mod.infer(stored, skeleton)
+            except GroupError as e:
+                raise RestoreError(
+                    f"{where}: cannot restore into like: {_as_restore(str(e))} As stored, "
+                    + _diff_text(stored, skeleton, cast)
+                ) from e
+            if to is not None and how != to:
+                raise RestoreError(
+                    f"{where}: like is in {how} form relative to the checkpoint, so this "
+                    f"restore is a to-{how}, not the to-{to} asked for."
+                )
+            to = how
+        opts = {**inferred, **given}
+        try:
+            out, groups = plan_item(stored, to, opts)
+        except NothingToConvertError as e:
+            raise RestoreError(f"{where}: {e} As stored, " + _diff_text(stored, skeleton, cast)) from e
+        except GroupError as e:
+            raise type(e)(f"{where}: {e}") from e
+        p.to, p.options, p.inferred, p.groups = to, opts, bool(inferred) and not given, groups
+    diff = like_mod.differences(out, skeleton, ignore_dtype=_castable(cast),
+                                names=("the checkpoint", "like"))
+    if diff:
+        how = "as stored" if p.to is None else f"after to-{p.to}"
+        raise RestoreError(
+            f"{where}: the checkpoint does not fit like ({how}): " + "; ".join(diff)
+            + ". Nothing was restored."
+        )
+    p._leaves = [(tree.format_path(k), x, None) for k, x in tree.leaves_with_paths(out)]
+    return p
+
+
+def _as_restore(message: str) -> str:
+    """`ckptconv.like`'s words (IN, REF) as a restore's (the checkpoint, like)."""
+    message = re.sub(r"\bREF\b", "like", message)
+    message = re.sub(r"^IN\b", "The checkpoint", message)
+    message = re.sub(r"\bIN\b", "the checkpoint", message)
+    return message.replace("cannot see how the checkpoint becomes like's layout: ", "")
+
+
+def _castable(cast: bool) -> Callable[[Any, Any], bool]:
+    """Which stored/like dtype pairs restore casts."""
+
+    def ok(a: Any, b: Any) -> bool:
+        da, db = tree.leaf_dtype(a), tree.leaf_dtype(b)
+        if cast:
+            return True
+        return (tree.leaf_shape(a) == () and da is not None and db is not None
+                and da.kind in "iu" and db.kind in "iu")
+
+    return ok
+
+
+def _diff_text(stored: Any, skeleton: Any, cast: bool) -> str:
+    return "; ".join(like_mod.differences(
+        stored, skeleton, ignore_dtype=_castable(cast), names=("the checkpoint", "like"))) + "."
+
+
+def _pair(found: list[tuple[str, Any, Any]], wants: list[tuple[str, Any]]) -> list[tuple[str, Any, Any]]:
+    """``(path, lazy leaf, like's leaf)`` in ``like``'s leaf order."""
+    by_path = {p: x for p, x, _ in found}
+    return [(p, by_path[p], w) for p, w in wants]
+
+
+def _key_path(kp: tuple) -> str:
+    return tree.format_path([tree._key_name(k) for k in kp])
+
+
+def _check_like_leaves(wants: list[tuple[str, Any]]) -> None:
+    for p, x in wants:
+        if tree.leaf_shape(x) is None and not isinstance(x, (bool, int, float, complex)):
+            raise CkptconvError(
+                f"like/{p}: a {type(x).__name__}, not an array, a jax.ShapeDtypeStruct "
+                "or a Python number; give like's leaves as arrays or jax.eval_shape's output."
+            )
+
+
+def _skeleton(wants: list[tuple[str, Any]]) -> Any:
+    """``like`` as nested dicts of string keys (Orbax's spelling of a pytree
+    path) with `lazy.Ref` leaves holding each leaf's shape and dtype."""
+    root: dict[str, Any] = {}
+    for p, x in wants:
+        keys = p.split("/") if p != "<root>" else []
+        if not keys:
+            raise CkptconvError("like is a single leaf; give the tree (a dict, a train state) to restore into.")
+        node = root
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        shape = tree.leaf_shape(x)
+        dtype = tree.leaf_dtype(x)
+        if shape is None:  # a Python number
+            shape, dtype = (), np.asarray(x).dtype
+        node[keys[-1]] = lazy.Ref(p, tuple(shape), np.dtype(dtype))
+    return root
+
+
+# -------------------------------------------------------------------- reading
+
+
+def _region_reader(fmt: Any, item: Path) -> Callable[[lazy.Ref, tuple], np.ndarray]:
+    """``region(ref, index)``: the part ``index`` (a tuple of ints and slices,
+    one per axis) of a stored array, reading no more than the format must."""
+    own = getattr(fmt, "read_region", None)
+    if own is not None:
+        return lambda ref, index: own(item, ref, index)
+    # msgpack and safetensors arrays are views of the memory-mapped file.
+    return lambda ref, index: np.array(fmt.read_array(item, ref)[index])
+
+
+def _region(leaf: Any, index: tuple, region: Callable[[lazy.Ref, tuple], np.ndarray]) -> np.ndarray:
+    """``np.asarray(leaf)[index]`` for a lazy leaf, ``index`` a slice per axis."""
+    if isinstance(leaf, lazy.Cast):
+        return _region(leaf.value, index, region).astype(leaf.dtype)
+    if isinstance(leaf, lazy.Ref):
+        return region(leaf, index)
+    if isinstance(leaf, lazy.Slice):
+        ax = leaf.axis
+        return region(leaf.source, index[:ax] + (leaf.index,) + index[ax:])
+    if isinstance(leaf, lazy.Stack):
+        ax = leaf.axis
+        layers = range(*index[ax].indices(leaf.shape[ax]))
+        rest = index[:ax] + index[ax + 1:]
+        shape = [len(range(*s.indices(n))) for s, n in zip(index, leaf.shape)]
+        out = np.empty(shape, leaf.dtype)
+        for k, j in enumerate(layers):  # a layer at a time: no second copy of the part
+            out[(slice(None),) * ax + (k,)] = region(leaf.parts[j], rest)
+        return out
+    raise TypeError(f"not a lazy leaf: {type(leaf).__name__}")
+
+
+def _full_index(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """A sharding's index (slices, maybe fewer than the axes) as one concrete slice per axis."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    return tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
+
+
+def _build(leaf: Any, want: Any, region: Callable, path: str) -> Any:
+    """The restored value of one leaf, as ``want`` (like's leaf) says."""
+    shape = tuple(leaf.shape)
+    dtype = tree.leaf_dtype(want)
+    if isinstance(want, (bool, int, float, complex)):
+        value = _region(leaf, (), region)
+        return type(want)(value[()])
+    if isinstance(want, (np.ndarray, np.generic)):
+        value = _region(leaf, _full_index((), shape), region)
+        value = value.astype(dtype, copy=False)
+        return value if isinstance(want, np.ndarray) else value[()]
+    import jax
+
+    sharding = getattr(want, "sharding", None)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    parts: dict[tuple, np.ndarray] = {}
+    arrays = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        full = _full_index(index, shape)
+        key = tuple((s.start, s.stop) for s in full)
+        if key not in parts:
+            value = _region(leaf, full, region)
+            parts[key] = value.astype(dtype, copy=False)
+        arrays.append(jax.device_put(parts[key], device))
+    parts.clear()
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
