@@ -90,7 +90,11 @@ def _rebuild_mapping(like: Any, items: list[tuple[Any, Any]]) -> Any:
     if isinstance(like, _frozen_dict()):
         return type(like)(items)
     if isinstance(like, _nnx_state()):
-        return type(like)(dict(items))
+        # ``nnx.state`` nests plain dicts inside one State (``State.__getitem__``
+        # only wraps them on the way out): unwrap the children, so the result
+        # has the pytree structure of the target model's ``nnx.state``.
+        state = _nnx_state()
+        return type(like)({k: v.raw_mapping if isinstance(v, state) else v for k, v in items})
     return dict(items)
 
 
@@ -165,10 +169,20 @@ def leaf_shape(x: Any) -> tuple[int, ...] | None:
     return None if shape is None else tuple(shape)
 
 
-def leaf_dtype(x: Any) -> np.dtype | None:
+def leaf_dtype(x: Any) -> Any:
+    """The dtype of an array leaf (boxed leaves: of the value), else None.
+
+    A numpy dtype, or JAX's own for typed PRNG key arrays (``key<fry>``, what
+    ``nnx.Rngs`` holds), which numpy cannot express.
+    """
     x = _unbox(x)
     dtype = getattr(x, "dtype", None)
-    return None if dtype is None else np.dtype(dtype)
+    if dtype is None:
+        return None
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        return dtype
 
 
 def _unbox(x: Any) -> Any:
