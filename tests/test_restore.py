@@ -1,0 +1,255 @@
+"""``ckptconv.restore(path, like=...)``: any layout into a train state's layout and shardings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import ckptconv
+from ckptconv.formats import msgpack_stream, safetensors
+
+HERE = Path(__file__).parent
+
+
+# ----------------------------------------------------------- must-show 1: resume
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory) -> dict[str, dict]:
+    """tests/resume_run.py in its own process with 8 host devices (one JSON line a run)."""
+    work = tmp_path_factory.mktemp("resume")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run(
+        [sys.executable, str(HERE / "resume_run.py"), str(work),
+         "loop-to-scan", "scan-to-loop", "period-to-scan"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert p.returncode == 0, p.stderr[-4000:]
+    runs = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    return {r["kind"]: r for r in runs}
+
+
+@pytest.mark.parametrize("kind, to, options", [
+    ("loop-to-scan", "scan", {"axis": 0, "pattern": "layer_{i}", "into": "blocks"}),
+    ("scan-to-loop", "loop", {"axis": 0, "source": "blocks", "pattern": "layer_{i}"}),
+    ("period-to-scan", "scan", {"axis": 1, "pattern": "layers_{i}", "into": "layers",
+                                "period": 3, "remainder": "separate"}),
+])
+def test_resume_in_the_other_form(resumed, kind, to, options):
+    r = resumed[kind]
+    assert r["devices"] == 8
+    assert (r["to"], r["options"]) == (to, options)
+    assert (r["step"], r["count"]) == (3, 3)
+    # The next three steps are the source run's own, within 1e-5 relative.
+    rel = [abs(a - b) / abs(b) for a, b in zip(r["losses"], r["ref_losses"])]
+    assert len(rel) == 3 and max(rel) <= 1e-5, (r["losses"], r["ref_losses"])
+    assert r["ref_losses"][2] < r["ref_losses"][0]  # it trains
+    # Every array has its target sharding, and every device's shard holds the
+    # bytes of the in-memory conversion of the saved state.
+    assert r["same_sharding"] == r["leaves"] > 0
+    assert r["partitioned_params"] > 0
+    assert r["equal_shards"] == r["shards"] == 8 * r["leaves"]
+    # Each element was read once, part by part (no leaf read whole).
+    assert r["elements_read"] == r["elements_restored"]
+    assert r["largest_read"] < r["largest_leaf"]
+    # Nothing was written: no file beside the checkpoint, none changed, none in TMPDIR.
+    assert (r["written"], r["changed"], r["tmp"]) == ([], [], [])
+
+
+def test_resume_plan_names_every_group(resumed):
+    assert resumed["loop-to-scan"]["plan"].endswith(
+        "into like (38 leaves): to-scan (axis=0, pattern='layer_{i}', into='blocks'; worked "
+        "out from like): params/layer_{i}: 4 layers -> params/blocks; opt_state/0/mu/layer_{i}: "
+        "4 layers -> opt_state/0/mu/blocks; opt_state/0/nu/layer_{i}: 4 layers -> "
+        "opt_state/0/nu/blocks."
+    )
+
+
+# ----------------------------------------------------------- one device
+
+
+def _loop_tree(n: int = 3) -> dict:
+    rng = np.random.default_rng(0)
+    layers = {f"layer_{i}": {"w": rng.standard_normal((4, 6)).astype(np.float32),
+                             "b": rng.standard_normal(6).astype(np.float32)} for i in range(n)}
+    return {"params": {**layers, "embed": np.arange(12, dtype=np.float32).reshape(3, 4)},
+            "step": np.array(7, np.int32)}
+
+
+def _abstract(t):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)
+
+
+@pytest.fixture
+def loop_ckpt(tmp_path) -> Path:
+    path = tmp_path / "loop"
+    with ocp.StandardCheckpointer() as c:
+        c.save(path, _loop_tree())
+    return path
+
+
+def test_no_like_is_the_tree_as_stored(loop_ckpt):
+    got = ckptconv.restore(loop_ckpt)
+    want = ckptconv.load(loop_ckpt)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_into_scan_form_on_one_device(loop_ckpt):
+    target = ckptconv.to_scan(_loop_tree())
+    got = ckptconv.restore(loop_ckpt, like=_abstract(target))
+    assert set(got["params"]) == {"blocks", "embed"}
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(target)):
+        assert isinstance(a, jax.Array) and a.dtype == b.dtype
+        assert a.sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_same_layout_matches_orbax_own_restore(loop_ckpt):
+    # Orbax restores a ShapeDtypeStruct without sharding as numpy; restore
+    # gives a jax.Array on the default device: compare with that sharding.
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), _loop_tree())
+    with ocp.StandardCheckpointer() as c:
+        theirs = c.restore(loop_ckpt, abstract)
+    ours = ckptconv.restore(loop_ckpt, like=abstract)
+    assert ckptconv.plan_restore(loop_ckpt, like=abstract).describe() == (
+        f"restore {loop_ckpt} into like (8 leaves): already in like's layout: read as stored."
+    )
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_numpy_and_python_leaves_come_back_as_such(loop_ckpt):
+    like = ckptconv.to_scan(_loop_tree())
+    like["step"] = 0  # a Python int, as TrainState.create leaves it
+    like["params"]["embed"] = np.zeros((3, 4), np.float32)
+    got = ckptconv.restore(loop_ckpt, like=like)
+    assert got["step"] == 7 and type(got["step"]) is int
+    assert type(got["params"]["embed"]) is np.ndarray
+    np.testing.assert_array_equal(got["params"]["embed"], _loop_tree()["params"]["embed"])
+
+
+def test_concrete_arrays_give_their_shardings(loop_ckpt):
+    target = jax.tree.map(jnp.zeros_like, ckptconv.to_scan(_loop_tree()))
+    got = ckptconv.restore(loop_ckpt, like=target)
+    np.testing.assert_array_equal(np.asarray(got["params"]["blocks"]["w"]),
+                                  np.stack([_loop_tree()["params"][f"layer_{i}"]["w"] for i in range(3)]))
+
+
+def test_msgpack_and_safetensors_files(tmp_path):
+    tree = _loop_tree()
+    mp = tmp_path / "loop.msgpack"
+    msgpack_stream.save(tree, mp)
+    st = tmp_path / "loop.safetensors"
+    safetensors.save(tree["params"], st)
+    target = ckptconv.to_scan(tree)
+    got = ckptconv.restore(mp, like=_abstract(target))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(target)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    got = ckptconv.restore(st, like=_abstract(target["params"]))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(target["params"])):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_a_structure_that_does_not_fit_is_an_error_before_any_read(loop_ckpt, monkeypatch):
+    from ckptconv.formats import orbax
+
+    def no_read(*a):
+        raise AssertionError("read before the structure was checked")
+
+    monkeypatch.setattr(orbax, "read_region", no_read)
+    four = ckptconv.to_scan(_loop_tree(4))
+    with pytest.raises(ckptconv.RestoreError) as e:
+        ckptconv.restore(loop_ckpt, like=_abstract(four))
+    assert str(e.value) == (
+        f"{loop_ckpt}: cannot restore into like: as to-scan: params: 3 layers (layer_0, layer_1, "
+        "layer_2 …), but like holds no stack of them under params (its keys there: blocks, embed; "
+        "params/blocks/b: a layer has shape (6,), and like's stack (4, 6), which is no stack of 3 "
+        "such layers on any axis). as to-loop: the checkpoint has no stack that like holds as "
+        "separate layers, so it cannot take like's loop form. As stored, 2 in like but not in the "
+        "checkpoint: params/blocks/b, params/blocks/w; 6 in the checkpoint but not in like: "
+        "params/layer_0/b, params/layer_0/w, params/layer_1/b, params/layer_1/w, params/layer_2/b …."
+    )
+    extra = ckptconv.to_scan(_loop_tree())
+    extra["params"]["head"] = np.zeros(2, np.float32)
+    del extra["step"]
+    with pytest.raises(ckptconv.RestoreError) as e:
+        ckptconv.restore(loop_ckpt, like=_abstract(extra))
+    assert str(e.value) == (
+        f"{loop_ckpt}: the checkpoint does not fit like (after to-scan): 1 in like but not in "
+        "the checkpoint: params/head; 1 in the checkpoint but not in like: step. Nothing was restored."
+    )
+
+
+def test_dtypes_differ_unless_cast(loop_ckpt):
+    like = _abstract(ckptconv.to_scan(_loop_tree()))
+    like["params"] = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16), like["params"])
+    like["step"] = jax.ShapeDtypeStruct((), jnp.int64 if jax.config.jax_enable_x64 else jnp.int16)
+    with pytest.raises(ckptconv.RestoreError) as e:
+        ckptconv.restore(loop_ckpt, like=like)
+    assert str(e.value) == (
+        f"{loop_ckpt}: the checkpoint does not fit like (after to-scan): 3 dtypes differ: "
+        "params/embed float32 vs like bfloat16; params/blocks/b float32 vs like bfloat16; "
+        "params/blocks/w float32 vs like bfloat16. Nothing was restored."
+    )
+    got = ckptconv.restore(loop_ckpt, like=like, cast=True)
+    want = _loop_tree()["params"]["layer_1"]["w"].astype(ml_dtypes.bfloat16)
+    assert got["params"]["blocks"]["w"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got["params"]["blocks"]["w"])[1], want)
+    assert int(got["step"]) == 7  # integer scalars are cast without cast=True
+    assert "cast" in ckptconv.plan_restore(loop_ckpt, like=like, cast=True).describe()
+
+
+def test_given_options_win_and_are_checked(loop_ckpt):
+    like = _abstract(ckptconv.to_scan(_loop_tree(), axis=1))
+    plan = ckptconv.plan_restore(loop_ckpt, like=like)
+    assert (plan.to, plan.options, plan.inferred) == (
+        "scan", {"axis": 1, "pattern": "layer_{i}", "into": "blocks"}, True)
+    with pytest.raises(ckptconv.RestoreError) as e:
+        ckptconv.restore(loop_ckpt, like=like, to="scan", axis=0)
+    assert str(e.value) == (
+        f"{loop_ckpt}: the checkpoint does not fit like (after to-scan): 2 shapes differ: "
+        "params/blocks/b (3, 6) vs like (6, 3); params/blocks/w (3, 4, 6) vs like (4, 3, 6). "
+        "Nothing was restored."
+    )
+    with pytest.raises(ckptconv.CkptconvError) as e:
+        ckptconv.restore(loop_ckpt, like=like, sideways=True)
+    assert str(e.value).startswith("restore takes no option sideways; its layout options are ")
+
+
+def test_manager_root_step_and_item(tmp_path):
+    root = tmp_path / "mgr"
+    with ocp.CheckpointManager(root, item_names=("state", "extra")) as mgr:
+        for step in (1, 2):
+            tree = jax.tree.map(lambda a, s=step: a + s, _loop_tree())
+            mgr.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(tree),
+                extra=ocp.args.StandardSave({"n": np.arange(3)})))
+        mgr.wait_until_finished()
+    like = _abstract(ckptconv.to_scan(_loop_tree()))
+    got = ckptconv.restore(root, like=like, step=1)
+    np.testing.assert_array_equal(np.asarray(got["params"]["embed"]), _loop_tree()["params"]["embed"] + 1)
+    plan = ckptconv.plan_restore(root, like=like)
+    assert plan.item == "state"
+    with pytest.raises(ckptconv.CkptconvError) as e:
+        ckptconv.restore(root, like=like, item="nope")
+    assert str(e.value) == f"{root}: no item 'nope'; the items here are 'extra', 'state'."
+    with pytest.raises(ckptconv.RestoreError) as e:
+        ckptconv.restore(root, like={"m": jax.ShapeDtypeStruct((2,), jnp.float32)})
+    assert str(e.value).startswith(f"{root}: no item fits like: item 'extra': ")
+    assert str(e.value).endswith(" Pass item= to name the item.")
