@@ -454,6 +454,7 @@ def _shape(value: str | None) -> tuple[int, ...] | None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random input.")
 @click.option("--atol", type=float, help="Absolute tolerance (default by dtype).")
 @click.option("--rtol", type=float, help="Relative tolerance (default by dtype).")
+@click.option("--precision", type=click.Choice(["highest", "default"]), default="highest", show_default=True, help="Float32 matmul precision of the compared runs: highest (full float32, whatever JAX's default) or default (JAX's default, the device's: TF32 on GPUs, bfloat16 passes on TPUs; default tolerances widen to match). Timings keep JAX's default.")
 @click.option("--json", "json_dest", help="Write the whole report as JSON to PATH, or '-' for stdout.")
 @click.option("--step", type=int, help="CheckpointManager step, of both (default: the latest of each, which must agree).")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Draw layers x intermediates, colour = worst |diff| / tolerance, as PNG or SVG (by the suffix; needs matplotlib: pip install 'ckptconv[plot]').")
@@ -463,7 +464,7 @@ def verify(
     axis: int | None, layer_range: str | None,
     period: int | None, remainder: str, block: str | None, block_kwargs: str,
     model: str | None, input_shape: str | None, input_file: Path | None, seed: int, atol: float | None, rtol: float | None,
-    json_dest: str | None, step: int | None, plot_path: Path | None,
+    precision: str, json_dest: str | None, step: int | None, plot_path: Path | None,
 ) -> None:
     """Prove SCAN is the scan form of LOOP: structure bit for bit, then (with
     --block or --model) both forms run and every layer's intermediates are diffed.
@@ -492,7 +493,7 @@ def verify(
             remainder=remainder, block=block,
             block_kwargs=kwargs, model=model, inputs=inputs, input_shape=shape,
             seed=seed, atol=atol, rtol=rtol, step=step, layers=parse_layers(layer_range),
-            plot=plot_path,
+            plot=plot_path, precision=precision,
         )
     if json_dest == "-":
         click.echo(json.dumps(rep.to_json(), indent=2))

@@ -20,15 +20,26 @@ come from SCAN's conversion record (`ckptconv.record`) when it has one.
 Before a model runs, its params are checked against the checkpoint and the
 two forms' intermediates are matched (``jax.eval_shape``: nothing is
 computed); either mismatch is a `VerifyError` naming the paths.
+
+Precision: GPUs (TF32) and TPUs (bfloat16 passes) compute float32 matmuls at
+reduced precision by default, and where the two forms round differently they
+differ by far more than float32's 1e-5 with a correct conversion. So the
+compared runs are traced, lowered and run under
+``jax.default_matmul_precision("highest")`` by default, whatever the caller's
+``jax_default_matmul_precision``; ``precision="default"`` keeps the caller's
+and loosens float32's default tolerance to what the device's matmuls round to
+(`ROUNDING_TOLERANCES`). The timed runs always keep the caller's precision.
+A module that passes its own ``precision=`` to a matmul keeps it either way.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +61,98 @@ DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
     "float16": (2e-3, 2e-3),
 }
 _EXACT = (0.0, 0.0)  # integers and booleans (tokens) must match exactly
+
+#: ``precision=`` values: "highest" runs the compared forms with float32
+#: matmuls at full precision; "default" at the caller's own default.
+PRECISIONS = ("highest", "default")
+
+#: Default (atol, rtol) of float32 values under ``precision="default"``, by what
+#: the device rounds float32 matmul inputs to (see `matmul_rounding`); float16
+#: and bfloat16 values take the larger of these and their own.
+#:
+#: Derived: one rounding of a matmul input costs a relative 2^-11 (TF32, 10-bit
+#: mantissa) or 2^-8 (bfloat16, 7 bits); the tolerance is 64 of those, 3.1e-2
+#: and 0.25, rounded. Measured on CPU (jax 0.10.2, bench/verify_seed1.py
+#: ``--emulate``: every dot_general operand rounded to nearest even at that
+#: mantissa width, the scan form also summing each contraction in two halves
+#: as a GPU's split-K would): seed-1 at its seed size (42 layers, hidden 512,
+#: batch 12, seq 32) needs atol = rtol of 7.2e-3 (TF32) and 7.2e-2 (bfloat16)
+#: between the two forms; each form's own distance from the full-precision run
+#: (the worst two forms can differ: their sum) is 2.3e-2 and 0.19, about 48
+#: roundings. Without the rounding, the split sums alone need 1.2e-5 there:
+#: float32's 1e-5 holds while both forms sum in the same order (CPU: equal).
+#: At these tolerances the numbers catch gross errors (swapped or missing
+#: layers), not a small change: the structural check, bit for bit, does that.
+ROUNDING_TOLERANCES: dict[str, tuple[float, float]] = {
+    "float32": DEFAULT_TOLERANCES["float32"],
+    "tensorfloat32": (3e-2, 3e-2),
+    "bfloat16": (2.5e-1, 2.5e-1),
+}
+
+# jax_default_matmul_precision values that keep float32 matmuls at float32.
+_FULL = {"highest", "float32", "f32_f32_f32", "bf16_bf16_f32_x6", "bf16_bf16_f32_x9"}
+# ... that round their inputs to TF32 or better (bf16_3x: about 16 bits).
+_TF32 = {"high", "tensorfloat32", "tf32_tf32_f32", "tf32_tf32_f32_x3", "bf16_bf16_f32_x3"}
+
+
+def matmul_rounding(platform: str, setting: str | None) -> str:
+    """What float32 matmul inputs round to at ``jax_default_matmul_precision``
+    ``setting`` (None: unset) on a device of ``platform``: ``"float32"``,
+    ``"tensorfloat32"`` or ``"bfloat16"``.
+
+    CPU computes float32 matmuls in full whatever the setting (measured, jax
+    0.10.2: equal results under "bfloat16", "tensorfloat32" and the
+    BF16_BF16_F32 algorithm). GPUs use TF32 at the default; TPUs one bfloat16
+    pass. Unknown platforms are taken to round as a TPU does."""
+    s = (setting or "default").lower()
+    if s in _FULL or platform == "cpu":
+        return "float32"
+    if s == "bf16_bf16_f32":
+        return "bfloat16"
+    if s in _TF32 or platform in ("gpu", "cuda", "rocm"):
+        return "tensorfloat32"
+    return "bfloat16"
+
+
+def _caller_precision() -> str | None:
+    """The caller's jax_default_matmul_precision (its context manager's, if inside one)."""
+    import jax  # only where the models run: the structural check needs no jax
+
+    value = jax.config.jax_default_matmul_precision
+    return None if value is None else str(value)
+
+
+# Active `record_lowered` recorders, innermost last.
+_RECORDERS: list[dict[str, str]] = []
+
+
+@contextlib.contextmanager
+def record_lowered() -> Iterator[dict[str, str]]:
+    """Record the StableHLO text of every computation `verify` lowers inside.
+
+    The dict it yields fills with ``"loop"`` and ``"scan"`` (the compared
+    runs, capturing the intermediates) and ``"loop step"``, ``"scan step"``
+    (the timed runs, with ``repeats`` > 0), each as verify lowered it: its
+    ``dot_general`` operations carry the precision they ran at
+    (``precision = [HIGHEST, HIGHEST]`` under ``precision="highest"``)::
+
+        with record_lowered() as hlo:
+            verify(loop, scan, block=Block, input_shape=(2, 8, 16))
+        assert "precision = [DEFAULT" not in hlo["scan"]
+    """
+    got: dict[str, str] = {}
+    _RECORDERS.append(got)
+    try:
+        yield got
+    finally:
+        _RECORDERS.remove(got)
+
+
+def _keep(name: str, lowered: Any) -> None:
+    if _RECORDERS:
+        text = lowered.as_text()
+        for got in _RECORDERS:
+            got[name] = text
 
 
 @dataclass
@@ -119,6 +222,14 @@ class Report:
     skipped: list[str] = field(default_factory=list)
     #: where `verify` wrote the plot (``plot=PATH``)
     plot: str | None = None
+    #: the matmul precision of the compared runs: "highest" (float32 in full)
+    #: or "default" (``caller_precision``; the timed runs always use that)
+    precision: str = "highest"
+    #: the caller's jax_default_matmul_precision (None: unset, the device's default)
+    caller_precision: str | None = None
+    #: what the compared runs' float32 matmul inputs round to on the device
+    #: ("float32", "tensorfloat32", "bfloat16"): the default tolerances follow it
+    rounding: str | None = None
 
     @property
     def structure_passed(self) -> bool:
@@ -156,6 +267,17 @@ class Report:
             w = r.worst if r.passed or r.worst > 1 else math.inf  # failed: never below 1
             worst[i, j] = w if np.isnan(worst[i, j]) else max(worst[i, j], w)
         return layers, names, worst
+
+    def _precision_line(self) -> str:
+        caller = f"jax_default_matmul_precision={self.caller_precision}"
+        if self.precision == "highest":
+            timed = f"; timed at the caller's {caller}" if self.timings else ""
+            return f"precision: highest (float32 matmuls in full in the compared runs{timed})"
+        if self.rounding == "float32":
+            how = f"float32 matmuls in full on {(self.device or '').split(':')[0]}"
+        else:
+            how = f"float32 matmul inputs round to {self.rounding}"
+        return f"precision: default (the caller's {caller}: {how})"
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -214,6 +336,7 @@ class Report:
                 lines.append(
                     f"{form:>5}: compile {t.compile_s:.3f} s, step {t.step_s * 1e3:.3f} ms"
                 )
+            lines.append(self._precision_line())
             nbad = sum(not r.passed for r in self.rows)
             layers = sorted({r.layer for r in self.rows if r.layer is not None})
             lines.append(
@@ -601,10 +724,26 @@ class _Call:
         return fn(*args, **{**self.kwargs, **kw})
 
 
-def _run(module: Any, variables: Any, call: _Call, repeats: int) -> tuple[Any, Timing | None]:
-    """Time the plain forward (compile, then steps), then run once capturing
-    every intermediate. Timing the plain forward keeps the figures about the
-    model, not about copying out its intermediates."""
+def _precision_scope(precision: str) -> contextlib.AbstractContextManager[Any]:
+    """Where the compared runs are traced, lowered, compiled and run."""
+    import jax
+
+    if precision == "highest":
+        return jax.default_matmul_precision("highest")
+    return contextlib.nullcontext()
+
+
+def _run(
+    module: Any, variables: Any, call: _Call, repeats: int, form: str, precision: str
+) -> tuple[Any, Timing | None]:
+    """Time the plain forward (compile, then steps) at the caller's precision,
+    then run once capturing every intermediate at ``precision``. Timing the
+    plain forward keeps the figures about the model, not about copying out its
+    intermediates.
+
+    The capturing run is lowered and compiled explicitly inside the precision
+    scope (the setting acts when a function is traced), from a function made
+    for this call, so no jit cache hands back one traced at another precision."""
     import jax
 
     def plain(v: Any, dyn: Any) -> Any:
@@ -616,18 +755,23 @@ def _run(module: Any, variables: Any, call: _Call, repeats: int) -> tuple[Any, T
         )
 
     dyn = call.dynamic()
-    if repeats <= 0:  # no timing: one compile (of the capturing run) instead of two
-        return jax.device_get(jax.jit(captured)(variables, dyn)), None
-    start = time.perf_counter()
-    compiled = jax.jit(plain).lower(variables, dyn).compile()
-    compile_s = time.perf_counter() - start
-    jax.block_until_ready(compiled(variables, dyn))
-    start = time.perf_counter()
-    for _ in range(repeats):
+    timing = None
+    if repeats > 0:  # else no timing: one compile (of the capturing run) instead of two
+        start = time.perf_counter()
+        lowered = jax.jit(plain).lower(variables, dyn)
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - start
         jax.block_until_ready(compiled(variables, dyn))
-    step_s = (time.perf_counter() - start) / max(repeats, 1)
-    out = jax.device_get(jax.jit(captured)(variables, dyn))
-    return out, Timing(compile_s, step_s)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            jax.block_until_ready(compiled(variables, dyn))
+        timing = Timing(compile_s, (time.perf_counter() - start) / repeats)
+        _keep(f"{form} step", lowered)
+    with _precision_scope(precision):
+        lowered = jax.jit(captured).lower(variables, dyn)
+        _keep(form, lowered)
+        out = jax.device_get(lowered.compile()(variables, dyn))
+    return out, timing
 
 
 def _first_line(e: BaseException) -> str:
@@ -700,16 +844,24 @@ def _check_params(form: str, module: Any, variables: dict[str, Any], call: _Call
     return "\n".join(lines)
 
 
-def _tolerance(dtype: np.dtype, atol: float | None, rtol: float | None) -> tuple[float, float]:
+def _tolerance(
+    dtype: np.dtype, atol: float | None, rtol: float | None, rounding: str = "float32"
+) -> tuple[float, float]:
     if dtype.kind in "iub":
         return _EXACT
     da, dr = DEFAULT_TOLERANCES.get(dtype.name, DEFAULT_TOLERANCES["float32"])
+    if dtype.itemsize <= 4:  # float64 matmuls are not rounded to a narrower input
+        ra, rr = ROUNDING_TOLERANCES[rounding]
+        da, dr = max(da, ra), max(dr, rr)
     return (da if atol is None else atol, dr if rtol is None else rtol)
 
 
-def _compare(name: str, layer: int | None, a: np.ndarray, b: np.ndarray, atol: float | None, rtol: float | None) -> Row:
+def _compare(
+    name: str, layer: int | None, a: np.ndarray, b: np.ndarray, atol: float | None,
+    rtol: float | None, rounding: str = "float32",
+) -> Row:
     dtype = np.dtype(a.dtype)
-    at, rt = _tolerance(dtype, atol, rtol)
+    at, rt = _tolerance(dtype, atol, rtol, rounding)
     x, y = a.astype(np.float64), b.astype(np.float64)
     if x.shape != y.shape:
         return Row(layer, name, dtype.name, math.inf, math.inf, math.inf, math.inf, False)
@@ -904,7 +1056,13 @@ def _no_match_error(plan: _Plan) -> VerifyError:
     return VerifyError("\n".join(lines))
 
 
-def _rows(plan: _Plan, values: dict[tuple, Any], atol: float | None, rtol: float | None) -> list[Row]:
+def _rows(
+    plan: _Plan, values: dict[tuple, Any], atol: float | None, rtol: float | None,
+    rounding: str = "float32",
+) -> list[Row]:
+    def row(*args: Any) -> Row:
+        return _compare(*args, atol, rtol, rounding)
+
     rows: list[Row] = []
     for p, e in plan.want.items():
         if p not in plan.got:
@@ -917,11 +1075,11 @@ def _rows(plan: _Plan, values: dict[tuple, Any], atol: float | None, rtol: float
             name = _inter_name(label[len(prefix):])
             if b.shape[:1] != (len(e.parts),):
                 a = np.stack([np.asarray(values[r.source]) for r in e.parts])
-                rows.append(_compare(name, None, a, b, atol, rtol))
+                rows.append(row(name, None, a, b))
                 continue
             for i, part in enumerate(e.parts):
                 layer = layers[i] if i < len(layers) else i
-                rows.append(_compare(name, layer, np.asarray(values[part.source]), b[i], atol, rtol))
+                rows.append(row(name, layer, np.asarray(values[part.source]), b[i]))
             continue
         if isinstance(e, lazy.Stack):
             a = np.stack([np.asarray(values[r.source]) for r in e.parts])
@@ -930,9 +1088,9 @@ def _rows(plan: _Plan, values: dict[tuple, Any], atol: float | None, rtol: float
         else:
             a = np.asarray(e)
         if w is not None and not w[2]:
-            rows.append(_compare(_inter_name(label[len(w[0]):]), w[1][0], a, b, atol, rtol))
+            rows.append(row(_inter_name(label[len(w[0]):]), w[1][0], a, b))
         else:
-            rows.append(_compare(_inter_name(label), None, a, b, atol, rtol))
+            rows.append(row(_inter_name(label), None, a, b))
     rows.sort(key=lambda r: (r.passed, -r.worst, r.layer if r.layer is not None else -1))
     return rows
 
@@ -941,12 +1099,14 @@ def compare_intermediates(
     loop_inter: Any, scan_inter: Any, *, pattern: str | None = None, into: str | None = None,
     atol: float | None = None, rtol: float | None = None,
     period: int | None = None, remainder: str = "separate", groups: Sequence[Group] | None = None,
+    rounding: str = "float32",
 ) -> tuple[list[Row], list[str]]:
     """Rows for every intermediate of every layer (worst first), and the names
     found in only one form. The loop form's intermediates are stacked as the
     params ``groups`` were (or as ``to_scan(..., pattern, into, period)``
     would), on axis 0; each row names the real layer number and the
-    intermediate's path inside the layer."""
+    intermediate's path inside the layer. ``rounding`` (what float32 matmul
+    inputs were rounded to, `matmul_rounding`) picks the default tolerances."""
     if groups is not None:
         specs = _inter_specs(groups)
     else:
@@ -955,7 +1115,7 @@ def compare_intermediates(
     values = _flat(loop_inter)
     loop_only, scan_only, _ = plan.mismatch()
     unmatched = [f"loop: {p}" for p in loop_only] + [f"scan: {p}" for p in scan_only]
-    return _rows(plan, values, atol, rtol), unmatched
+    return _rows(plan, values, atol, rtol, rounding), unmatched
 
 
 def _inter_name(path: Sequence[Any]) -> str:
@@ -1011,6 +1171,7 @@ def verify(
     repeats: int = 5,
     step: int | None = None,
     plot: str | Path | None = None,
+    precision: str = "highest",
 ) -> Report:
     """Check that ``scan`` is the conversion of ``loop``, and that both compute alike.
 
@@ -1043,7 +1204,17 @@ def verify(
       inputs: inputs in place of the model's (``block``: default random
         normal of ``input_shape`` drawn with ``seed``).
       atol, rtol: tolerances (default by dtype: `DEFAULT_TOLERANCES`; integer
-        outputs such as tokens must match exactly).
+        outputs such as tokens must match exactly). Given, they hold at
+        either ``precision``.
+      precision: the float32 matmul precision of the compared runs.
+        ``"highest"`` (default): full float32, whatever the caller's
+        ``jax_default_matmul_precision`` (global or a context manager around
+        the call), which is left as it was; the comparison is about the
+        conversion, not about TF32 or bfloat16 rounding. ``"default"``: the
+        caller's own, with float32's default tolerance widened to what the
+        device's matmuls round to (`matmul_rounding`, `ROUNDING_TOLERANCES`:
+        TF32 3e-2, bfloat16 passes 0.25; CPU keeps 1e-5). The timed runs use
+        the caller's precision either way.
       repeats: step-time runs per form (0: no timing, one compile per form fewer).
       step: the step of CheckpointManager roots, on both sides (default: the
         latest of each, which must then be the same step).
@@ -1058,6 +1229,10 @@ def verify(
         checkpoint; forms whose intermediates do not correspond.
       CkptconvError: unreadable checkpoints.
     """
+    if precision not in PRECISIONS:
+        raise VerifyError(
+            f"precision={precision!r}: expected one of {', '.join(map(repr, PRECISIONS))}."
+        )
     if block is not None and model is not None:
         raise VerifyError("give --block or --model, not both.")
     if period is not None and block is not None:
@@ -1102,9 +1277,13 @@ def verify(
     shown = {k: v for k, v in {**opts, "axis": axis}.items() if v is not None}
     if shown.get("remainder") == "separate" and not period:
         shown.pop("remainder")
-    report = Report(L.name, S.name, leaves, period=period, options=shown, options_from=options_from)
+    report = Report(
+        L.name, S.name, leaves, period=period, options=shown, options_from=options_from,
+        precision=precision,
+    )
     if block is None and model is None:
         return report
+    report.caller_precision = _caller_precision()  # before verify sets its own
 
     loop_lazy, scan_lazy = _variables(L.tree), _variables(S.tree)
     param_groups = find_groups(loop_lazy.get("params", {}), **opts)
@@ -1168,9 +1347,9 @@ def verify(
         if any(plan.mismatch()):
             raise _no_match_error(plan)
         form = "scan"
-        (_, scan_state), t_scan = _run(scan_module, scan_vars, call, repeats)
+        (_, scan_state), t_scan = _run(scan_module, scan_vars, call, repeats, "scan", precision)
         form = "loop"
-        (_, loop_state), t_loop = _run(loop_module, loop_vars, call, repeats)
+        (_, loop_state), t_loop = _run(loop_module, loop_vars, call, repeats, "loop", precision)
     except CkptconvError:
         raise
     except Exception as e:  # a model that does not fit its checkpoint or inputs
@@ -1190,15 +1369,18 @@ def verify(
     plan = _plan(loop_inter, scan_state.get("intermediates", {}), specs)
     loop_only, scan_only, _ = plan.mismatch()
     dev = jax.devices()[0]
+    setting = "highest" if precision == "highest" else report.caller_precision
+    report.rounding = matmul_rounding(dev.platform, setting)
     report.numeric = True
-    report.rows = _rows(plan, _flat(loop_inter), atol, rtol)
+    report.rows = _rows(plan, _flat(loop_inter), atol, rtol, report.rounding)
     report.unmatched = [f"loop: {p}" for p in loop_only] + [f"scan: {p}" for p in scan_only]
     report.skipped = plan.skipped
     report.names = plan.names
     report.device = f"{dev.platform}:{dev.id} ({getattr(dev, 'device_kind', '')})"
     report.atol, report.rtol = atol, rtol
     report.tolerances = {
-        r.dtype: _tolerance(jax.numpy.dtype(r.dtype), atol, rtol) for r in report.rows
+        r.dtype: _tolerance(jax.numpy.dtype(r.dtype), atol, rtol, report.rounding)
+        for r in report.rows
     }
     report.timings = {k: t for k, t in (("loop", t_loop), ("scan", t_scan)) if t is not None}
     if plot is not None:
