@@ -333,6 +333,9 @@ def _skeleton(wants: list[tuple[str, Any]]) -> Any:
         dtype = tree.leaf_dtype(x)
         if shape is None:  # a Python number
             shape, dtype = (), np.asarray(x).dtype
+        elif _is_key(dtype):  # typed PRNG keys: Orbax stores their uint32 key data
+            data = _key_data(tuple(shape), dtype)
+            shape, dtype = data.shape, data.dtype
         node[keys[-1]] = lazy.Ref(p, tuple(shape), np.dtype(dtype))
     return root
 
@@ -377,6 +380,27 @@ def _full_index(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
 
 
+#: A device part of a stacked leaf at least this large is assembled on its
+#: device, a layer at a time into a donated buffer, instead of in numpy and
+#: then copied: host memory then holds the part once, not twice.
+_ON_DEVICE_BYTES = 16 << 20
+
+
+def _is_key(dtype: Any) -> bool:
+    """A typed PRNG key dtype (``key<fry>``: ``nnx.Rngs``, ``jax.random.key``)."""
+    import jax
+
+    return dtype is not None and not isinstance(dtype, np.dtype) and jax.dtypes.issubdtype(
+        dtype, jax.dtypes.prng_key)
+
+
+def _key_data(shape: tuple[int, ...], dtype: Any) -> Any:
+    """The shape and dtype of the uint32 key data Orbax stores for typed keys."""
+    import jax
+
+    return jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(shape, dtype))
+
+
 def _build(leaf: Any, want: Any, region: Callable, path: str) -> Any:
     """The restored value of one leaf, as ``want`` (like's leaf) says."""
     shape = tuple(leaf.shape)
@@ -393,14 +417,80 @@ def _build(leaf: Any, want: Any, region: Callable, path: str) -> Any:
     sharding = getattr(want, "sharding", None)
     if sharding is None:
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    parts: dict[tuple, np.ndarray] = {}
+    if _is_key(dtype):
+        # Stored as key data (..., 2) uint32: built as that, then wrapped.
+        data = _on_shardings(leaf, shape, _data_sharding(sharding, path), leaf.dtype, region)
+        return jax.random.wrap_key_data(data, impl=dtype._impl)
+    return _on_shardings(leaf, shape, sharding, dtype, region)
+
+
+def _data_sharding(sharding: Any, path: str) -> Any:
+    """A key array's sharding, for its key data (the trailing axes unsharded)."""
+    import jax
+
+    # A spec shorter than the rank leaves the trailing axes unsharded.
+    if isinstance(sharding, (jax.sharding.NamedSharding, jax.sharding.SingleDeviceSharding)):
+        return sharding
+    raise CkptconvError(
+        f"like/{path}: a PRNG key array with a {type(sharding).__name__}; give it a "
+        "NamedSharding or a single device."
+    )
+
+
+def _on_shardings(leaf: Any, shape: tuple[int, ...], sharding: Any, dtype: Any,
+                  region: Callable) -> Any:
+    """One `jax.Array` of ``shape`` on ``sharding``: each distinct device part read once."""
+    import jax
+
+    parts: dict[tuple, Any] = {}
     arrays = []
     for device, index in sharding.addressable_devices_indices_map(shape).items():
         full = _full_index(index, shape)
         key = tuple((s.start, s.stop) for s in full)
-        if key not in parts:
-            value = _region(leaf, full, region)
-            parts[key] = value.astype(dtype, copy=False)
-        arrays.append(jax.device_put(parts[key], device))
+        part = parts.get(key)
+        if part is None:
+            part = parts[key] = _part(leaf, full, dtype, region, device)
+        arrays.append(part if isinstance(part, jax.Array) and part.devices() == {device}
+                      else jax.device_put(part, device))
     parts.clear()
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def _part(leaf: Any, full: tuple[slice, ...], dtype: Any, region: Callable, device: Any) -> Any:
+    """One device part: numpy, or (a large part of a stack) a `jax.Array`
+    assembled on ``device`` a layer at a time."""
+    inner = leaf.value if isinstance(leaf, lazy.Cast) else leaf
+    shape = tuple(len(range(*s.indices(n))) for s, n in zip(full, leaf.shape))
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if not isinstance(inner, lazy.Stack) or nbytes < _ON_DEVICE_BYTES:
+        return _region(leaf, full, region).astype(dtype, copy=False)
+    import jax
+    import jax.numpy as jnp
+
+    ax = inner.axis
+    rest = full[:ax] + full[ax + 1:]
+    buf = jnp.zeros(shape, dtype, device=device)
+    for k, j in enumerate(range(*full[ax].indices(inner.shape[ax]))):
+        layer = region(inner.parts[j], rest).astype(dtype, copy=False)
+        buf = _put_layer(buf, layer, k, ax)
+        del layer
+    return jax.block_until_ready(buf)
+
+
+_PUT = None
+
+
+def _put_layer(buf: Any, layer: np.ndarray, k: int, axis: int) -> Any:
+    """``buf`` with ``layer`` at index ``k`` of ``axis``, in place (donated)."""
+    global _PUT
+    if _PUT is None:
+        import functools
+
+        import jax
+
+        @functools.partial(jax.jit, donate_argnums=0, static_argnums=3)
+        def put(b, x, i, a):
+            return jax.lax.dynamic_update_index_in_dim(b, x, i, a)
+
+        _PUT = put
+    return _PUT(buf, layer, k, axis)

@@ -123,11 +123,16 @@ def run(work: Path, kind: str) -> dict:
         return part
 
     orbax_format.read_region = counted
+    restore_mod = sys.modules["ckptconv.restore"]
+    threshold = restore_mod._ON_DEVICE_BYTES
+    if kind == "loop-to-scan":
+        restore_mod._ON_DEVICE_BYTES = 0  # every stacked part assembled on its device
     try:
         restored = ckptconv.restore(ckpt, like=abstract)
         jax.block_until_ready(restored)
     finally:
         orbax_format.read_region = own
+        restore_mod._ON_DEVICE_BYTES = threshold
     written = sorted(set(_files(work)) - set(before) - {tmp.name})
     changed = sorted(k for k, v in before.items() if _files(work).get(k) != v)
 

@@ -321,3 +321,30 @@ def test_orbax_pure_dict_checkpoint(tmp_path):
     nnx.replace_by_pure_dict(state, raw)
     nnx.update(scan, state)
     _assert_same_outputs(loop, scan)
+
+
+# -- ckptconv.restore straight into the model's abstract state -------------------
+
+
+def test_restore_into_the_nnx_state_of_the_other_form(tmp_path):
+    """``restore(like=nnx.state(abstract model))``: no converted copy on disk;
+    typed keys come back typed; outputs equal, both ways."""
+    loop = LoopModel(rngs=nnx.Rngs(0))
+    _save(tmp_path / "loop", nnx.state(loop))
+    state = ckptconv.restore(tmp_path / "loop", like=_abstract_state(ScanModel))
+    key = state["blocks"]["drop"]["rngs"]["key"].get_value()
+    assert key.shape == (N,) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    _assert_states_equal(state, ckptconv.to_scan(nnx.state(loop)))
+    scan = ScanModel(rngs=nnx.Rngs(7))
+    nnx.update(scan, state)
+    _assert_same_outputs(loop, scan)
+    plan = ckptconv.plan_restore(tmp_path / "loop", like=_abstract_state(ScanModel))
+    assert (plan.to, plan.options) == ("scan", {"axis": 0, "pattern": "{i}", "into": "blocks"})
+
+    scan = ScanModel(rngs=nnx.Rngs(0))
+    _save(tmp_path / "scan", nnx.state(scan))
+    state = ckptconv.restore(tmp_path / "scan", like=_abstract_state(LoopModel))
+    _assert_states_equal(state, ckptconv.to_loop(nnx.state(scan), pattern="{i}"))
+    loop = LoopModel(rngs=nnx.Rngs(7))
+    nnx.update(loop, state)
+    _assert_same_outputs(scan, loop)

@@ -117,6 +117,22 @@ def test_into_scan_form_on_one_device(loop_ckpt):
         np.testing.assert_array_equal(np.asarray(a), b)
 
 
+def test_large_parts_are_assembled_on_device(loop_ckpt, monkeypatch):
+    restore_mod = sys.modules["ckptconv.restore"]
+    like = _abstract(ckptconv.to_scan(_loop_tree()))
+    like["params"] = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16), like["params"])
+    numpy_way = ckptconv.restore(loop_ckpt, like=like, cast=True)
+    monkeypatch.setattr(restore_mod, "_ON_DEVICE_BYTES", 0)
+    calls = []
+    put = restore_mod._put_layer
+    monkeypatch.setattr(restore_mod, "_put_layer", lambda *a: calls.append(a[2:]) or put(*a))
+    device_way = ckptconv.restore(loop_ckpt, like=like, cast=True)
+    assert calls == [(0, 0), (1, 0), (2, 0)] * 2  # blocks/b and blocks/w, a layer at a time
+    for a, b in zip(jax.tree.leaves(device_way), jax.tree.leaves(numpy_way)):
+        assert a.dtype == b.dtype and a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_same_layout_matches_orbax_own_restore(loop_ckpt):
     # Orbax restores a ShapeDtypeStruct without sharding as numpy; restore
     # gives a jax.Array on the default device: compare with that sharding.
