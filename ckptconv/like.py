@@ -383,8 +383,9 @@ def differences(
     return lines
 
 
-def agreeing_top_keys(out: Any, ref: Any) -> list[str]:
+def agreeing_top_keys(out: Any, ref: Any, *, ignore_dtype: Callable[[Any, Any], bool] | None = None) -> list[str]:
     """The top-level keys under which the output and REF agree exactly."""
     if not isinstance(out, Mapping) or not isinstance(ref, Mapping):
         return []
-    return [str(k) for k in out if k in ref and not differences(out[k], ref[k])]
+    return [str(k) for k in out
+            if k in ref and not differences(out[k], ref[k], ignore_dtype=ignore_dtype)]

@@ -127,7 +127,7 @@ def test_large_parts_are_assembled_on_device(loop_ckpt, monkeypatch):
     put = restore_mod._put_layer
     monkeypatch.setattr(restore_mod, "_put_layer", lambda *a: calls.append(a[2:]) or put(*a))
     device_way = ckptconv.restore(loop_ckpt, like=like, cast=True)
-    assert calls == [(0, 0), (1, 0), (2, 0)] * 2  # blocks/b and blocks/w, a layer at a time
+    assert sorted(calls) == [(0, 0)] * 2 + [(1, 0)] * 2 + [(2, 0)] * 2  # blocks/b and blocks/w, a layer at a time
     for a, b in zip(jax.tree.leaves(device_way), jax.tree.leaves(numpy_way)):
         assert a.dtype == b.dtype and a.sharding == b.sharding
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -221,14 +221,16 @@ def test_dtypes_differ_unless_cast(loop_ckpt):
     assert str(e.value) == (
         f"{loop_ckpt}: the checkpoint does not fit like (after to-scan): 3 dtypes differ: "
         "params/embed float32 vs like bfloat16; params/blocks/b float32 vs like bfloat16; "
-        "params/blocks/w float32 vs like bfloat16. Nothing was restored."
+        "params/blocks/w float32 vs like bfloat16. Nothing was restored. Pass cast=True to round "
+        "the stored values to like's dtypes."
     )
     got = ckptconv.restore(loop_ckpt, like=like, cast=True)
     want = _loop_tree()["params"]["layer_1"]["w"].astype(ml_dtypes.bfloat16)
     assert got["params"]["blocks"]["w"].dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(got["params"]["blocks"]["w"])[1], want)
     assert int(got["step"]) == 7  # integer scalars are cast without cast=True
-    assert "cast" in ckptconv.plan_restore(loop_ckpt, like=like, cast=True).describe()
+    assert ckptconv.plan_restore(loop_ckpt, like=like, cast=True).describe().endswith(
+        "; cast 4 leaves to like's dtypes (params/blocks/b: float32 -> bfloat16 …).")
 
 
 def test_given_options_win_and_are_checked(loop_ckpt):
@@ -269,3 +271,44 @@ def test_manager_root_step_and_item(tmp_path):
         ckptconv.restore(root, like={"m": jax.ShapeDtypeStruct((2,), jnp.float32)})
     assert str(e.value).startswith(f"{root}: no item fits like: item 'extra': ")
     assert str(e.value).endswith(" Pass item= to name the item.")
+
+
+# ----------------------------------------------------------- MaxText's own states
+
+
+def test_maxtext_loop_state_into_the_scan_state():
+    """fixtures/maxtext (MaxText 0.2.5's trainer): the loop run's whole state into
+    the abstract state of the scan run (params and Adam moments on axis 1, the
+    nnx_aux RNG state on axis 0), as the trainer's restore would need it."""
+    from ckptconv.formats import orbax
+    from ckptconv.lazy import Ref
+
+    fixtures = HERE.parent / "fixtures" / "maxtext"
+    loop, scan = fixtures / "llama2_loop", fixtures / "llama2_scan"
+    like = jax.tree.map(lambda r: jax.ShapeDtypeStruct(r.shape, r.dtype),
+                        orbax.read_lazy(scan / "0" / "items"), is_leaf=lambda x: isinstance(x, Ref))
+    with pytest.raises(ckptconv.RestoreError) as e:
+        ckptconv.restore(loop, like=like)
+    # The loop model's RNG streams are held once under layers_0, the scan
+    # model's per layer and once more above: no layer mapping gives one from
+    # the other, and restore says what does fit.
+    assert str(e.value).endswith(
+        "Nothing was restored. The parts that fit are opt_state, params, step: restore only them "
+        "with only=['opt_state', 'params', 'step'] (like's other leaves come back as given).")
+    keep = ["opt_state", "params", "step"]
+    plan = ckptconv.plan_restore(loop, like=like, only=keep)
+    assert (plan.item, plan.to, plan.options) == (
+        "items", "scan", {"axis": 1, "pattern": "layers_{i}", "into": "layers"})
+    assert plan.describe().endswith("; only opt_state, params, step (12 other leaves of like returned as given).")
+    got = ckptconv.restore(loop, like=like, only=keep)
+    left = jax.tree.leaves(got["nnx_aux"])
+    assert len(left) == 12 and all(a is b for a, b in zip(left, jax.tree.leaves(like["nnx_aux"])))
+    got = {k: got[k] for k in keep}
+    want = ckptconv.to_scan({k: v for k, v in ckptconv.load(loop)["items"].items() if k in keep},
+                            pattern="layers_{i}", into="layers", axis=1)
+    flat_got = jax.tree_util.tree_leaves_with_path(got)
+    flat_want = jax.tree_util.tree_leaves_with_path(want)
+    assert [jax.tree_util.keystr(p) for p, _ in flat_got] == [jax.tree_util.keystr(p) for p, _ in flat_want]
+    for (_, a), (_, b) in zip(flat_got, flat_want):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), b)
