@@ -288,8 +288,10 @@ def plan_restore(
     for name in names:
         try:
             p = _plan_item(path, name, layout.items[name], fmt, skeleton, to, cast, options, keep)
-        except RestoreError as e:
-            tried.append((name, e))
+        except (RestoreError, GroupError) as e:
+            if len(names) == 1:
+                raise
+            tried.append((name, e))  # another item may fit
             continue
         p._leaves = _pair(p._leaves, wants)
         p._treedef = treedef
@@ -299,8 +301,6 @@ def plan_restore(
                    and not isinstance(w, (bool, int, float, complex))]
         p.only = ["/".join(k) for k in keep]
         return p
-    if len(tried) == 1:
-        raise tried[0][1]
     raise RestoreError(
         f"{path}: no item fits like: "
         + " ".join(f"item {n!r}: {_strip(str(e), path)}" for n, e in tried)
