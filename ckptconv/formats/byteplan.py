@@ -15,16 +15,26 @@ Hugging Face directory).
 
 `FileMaps` is the resolver's usual helper: files mapped on first use, by name,
 all closed at the end.
+
+Where an output segment is a byte range of an input file mapped with
+`map_file` (``keep_fd=True``), `Out` does not read it at all: it asks the kernel
+to copy the range from file to file (``copy_file_range``, else ``sendfile``),
+so the bytes never pass through this process and the filesystem may share
+extents instead of copying (btrfs, XFS). That is every copy of a leaf, every
+stack and slice on axis 0 and every row of at least `SEG_MIN` bytes; short rows
+are gathered as before. `KERNEL_COPY` turns it off.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import math
 import mmap
 import os
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -49,6 +59,16 @@ FOLIO = 2 << 20
 _SMALL = 64 << 10
 _FLUSH = 1 << 20
 
+#: Copy input byte ranges file to file in the kernel where the layout allows
+#: (see the module docstring). Read when an `Out` is made; the environment
+#: variable ``CKPTCONV_KERNEL_COPY=0`` sets it False, forcing the Python
+#: write of mapped bytes (same output, byte for byte).
+KERNEL_COPY = os.environ.get("CKPTCONV_KERNEL_COPY", "1") != "0"
+# What the kernel answers when it cannot copy between these two files (another
+# filesystem, a file type or kernel without the call): fall back, not fail.
+_REFUSED = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
+_LINUX = sys.platform.startswith("linux")
+
 _MADV = getattr(mmap, "MADV_DONTNEED", None)
 
 
@@ -65,13 +85,38 @@ def dontneed(buf: Any, start: int, stop: int) -> None:
             buf.madvise(_MADV, start, stop - start)
 
 
+class FileMap(mmap.mmap):
+    """A read-only map of a file that also keeps the file open (``fd``), so its
+    bytes can be copied file to file by the kernel (`Out`)."""
+
+    fd: int
+
+
+def map_file(f: Any, keep_fd: bool = False) -> mmap.mmap:
+    """A read-only mapping of the whole open file ``f``.
+
+    With ``keep_fd`` it is a `FileMap` holding its own descriptor of the file
+    (an mmap keeps one too, but does not show it), closed by `close_map` or
+    when the mapping is freed. Only writers' sources need it.
+    """
+    if not keep_fd:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    mm = FileMap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    mm.fd = os.dup(f.fileno())
+    mm._close_fd = weakref.finalize(mm, os.close, mm.fd)
+    return mm
+
+
 def close_map(mm: mmap.mmap) -> None:
     """Close a mapping unless views handed out still use it (it then closes
-    itself when the last one goes)."""
+    itself when the last one goes); a `FileMap`'s descriptor is closed now."""
     try:
         mm.close()
     except BufferError:
         pass
+    close_fd = getattr(mm, "_close_fd", None)
+    if close_fd is not None:
+        close_fd()
 
 
 class FileMaps:
@@ -139,6 +184,17 @@ class Strand:
             a += k
             n -= k
 
+    def ranges(self, a: int, n: int) -> Iterator[tuple[int, int]]:
+        """``(file offset, nbytes)`` of input bytes ``[a, a + n)``, in order."""
+        while n > 0:
+            i = bisect.bisect_right(self.starts, a) - 1
+            off, size = self.spans[i]
+            within = a - self.starts[i]
+            k = min(n, size - within)
+            yield off + within, k
+            a += k
+            n -= k
+
     def gather(self, a: int, b: int) -> np.ndarray:
         """Input bytes ``[a, b)`` as a uint8 array (a view when in one span)."""
         parts = [np.frombuffer(p, dtype=np.uint8) for p in self._spans_of(a, b)]
@@ -199,6 +255,29 @@ class Gather:
         self.block = block
         self.seg_min = seg_min
         self.nbytes = rows * seg * len(strands)
+
+    def file_ranges(self) -> bool:
+        """Whether `ranges` applies: every segment is long (or the one row) and
+        every strand is a file mapped with its descriptor kept."""
+        return (self.seg >= self.seg_min or self.rows == 1) and all(
+            isinstance(getattr(st.buf, "fd", None), int) for st in self.strands
+        )
+
+    def ranges(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[Strand, int, int]]:
+        """Output bytes ``[start, stop)`` as ``(strand, file offset, nbytes)``
+        ranges of the inputs, in order; only where `file_ranges` holds."""
+        stop = self.nbytes if stop is None else stop
+        seg = self.seg
+        rowbytes = seg * len(self.strands)
+        off = start
+        while off < stop:
+            p, r = divmod(off, rowbytes)
+            j, s = divmod(r, seg)
+            n = min(seg - s, stop - off)
+            strand = self.strands[j]
+            for at, k in strand.ranges(strand.offset + p * strand.stride + s, n):
+                yield strand, at, k
+            off += n
 
     def pieces(self, start: int = 0, stop: int | None = None) -> Iterator[Any]:
         """Output bytes ``[start, stop)`` as a sequence of buffers."""
@@ -310,12 +389,24 @@ def output_file(path: str | os.PathLike[str], dst: str | os.PathLike[str]) -> It
 
 
 class Out:
-    """An output file: small writes are batched; reports progress."""
+    """An output file: small writes are batched; reports progress.
 
-    def __init__(self, f: Any, progress: Callable[[int], Any] | None) -> None:
+    Payloads that are byte ranges of input files (`Gather.file_ranges`) are
+    copied by the kernel where it can (`KERNEL_COPY`); ``kernel_bytes`` and
+    ``python_bytes`` count the payload bytes that went each way, and
+    ``kernel`` names the call in use (None once the kernel refused both).
+    """
+
+    def __init__(self, f: Any, progress: Callable[[int], Any] | None, block: int = BLOCK) -> None:
         self.f = f
         self.progress = progress
         self.buf = bytearray()
+        self.block = block
+        self.kernel: str | None = None
+        if KERNEL_COPY and _LINUX:
+            self.kernel = "copy_file_range" if hasattr(os, "copy_file_range") else "sendfile"
+        self.kernel_bytes = 0
+        self.python_bytes = 0
 
     def put(self, data: Any) -> None:
         n = len(data)
@@ -330,8 +421,56 @@ class Out:
             self.progress(n)
 
     def payload(self, gather: Gather | CastGather, start: int, stop: int) -> None:
+        if self.kernel is not None and isinstance(gather, Gather) and gather.file_ranges():
+            start = self._copy(gather, start, stop)
+        self.python_bytes += max(0, stop - start)
         for piece in gather.pieces(start, stop):
             self.put(piece)
+
+    def _copy(self, gather: Gather, start: int, stop: int) -> int:
+        """Copies output bytes ``[start, stop)`` file to file in the kernel;
+        returns how far it got (``stop``, or where the kernel refused)."""
+        self.flush()
+        self.f.flush()
+        out_fd = self.f.fileno()
+        pos = self.f.tell()
+        done = start
+        try:
+            for strand, at, n in gather.ranges(start, stop):
+                while n > 0:
+                    k = self._copy_range(strand, at, out_fd, pos, min(n, self.block))
+                    if k is None:  # refused: the rest goes through Python
+                        return done
+                    at, pos, n, done = at + k, pos + k, n - k, done + k
+                    self.kernel_bytes += k
+                    if self.progress is not None:
+                        self.progress(k)
+            return done
+        finally:
+            self.f.seek(pos)
+
+    def _copy_range(self, strand: Strand, at: int, out_fd: int, pos: int, n: int) -> int | None:
+        in_fd = strand.buf.fd
+        while self.kernel is not None:
+            try:
+                if self.kernel == "copy_file_range":
+                    k = os.copy_file_range(in_fd, out_fd, n, at, pos)
+                else:
+                    os.lseek(out_fd, pos, os.SEEK_SET)
+                    k = os.sendfile(out_fd, in_fd, at, n)
+            except OSError as e:
+                if e.errno not in _REFUSED:
+                    raise
+                self.kernel = "sendfile" if self.kernel == "copy_file_range" else None
+                continue
+            if k <= 0:
+                # The mapped size promised these bytes: the input shrank.
+                raise FormatError(
+                    f"an input file ended at byte {at} while its data was being copied: "
+                    "it changed during the conversion; convert it again."
+                )
+            return k
+        return None
 
     def flush(self) -> None:
         if self.buf:

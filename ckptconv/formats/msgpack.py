@@ -163,7 +163,7 @@ def _write_sharded(item: Path, out_tree: Any, dst: Path, progress: Any) -> None:
     flat = _flatten(out_tree)
     entries = [(_key(p), v, int(getattr(v, "nbytes", 0))) for p, v in flat]
 
-    with byteplan.FileMaps(lambda name: msgpack_stream._open_mmap(str(item / name))) as maps:
+    with byteplan.FileMaps(lambda name: msgpack_stream._open_mmap(str(item / name), keep_fd=True)) as maps:
         resolve = _resolver(item, maps)
 
         def write_shard(members: list[int], file: Path) -> None:

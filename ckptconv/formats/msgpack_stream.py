@@ -349,12 +349,13 @@ _EXT_LEN = {0xC7: (">B", 1), 0xC8: (">H", 2), 0xC9: (">I", 4)}
 _dontneed = byteplan.dontneed
 
 
-def _open_mmap(path: str) -> mmap.mmap:
+def _open_mmap(path: str, keep_fd: bool = False) -> mmap.mmap:
+    # keep_fd: a source of `write`, whose byte ranges the kernel may copy.
     try:
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
                 raise FormatError(f"{path}: {_INCOMPLETE}: the file is empty. {_ADVICE}")
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            return byteplan.map_file(f, keep_fd)
     except FormatError:
         raise
     except OSError as e:
@@ -739,10 +740,11 @@ def write(
     0-d array, which is what the layer held before stacking, where ``np.take``
     would give a numpy scalar (written by flax as ext 3).
 
-    Memory stays near one block (32 MiB) whatever the sizes: payloads are
-    written straight from a memory map of ``src_path`` where the output bytes
-    are contiguous in the input (copies, stacks and slices on axis 0, long
-    rows), and gathered block by block otherwise.
+    Memory stays near one block (32 MiB) whatever the sizes: where the output
+    bytes are byte ranges of the input (copies, stacks and slices on axis 0,
+    long rows) the kernel copies them file to file (``copy_file_range``, see
+    `byteplan.KERNEL_COPY`), or they are written straight from a memory map of
+    ``src_path``; elsewhere they are gathered block by block.
 
     The file appears at ``dst_path`` only when complete: it is written to a
     hidden temporary file beside it and renamed over ``dst_path`` (replacing
@@ -771,12 +773,12 @@ def write(
     """
     dst = os.fspath(dst_path)
     max_chunk = _max_chunk_size()
-    mm = _open_mmap(os.fspath(src_path)) if src_path is not None else None
+    mm = _open_mmap(os.fspath(src_path), keep_fd=True) if src_path is not None else None
     folder, name = os.path.split(os.path.abspath(dst))
     tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
     try:
         with byteplan.output_file(tmp, dst) as f:
-            out = byteplan.Out(f, progress)
+            out = byteplan.Out(f, progress, _BLOCK)
             _Emitter(out, mm, dst, sort_keys, max_chunk, resolve).node(out_tree, [], True)
             out.flush()
     finally:

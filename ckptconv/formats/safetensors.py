@@ -336,10 +336,11 @@ def _file(item: Path, shard: str) -> Path:
     return item / shard if shard else item
 
 
-def _open(path: Path) -> mmap.mmap:
+def _open(path: Path, keep_fd: bool = False) -> mmap.mmap:
+    # keep_fd: a source of `write`, whose byte ranges the kernel may copy.
     try:
         with open(path, "rb") as f:
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            return byteplan.map_file(f, keep_fd)
     except (OSError, ValueError) as e:
         raise FormatError(f"cannot read '{path}': {getattr(e, 'strerror', None) or e}.") from e
 
@@ -495,7 +496,7 @@ def write(
     """
     dst = Path(dst)
     item = Path(item) if item is not None else None
-    with byteplan.FileMaps(lambda shard: _open(_file(item, shard))) as maps:
+    with byteplan.FileMaps(lambda shard: _open(_file(item, shard), keep_fd=True)) as maps:
         planner = _planner(item, maps, dst)
         if item is not None and item.is_dir():
             index, flat, meta = _read_dir(item)
