@@ -264,6 +264,10 @@ def _selection_options(fn: Any) -> Any:
         help="Make this subtree OUT's root (an Orbax train state's params -> flax_model.msgpack).",
     )(fn)
     fn = click.option(
+        "--copy", is_flag=True,
+        help="Give OUT data files of its own. By default an Orbax OUT shares IN's data files where it holds IN's chunks as they are (hard links; whole-file copies across filesystems): deleting either side is safe and nothing ever writes into a data file.",
+    )(fn)
+    fn = click.option(
         "--only", "only", multiple=True, metavar="PATH",
         help="Keep only this subtree, at its path, e.g. params (repeatable; '/' between keys); nothing else is read.",
     )(fn)

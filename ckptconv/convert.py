@@ -357,6 +357,7 @@ def convert(
     root: str | None = None,
     dtype: Any = None,
     like: str | Path | None = None,
+    copy: bool = False,
     **options: Any,
 ) -> Result:
     """Convert the checkpoint at ``src`` and write it to ``dst``, in bounded memory.
@@ -395,6 +396,14 @@ def convert(
         the same model in the other form, a Hugging Face file): the options
         are worked out from the two trees' metadata, and the output must have
         REF's structure (paths, shapes, dtypes) or nothing is written.
+      copy: give OUT data files of its own. By default an Orbax output in
+        Orbax shares IN's data files wherever it holds IN's chunks as they
+        are (to-scan of layers, to-loop of layer-thick stacks, items left
+        unchanged): hard links where IN and OUT are on one filesystem, else
+        whole-file copies, and OUT costs only its metadata. Deleting either
+        side is safe, and nothing ever writes into a data file (OCDBT writes
+        new files), so neither can change the other; ``copy=True`` copies
+        every chunk instead (``--copy``), as ``cp -r`` would.
       **options: for to-scan ``pattern``, ``into``, ``axis``, ``axis_for``,
         ``period``, ``layers``, ``remainder``, ``groups``; for to-loop
         ``source``, ``pattern``, ``axis``, ``axis_for``, ``period``,
@@ -428,6 +437,8 @@ def convert(
     kw = {"record": rec} if getattr(out_fmt, "WRITES_RECORD", False) else {}
     with _atomic_output(dst, force) as tmp:
         if out_format == layout.format:
+            if copy and getattr(out_fmt, "SHARES", False):
+                kw["copy"] = True  # the format's default is to share
             _write_same_format(layout, items, in_fmt, tmp, update, fsync, kw)
         else:
             rooted = selection is not None and selection.root is not None
@@ -502,7 +513,9 @@ def _write_same_format(
     for item in items:
         dest = layout.item_dest(item.name, out)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if item.out_tree is None:
+        if item.out_tree is None and hasattr(fmt, "copy_item"):
+            fmt.copy_item(item.source, dest, kw.get("copy", False))
+        elif item.out_tree is None:
             shutil.copytree(item.source, dest, symlinks=True)
         else:
             fmt.write(item.source, item.out_tree, dest, progress, fsync, **kw)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ckptconv.errors import FormatError
-from ckptconv.formats import orbax_stream
+from ckptconv.formats import orbax_clone, orbax_stream
 from ckptconv.formats.layout import Layout
 
 NAME = "orbax"
@@ -133,11 +133,31 @@ def read_region(item: Path, ref: Any, index: tuple) -> np.ndarray:
     return orbax_stream.read_array(_norm(item), ref.source, tuple(index))
 
 
+#: `write` and `copy_item` take ``copy``: by default OUT shares IN's data files.
+SHARES = True
+
+
 def write(
-    item: Path | None, out_tree: Any, dst: Path, progress: Any = None, fsync: bool = False
-) -> None:
+    item: Path | None, out_tree: Any, dst: Path, progress: Any = None, fsync: bool = False,
+    copy: bool = False,
+) -> str:
+    """Writes ``out_tree`` (lazy leaves of ``item``) as an Orbax item at ``dst``.
+
+    With ``copy`` false, a conversion that moves whole chunks (to-scan of
+    layers, to-loop of layer-thick stacks) clones ``item``'s database: OUT
+    shares IN's data files (hard links on one filesystem, else whole-file
+    copies), deleting either side is safe, and nothing ever writes into a data
+    file (`ckptconv.formats.orbax_clone`). With ``copy`` true (``--copy``)
+    every chunk is copied into files of OUT's own. Returns the engine used, ``"clone"`` or ``"copy"``.
+    """
     src = _norm(item) if item is not None else None
-    orbax_stream.write(src, out_tree, _norm(dst), progress=progress, sync=fsync)
+    return orbax_stream.write(src, out_tree, _norm(dst), progress=progress, sync=fsync, share=not copy)
+
+
+def copy_item(item: Path, dst: Path, copy: bool = False) -> None:
+    """Copies an item unchanged; with ``copy`` false its data files are shared
+    as `write` shares them."""
+    orbax_clone.copy_item(_norm(item), _norm(dst), share=not copy)
 
 
 def read_record(item: Path) -> dict | None:

@@ -93,6 +93,7 @@ import numpy as np
 import tensorstore as ts
 
 from ckptconv.errors import FormatError, OutputExistsError
+from ckptconv.formats import orbax_clone
 from ckptconv.formats.msgpack_stream import FLAX_DTYPES
 from ckptconv.lazy import LAZY, Cast, Deferred, Ref, Slice, Stack
 
@@ -135,6 +136,10 @@ _DECODE_BUDGET = 64 << 20
 # OCDBT target data file size (`tensorstore_utils._DEFAULT_OCDBT_TARGET_DATA_FILE_SIZE`)
 # caps the chunks it writes.
 _MAX_CHUNK_BYTES = 2**31
+# The clone engine (`orbax_clone`) is used only where OUT references all but
+# this fraction of the source's chunk bytes: the rest would stay alive in
+# OUT's shared data files after IN is deleted (see `_Plan._clone_refusal`).
+_MAX_DEAD_FRACTION = 0.01
 
 _EMPTY_TYPES = {"None", "Dict", "List", "Tuple", "NamedTuple"}
 
@@ -511,7 +516,8 @@ def write(
     *,
     progress: Progress | None = None,
     sync: bool = True,
-) -> None:
+    share: bool = False,
+) -> str:
     """Writes a complete Orbax item directory holding `out_tree`.
 
     The output is built in ``<dst_dir>.orbax-checkpoint-tmp-<pid>-<ns>`` beside
@@ -537,6 +543,16 @@ def write(
         Orbax's saves do), so that a finished output survives a power loss.
         False leaves write-back to the OS: faster where the disk is slower
         than the page cache.
+      share: where the output is `src_dir`'s arrays moved by chunk (to-scan
+        of layers, to-loop of layer-thick stacks, copies), clone `src_dir`'s
+        OCDBT database and rename its keys (`orbax_clone`): OUT shares the
+        source's data files (hard links, or whole-file copies across
+        filesystems) and costs the metadata, whatever the checkpoint's size.
+        Deleting either side is safe, and nothing ever writes into a data
+        file. False (``--copy``): the chunk-copy engine, OUT's files its own.
+
+    Returns:
+      The engine used: ``"clone"`` or ``"copy"``.
 
     Raises:
       OutputExistsError: `dst_dir` exists.
@@ -552,7 +568,7 @@ def write(
     tmp = dst.with_name(f"{dst.name}{TMP_DIR_SUFFIX}-{os.getpid()}-{time.time_ns()}")
     tmp.mkdir()
     try:
-        _run(plan.write_data(tmp, progress, sync=sync))
+        _run(plan.write_data(tmp, progress, sync=sync, share=share))
         plan.write_files(tmp, dst, sync=sync)
         os.rename(tmp, dst)
         if sync:
@@ -560,6 +576,7 @@ def write(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return plan.engine
 
 
 # --------------------------------------------------------------------------
@@ -809,6 +826,30 @@ class _DecodeJob:
         return int(getattr(value, "nbytes", 0))
 
 
+@dataclass
+class _Work:
+    """The array leaves sorted: chunk moves, metadata to write, decode jobs."""
+
+    ops: list[_ChunkOp]
+    #: ``<name>/.zarray`` (or ``zarr.json``) -> its bytes, for every moved leaf.
+    meta_values: dict[str, bytes]
+    jobs: list[_DecodeJob]
+    #: The zarr metadata of every source array a lazy leaf refers to.
+    zarrays: dict[str, dict[str, Any]]
+    #: Every source array's zarr metadata (the clone engine reads them).
+    source_arrays: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def kept(self) -> set[str]:
+        """Source arrays that stay where they are: a leaf moved whole under
+        its own name (an unchanged `Ref`)."""
+        moved: dict[str, bool] = {}
+        for op in self.ops:
+            name = op.dst_key[: len(op.leaf)]
+            same = op.src_key == op.dst_key and name == op.leaf
+            moved[op.leaf] = moved.get(op.leaf, True) and same
+        return {name for name, same in moved.items() if same}
+
+
 class _Plan:
     """What to write for an out_tree: chunk copies, decode jobs, metadata."""
 
@@ -819,6 +860,9 @@ class _Plan:
                 "an Orbax checkpoint's tree must be a dict or a list at the top, not a single leaf"
             )
         self.leaves = [_Leaf(keys, value) for keys, value in _flatten(out_tree, ())]
+        #: "clone" or "copy": the engine `write_data` used.
+        self.engine = ""
+        self.shared = orbax_clone.Shared()
         for leaf in self.leaves:
             if isinstance(leaf.value, Cast):
                 if isinstance(leaf.value.value, Cast):
@@ -942,16 +986,34 @@ class _Plan:
 
     # -- data ---------------------------------------------------------------
 
-    async def write_data(self, tmp: Path, progress: Progress | None, *, sync: bool) -> None:
-        """Writes every array's chunks into a new OCDBT store under `tmp`."""
-        dst = _Destination(tmp, self.src.context, sync=sync, zarr3=self.src.use_zarr3)
+    async def write_data(
+        self, tmp: Path, progress: Progress | None, *, sync: bool, share: bool = False
+    ) -> None:
+        """Writes every array's chunks into an OCDBT store under `tmp`: a clone
+        of the source's database whose keys are renamed (``share``, where
+        `_clone_refusal` allows it), else a new store the chunks are copied into."""
+        work = await self._work()
+        self.engine = "copy"
+        if share and await self._clone_refusal(work) is None:
+            self.engine = "clone"
+            self.shared = orbax_clone.share_database(self.src.path, tmp)
+        dst = _Destination(
+            tmp, self.src.context, sync=sync, zarr3=self.src.use_zarr3,
+            existing=self.engine == "clone",
+        )
         await dst.open()
         try:
-            await self._write_arrays(dst, progress)
+            if self.engine == "clone":
+                await self._rename(dst, work, progress)
+            else:
+                await self._copy(dst, work, progress)
+            await self._decode(dst, work, progress)
         finally:
             await dst.close()
 
-    async def _write_arrays(self, dst: _Destination, progress: Progress | None) -> None:
+    async def _work(self) -> _Work:
+        """Sorts the array leaves into chunk moves and decode jobs (reads the
+        source arrays' zarr metadata, no chunk)."""
         array_leaves = [
             leaf for leaf in self.leaves if isinstance(leaf.value, (*LAZY, Deferred, np.ndarray))
         ]
@@ -1014,16 +1076,21 @@ class _Plan:
                     zarray_writes.append((leaf.name, zarray))
                     ops.extend(slice_ops)
         jobs.extend(slices.values())
+        meta_values = {f"{name}/{_meta_file(z)}": _zarray_bytes(z) for name, z in zarray_writes}
+        return _Work(ops, meta_values, jobs, zarrays)
+
+    async def _copy(self, dst: _Destination, work: _Work, progress: Progress | None) -> None:
+        """The chunk-copy engine: reads every compressed chunk and writes it
+        into the new store, checking it for damage on the way."""
         # Metadata files are tiny: write them in the first batch of chunk copies.
-        meta_ops = [
-            _ChunkOp("", f"{name}/{_meta_file(z)}", 0, 0, name) for name, z in zarray_writes
-        ]
-        meta_values = {op.dst_key: _zarray_bytes(z) for op, (_, z) in zip(meta_ops, zarray_writes)}
-        if meta_ops or ops:
+        meta_ops = [_ChunkOp("", key, 0, 0, key.rsplit("/", 1)[0]) for key in work.meta_values]
+        if meta_ops or work.ops:
             await dst.copy_chunks(
-                await self.src.kvstore(), self.src.path, meta_ops + ops, meta_values, progress,
-                missing_is_damage=self.src.raise_missing,
+                await self.src.kvstore(), self.src.path, meta_ops + work.ops, work.meta_values,
+                progress, missing_is_damage=self.src.raise_missing,
             )
+
+    async def _decode(self, dst: _Destination, work: _Work, progress: Progress | None) -> None:
         # Jobs run concurrently within a budget of decoded bytes: one decodes
         # its source while another's layers are encoded and written, so both
         # cores work on small leaves; a leaf bigger than the budget runs alone,
@@ -1034,8 +1101,101 @@ class _Plan:
             async with budget.hold(job.nbytes):
                 await dst.decode_job(self.src, job, progress)
 
-        await asyncio.gather(*(run(job) for job in jobs))
+        await asyncio.gather(*(run(job) for job in work.jobs))
         await dst.drain()
+
+    # -- the clone engine -----------------------------------------------------
+
+    async def _source_arrays(self) -> dict[str, dict[str, Any]]:
+        """The zarr metadata of every array the source holds."""
+        names = [
+            name for name, meta in self.src.entries.items()
+            if meta.get("value_type") in ("jax.Array", "np.ndarray", "scalar")
+            and not meta.get("skip_deserialize")
+        ]
+        got = await asyncio.gather(*(self.src.zarr_meta(name) for name in names))
+        return dict(zip(names, got))
+
+    async def _clone_refusal(self, work: _Work) -> str | None:
+        """Why this output cannot be a clone of the source's database with
+        renamed keys; None when it can.
+
+        Refused: a source without OCDBT (pre-OCDBT Orbax); an output array
+        whose name the source uses for another array (the rename would have
+        to delete and write one key range in one transaction); and an output
+        that leaves more than `_MAX_DEAD_FRACTION` of the source's chunk bytes
+        unreferenced (casts, ``--only`` of a small part, unstacking a stack
+        saved as one chunk): a clone would keep those bytes alive in OUT's
+        shared data files once IN is deleted, so such an output is written
+        by the copy engine, whose files hold only what OUT holds.
+        """
+        if not self.src.use_ocdbt or self.src.path is None:
+            return "the source is not an OCDBT database"
+        sources = await self._source_arrays()
+        work.source_arrays = sources
+        kept = work.kept()
+        clash = sorted(
+            leaf.name for leaf in self.leaves
+            if leaf.name in sources and leaf.name not in kept
+            and isinstance(leaf.value, (*LAZY, Deferred, np.ndarray))
+        )
+        if clash:
+            return f"output array {clash[0]!r} has the name of another source array"
+        total = 0
+        for name, z in sources.items():
+            chunks = _meta_chunks(z)
+            count = math.prod(math.ceil(s / c) for s, c in zip(z["shape"], chunks))
+            total += count * math.prod(chunks) * _zarr_dtype(_meta_dtype(z), self.src.path, name).itemsize
+        referenced = {op.src_key: op.cost for op in work.ops}
+        dead = total - sum(referenced.values())
+        if dead > _MAX_DEAD_FRACTION * total:
+            return (
+                f"{dead} of the source's {total} chunk bytes would be unreferenced "
+                f"(more than {_MAX_DEAD_FRACTION:.0%})"
+            )
+        return None
+
+    async def _rename(self, dst: _Destination, work: _Work, progress: Progress | None) -> None:
+        """The clone engine: in OUT's clone of the source database, every
+        chunk move becomes a key copied by reference, the new arrays'
+        metadata is written, and the source arrays OUT does not keep are
+        deleted (one transaction)."""
+        assert dst.kv is not None
+        kept = work.kept()
+        moves = [(op.src_key, op.dst_key) for op in work.ops if op.src_key != op.dst_key]
+        if self.src.raise_missing and moves:
+            # The source says it stores every chunk: a missing one is damage
+            # (Orbax refuses the array), found from the B-tree's keys alone.
+            present = {k.decode() for k in await dst.kv.list()}
+            for op in work.ops:
+                if op.src_key not in present:
+                    raise FormatError(
+                        f"{self.src.path}: chunk {op.src_key} of leaf {op.leaf!r} is missing, so "
+                        "Orbax cannot read this array either. The checkpoint is incomplete: "
+                        "check that its save finished and that it was copied whole."
+                    )
+        # Damage is looked for as the copy engine does, reading only the few
+        # bytes each check needs (`_peek_damage`).
+        src_kv = await self.src.kvstore()
+        damages = await asyncio.gather(*(_peek_damage(src_kv, op) for op in work.ops))
+        for op, damage in zip(work.ops, damages):
+            if damage is not None:
+                raise FormatError(
+                    f"{self.src.path}: chunk {op.src_key} of leaf {op.leaf!r} {damage}. "
+                    "Copy the checkpoint again."
+                )
+        writes = {k: v for k, v in work.meta_values.items() if k.rsplit("/", 1)[0] not in kept}
+        drops = [f"{name}/" for name in work.source_arrays if name not in kept]
+        try:
+            await orbax_clone.rename_keys(dst.kv, moves, writes, drops)
+        except FormatError:
+            raise
+        except Exception as e:
+            raise FormatError(f"{dst.path}: renaming the cloned database's keys failed: {e}") from e
+        if progress is not None:
+            done = sum(op.done for op in work.ops)
+            if done:
+                progress(done)
 
     def _check_ref(self, leaf: _Leaf, ref: Ref, zarray: dict[str, Any] | None) -> None:
         meta = self.src.value_metadata(ref.source)
@@ -1360,12 +1520,25 @@ class _Lane:
 class _Destination:
     """A new OCDBT store at an item directory's root, as Orbax configures it."""
 
-    def __init__(self, path: Path, context: ts.Context, *, sync: bool, zarr3: bool = False) -> None:
+    def __init__(
+        self, path: Path, context: ts.Context, *, sync: bool, zarr3: bool = False,
+        existing: bool = False,
+    ) -> None:
         self.path = path
         self.context = context
         #: Decoded arrays are written as zarr v3 (the source's version).
         self.zarr3 = zarr3
         base = {"driver": "file", "path": str(path) + "/"}
+        if existing:
+            # A clone of the source's database (`orbax_clone`): its
+            # configuration is the manifest's, and its data files are shared
+            # with the source, so new files are written by the file kvstore's
+            # default write-to-temporary-then-rename, never opened in place.
+            self.spec: dict[str, Any] = {
+                "driver": "ocdbt", "base": base, "cache_pool": "cache_pool#ocdbt",
+            }
+            self._init_rest(sync)
+            return
         # Orbax's write spec (`tensorstore_utils._build_ocdbt_kvstore_tspec` +
         # `_add_ocdbt_write_options`): non-atomic data files, small values
         # inline in the B-tree, a single root node, a single-file manifest.
@@ -1382,6 +1555,9 @@ class _Destination:
             "target_data_file_size": 2**31,
             "cache_pool": "cache_pool#ocdbt",
         }
+        self._init_rest(sync)
+
+    def _init_rest(self, sync: bool) -> None:
         self.kv: ts.KvStore | None = None
         # Commits (zstd encoding, data file writes) run while the next slab is
         # decoded and sliced: at most `_INFLIGHT` at once, to bound memory.
@@ -1981,6 +2157,82 @@ def _chunk_damage(value: bytes, op: _ChunkOp) -> str | None:
         # A codec configuration this check does not know: TensorStore judges
         # it when the output is read, as it would the source.
         return None
+
+
+async def _peek_damage(kv: ts.KvStore, op: _ChunkOp) -> str | None:
+    """`_chunk_damage` for the clone engine, which never reads a chunk whole:
+    the parts that the checks look at are read (a zstd frame's header, a
+    shard's index and its last data byte), and only a chunk they find
+    suspect is read whole, for `_chunk_damage`'s exact words. Layouts
+    other than Orbax's (zarr2 + zstd, zarr3 one ``sharding_indexed`` codec of
+    ``bytes`` + ``zstd`` with its index at the end) are not checked."""
+    z = op.meta
+    if z is None:
+        return None
+    try:
+        suspect = await _peek_suspect(kv, op, z)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        suspect = True  # a byte range outside the value: too short for what it says
+    if not suspect:
+        return None
+    res = await kv.read(op.src_key)
+    return _chunk_damage(res.value, op) if res.state == "value" else None
+
+
+_ZSTD_HEADER = 18  # the longest frame header that still holds the content size
+
+
+async def _peek_suspect(kv: ts.KvStore, op: _ChunkOp, z: dict[str, Any]) -> bool:
+    async def head(start: int, nbytes: int) -> int | None:
+        res = await kv.read(op.src_key, byte_range=slice(start, start + min(nbytes, _ZSTD_HEADER)))
+        return _zstd_content_size(res.value)
+
+    if not _is_zarr3(z):
+        if (z.get("compressor") or {}).get("id") != "zstd":
+            return False
+        size = await head(0, _ZSTD_HEADER)
+        return size is not None and size != op.cost
+    codecs = z["codecs"]
+    if [c["name"] for c in codecs] != ["sharding_indexed"]:
+        return False
+    conf = codecs[0].get("configuration", {})
+    inner, shape = list(conf["chunk_shape"]), _meta_chunks(z)
+    index_codecs = conf.get("index_codecs") or [{"name": "bytes"}, {"name": "crc32c"}]
+    kinds = [c["name"] for c in index_codecs]
+    inner_kinds = [c["name"] for c in conf.get("codecs", [])]
+    if (
+        kinds not in (["bytes"], ["bytes", "crc32c"])
+        or (index_codecs[0].get("configuration") or {}).get("endian", "little") != "little"
+        or conf.get("index_location", "end") != "end"
+        or len(inner) != len(shape)
+    ):
+        return False
+    n = math.prod(math.ceil(s / c) for s, c in zip(shape, inner))
+    crc = kinds[-1] == "crc32c"
+    size = 16 * n + 4 * crc
+    index = (await kv.read(op.src_key, byte_range=slice(-size, None))).value
+    if len(index) != size or (
+        crc and _crc32c(index[: 16 * n]) != int.from_bytes(index[16 * n :], "little")
+    ):
+        return True
+    entries = [
+        (o, b) for o, b in np.frombuffer(index[: 16 * n], dtype="<u8").reshape(n, 2).tolist()
+        if not (o == _NO_CHUNK and b == _NO_CHUNK)
+    ]
+    if not entries:
+        return False
+    end = max(o + b for o, b in entries) + size
+    # The value holds its data and index: its byte end - 1 exists.
+    await kv.read(op.src_key, byte_range=slice(end - 1, end))
+    if inner_kinds != ["bytes", "zstd"]:
+        return False
+    itemsize = _zarr_dtype(z["data_type"], Path(), op.leaf).itemsize
+    want = math.prod(inner) * itemsize
+    for offset, nbytes in entries:
+        got = await head(offset, nbytes)
+        if got is not None and got != want:
+            return True
+    return False
 
 
 def _zarr3_damage(
