@@ -245,3 +245,28 @@ def test_environment_switch_turns_it_off(tmp_path):
     env = {**os.environ, "CKPTCONV_KERNEL_COPY": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_dtype_tables_import_ml_dtypes_only_when_asked():
+    # Importing ml_dtypes costs most of a conversion's start: numpy dtypes are
+    # looked up without it, its own types (and listing the table) bring it in.
+    import ml_dtypes
+
+    from ckptconv.formats import msgpack_stream as ms
+    from ckptconv.formats import safetensors as st
+
+    seen = []
+
+    def make(ml):
+        seen.append(ml)
+        out = {"float32": np.dtype(np.float32)}
+        if ml is not None:
+            out["bfloat16"] = np.dtype(ml.bfloat16)
+        return out
+
+    table = ms.DtypeTable(make)
+    assert table["float32"] == np.float32 and table.get("float8") is None and seen == [None, ml_dtypes]
+    assert table["bfloat16"] == ml_dtypes.bfloat16 and list(table) == ["float32", "bfloat16"]
+    assert ms.FLAX_DTYPES["bfloat16"] == ml_dtypes.bfloat16 and ms.FLAX_DTYPES["int8"] == np.int8
+    assert st.DTYPES["F8_E4M3"] == ml_dtypes.float8_e4m3fn and st._NAMES[np.dtype(ml_dtypes.bfloat16)] == "BF16"
+    assert list(st.DTYPES)[9:12] == ["F16", "BF16", "F32"]

@@ -32,41 +32,54 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from ckptconv import lazy
 from ckptconv.errors import FormatError
 from ckptconv.formats import byteplan, hf_index
 from ckptconv.formats.layout import Layout
+from ckptconv.formats.msgpack_stream import DtypeTable
 
 NAME = "safetensors"
 STREAMS = True
 
-#: safetensors dtype names and their numpy dtypes. The packed sub-byte types
-#: (F4, F6_*) have no byte-per-element numpy dtype and are refused.
-DTYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "U8": np.dtype(np.uint8),
-    "I8": np.dtype(np.int8),
-    "U16": np.dtype(np.uint16),
-    "I16": np.dtype(np.int16),
-    "U32": np.dtype(np.uint32),
-    "I32": np.dtype(np.int32),
-    "U64": np.dtype(np.uint64),
-    "I64": np.dtype(np.int64),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F32": np.dtype(np.float32),
-    "F64": np.dtype(np.float64),
-    "C64": np.dtype(np.complex64),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "F8_E4M3FNUZ": np.dtype(ml_dtypes.float8_e4m3fnuz),
-    "F8_E5M2FNUZ": np.dtype(ml_dtypes.float8_e5m2fnuz),
-    "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
-}
-_NAMES = {v: k for k, v in DTYPES.items()}
+# safetensors dtype names and their numpy types; a str names an ml_dtypes type.
+_TYPES = [
+    ("BOOL", np.bool_),
+    ("U8", np.uint8),
+    ("I8", np.int8),
+    ("U16", np.uint16),
+    ("I16", np.int16),
+    ("U32", np.uint32),
+    ("I32", np.int32),
+    ("U64", np.uint64),
+    ("I64", np.int64),
+    ("F16", np.float16),
+    ("BF16", "bfloat16"),
+    ("F32", np.float32),
+    ("F64", np.float64),
+    ("C64", np.complex64),
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ("F8_E8M0", "float8_e8m0fnu"),
+]
+
+
+def _dtypes(ml: Any) -> dict[str, np.dtype]:
+    return {
+        name: np.dtype(getattr(ml, t) if isinstance(t, str) else t)
+        for name, t in _TYPES
+        if ml is not None or not isinstance(t, str)
+    }
+
+
+#: safetensors dtype names and their numpy dtypes (ml_dtypes' loaded on first
+#: need, see `DtypeTable`). The packed sub-byte types (F4, F6_*) have no
+#: byte-per-element numpy dtype and are refused.
+DTYPES: Mapping[str, np.dtype] = DtypeTable(_dtypes)
+_NAMES: Mapping[np.dtype, str] = DtypeTable(lambda ml: {v: k for k, v in _dtypes(ml).items()})
 # The safetensors library refuses headers above this size; so does ckptconv,
 # before reading (or allocating) any of it.
 MAX_HEADER = 100_000_000
