@@ -235,10 +235,19 @@ def _save(path, state):
         ck.save(path, state)
 
 
+#: Orbax before 0.12 cannot restore a typed PRNG key into an abstract state
+#: (its cast spec asks numpy for ``key<fry>``: "TypeError: Cannot interpret
+#: 'key<fry>' as a data type"); ckptconv.restore can, and stands in there.
+_ORBAX_RESTORES_KEYS = tuple(int(v) for v in ocp.__version__.split(".")[:2]) >= (0, 12)
+
+
 def _restore(path, cls):
     """How NNX users restore: into the abstract state of the model as it is now."""
-    with ocp.StandardCheckpointer() as ck:
-        state = ck.restore(path, _abstract_state(cls))
+    if _ORBAX_RESTORES_KEYS:
+        with ocp.StandardCheckpointer() as ck:
+            state = ck.restore(path, _abstract_state(cls))
+    else:
+        state = ckptconv.restore(path, like=_abstract_state(cls))
     model = cls(rngs=nnx.Rngs(7))
     nnx.update(model, state)
     return model, state
