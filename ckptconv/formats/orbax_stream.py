@@ -65,10 +65,19 @@ does not match, or whose index points outside the file (a truncated copy).
 Other codec chains (``gzip``, ``blosc``, a compressed shard file) are copied
 unchecked: their sizes cannot be read without decoding.
 
+A stacked source saved as one zstd chunk and unstacked (to-loop of what a
+scanned training run writes) is not decoded through TensorStore: its chunk's
+compressed bytes are read by byte ranges from the kvstore and stream-decoded
+(`zstd_stream`, see `_StreamPlan`), each layer written as soon as its bytes
+are out; two such leaves decode at once, in worker threads.
+``CKPTCONV_ZSTD_STREAM=0`` (`ZSTD_STREAM`) forces TensorStore's decode.
+
 Memory is bounded by `_BATCH_BYTES` of chunk data per transaction (two
 transactions are in flight: one reading, one committing) plus, on the decode
 path, one source leaf (TensorStore holds a chunk compressed and decoded while
-it reads it, so a leaf saved as one chunk costs about 3x its size at peak).
+it reads it, so a leaf saved as one chunk costs about 3x its size at peak);
+a streamed leaf holds one layer on axis 0 (at most `_SCATTER_BYTES` of
+layers on other axes) and two 4 MiB compressed blocks.
 """
 
 from __future__ import annotations
@@ -93,7 +102,7 @@ import numpy as np
 import tensorstore as ts
 
 from ckptconv.errors import FormatError, OutputExistsError
-from ckptconv.formats import orbax_clone
+from ckptconv.formats import orbax_clone, zstd_stream
 from ckptconv.formats.msgpack_stream import FLAX_DTYPES
 from ckptconv.lazy import LAZY, Cast, Deferred, Ref, Slice, Stack
 
@@ -136,6 +145,16 @@ _DECODE_BUDGET = 64 << 20
 # OCDBT target data file size (`tensorstore_utils._DEFAULT_OCDBT_TARGET_DATA_FILE_SIZE`)
 # caps the chunks it writes.
 _MAX_CHUNK_BYTES = 2**31
+#: Stream-decode stacks saved as one zstd chunk (see `_StreamPlan`); the
+#: environment variable ``CKPTCONV_ZSTD_STREAM=0`` sets it False, forcing
+#: TensorStore's whole-leaf decode (same output, bit for bit).
+ZSTD_STREAM = os.environ.get("CKPTCONV_ZSTD_STREAM", "1") != "0"
+# Streamed decode jobs at once: one per core of the 2-core machines this was
+# measured on (libzstd releases the GIL; TensorStore encodes in its own threads).
+_STREAM_JOBS = 2
+# Decoded layers a streamed decode on a layer axis > 0 keeps per pass over
+# the stream (there every layer's bytes are spread over the whole leaf).
+_SCATTER_BYTES = 128 << 20
 # The clone engine (`orbax_clone`) is used only where OUT references all but
 # this fraction of the source's chunk bytes: the rest would stay alive in
 # OUT's shared data files after IN is deleted (see `_Plan._clone_refusal`).
@@ -812,6 +831,8 @@ class _DecodeJob:
 
     kind: str
     leaves: list[_Leaf] = field(default_factory=list)
+    #: "slices" of a source saved as one zstd chunk: how to stream it.
+    stream: _StreamPlan | None = None
 
     @property
     def nbytes(self) -> int:
@@ -824,6 +845,90 @@ class _DecodeJob:
         if isinstance(value, Deferred) and value.parts:
             return value.nbytes // len(value.parts)
         return int(getattr(value, "nbytes", 0))
+
+
+@dataclass
+class _StreamPlan:
+    """How to stream-decode a source saved as one zstd chunk (`zstd_stream`).
+
+    The chunk is the whole array, so its decoded bytes are the array in C
+    order. On layer axis 0 layer ``l`` is bytes ``[l * layer, (l + 1) * layer)``:
+    each layer is decoded straight into a buffer of its own and written, and
+    memory holds about one layer. On an axis ``k > 0`` the layers interleave
+    (each of the ``prod(shape[:k])`` rows holds a piece of every layer), so no
+    layer is complete before the stream's end: each pass over the stream keeps
+    the layers of one group of at most `_SCATTER_BYTES` (one layer at least)
+    and scatters rows into them; a leaf larger than that is decoded once per
+    group (time traded for memory).
+    """
+
+    #: The chunk's key in the source's kvstore.
+    key: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    #: zarr3 ``sharding_indexed``: the frame's byte range comes from the shard
+    #: index (``index_crc``: the index ends with its crc32c).
+    sharded: bool
+    index_crc: bool
+    #: The metadata file's name and what it says, for damage messages.
+    what: str
+    #: Decoded bytes the job holds at once.
+    held: int = 0
+
+
+def _stream_plan(job: _DecodeJob, z: dict[str, Any] | None) -> _StreamPlan | None:
+    """A `_StreamPlan` for a "slices" job whose source is one zstd chunk of a
+    little-endian dtype in C order (zarr2 ``zstd`` compressor and no filters;
+    zarr3 ``bytes`` + ``zstd``, alone or inside one ``sharding_indexed`` whose
+    inner chunk is the whole array), else None (TensorStore decodes it)."""
+    if not ZSTD_STREAM or z is None:
+        return None
+    first: Slice = job.leaves[0].value
+    ref, axis = first.source, first.axis
+    shape = tuple(int(d) for d in z.get("shape", ()))
+    if not shape or list(shape) != _meta_chunks(z) or shape != tuple(ref.shape) or 0 in shape:
+        return None
+    try:
+        dtype = _zarr_dtype(_meta_dtype(z), Path(), ref.source)
+    except FormatError:
+        return None
+    if dtype.itemsize > 1 and dtype.byteorder == ">" or dtype.newbyteorder("=") != np.dtype(ref.dtype):
+        return None
+    dtype = dtype.newbyteorder("=")
+    sharded = crc = False
+    if _is_zarr3(z):
+        chain = z.get("codecs") or []
+        if z.get("storage_transformers") or not isinstance(chain, list) or not chain:
+            return None
+        if chain[0].get("name") == "sharding_indexed":
+            conf = chain[0].get("configuration") or {}
+            index = [c.get("name") for c in conf.get("index_codecs") or [{"name": "bytes"}, {"name": "crc32c"}]]
+            index_endian = ((conf.get("index_codecs") or [{}])[0].get("configuration") or {}).get("endian", "little")
+            if (
+                len(chain) != 1 or list(conf.get("chunk_shape") or []) != list(shape)
+                or index not in (["bytes"], ["bytes", "crc32c"]) or index_endian != "little"
+                or conf.get("index_location", "end") != "end"
+            ):
+                return None
+            chain, sharded, crc = conf.get("codecs") or [], True, index[-1] == "crc32c"
+        if [c.get("name") for c in chain] != ["bytes", "zstd"]:
+            return None
+        endian = (chain[0].get("configuration") or {}).get("endian", "little")
+        if dtype.itemsize > 1 and endian != "little":
+            return None
+        what = "its zarr.json (shape, chunks, data_type)"
+    else:
+        if (
+            (z.get("compressor") or {}).get("id") != "zstd" or z.get("filters")
+            or z.get("order", "C") != "C"
+        ):
+            return None
+        what = "its .zarray (shape, chunks, dtype)"
+    nbytes = math.prod(shape) * dtype.itemsize
+    layer = nbytes // shape[axis]
+    held = layer if axis == 0 else min(nbytes, max(layer, _SCATTER_BYTES // layer * layer))
+    key = f"{ref.source}/{_chunk_key((0,) * len(shape), z)}"
+    return _StreamPlan(key, shape, dtype, sharded, crc, what, held + 2 * zstd_stream.BLOCK)
 
 
 @dataclass
@@ -1095,10 +1200,19 @@ class _Plan:
         # its source while another's layers are encoded and written, so both
         # cores work on small leaves; a leaf bigger than the budget runs alone,
         # so memory stays near one leaf, never the checkpoint.
+        # A stack saved as one zstd chunk is streamed (`_StreamPlan`): it holds
+        # about one layer, so such jobs run side by side, one per core.
         budget = _Budget(_DECODE_BUDGET)
+        streams = asyncio.Semaphore(_STREAM_JOBS)
 
         async def run(job: _DecodeJob) -> None:
-            async with budget.hold(job.nbytes):
+            if job.kind == "slices":
+                job.stream = _stream_plan(job, work.zarrays.get(job.leaves[0].value.source.source))
+            if job.stream is None:
+                async with budget.hold(job.nbytes):
+                    await dst.decode_job(self.src, job, progress)
+                return
+            async with streams, budget.hold(job.stream.held):
                 await dst.decode_job(self.src, job, progress)
 
         await asyncio.gather(*(run(job) for job in work.jobs))
@@ -1849,6 +1963,115 @@ class _Destination:
                 "The checkpoint looks incomplete or damaged: check that its save finished and that it was copied whole."
             ) from e
 
+    async def _stream_slices(
+        self, lane: _Lane, src: _Source, job: _DecodeJob, progress: Progress | None
+    ) -> bool:
+        """`_decode_slices` by streaming a source saved as one zstd chunk
+        (`_StreamPlan`); False where the chunk is absent and the source's fill
+        value is what it holds (TensorStore then reads it, for nothing)."""
+        plan = job.stream
+        assert plan is not None
+        first: Slice = job.leaves[0].value
+        name, axis = first.source.source, first.axis
+        by_index: dict[int, list[_Leaf]] = {}
+        for leaf in job.leaves:
+            by_index.setdefault(leaf.value.index, []).append(leaf)
+        kv = await src.kvstore()
+
+        def damage(what: str) -> FormatError:
+            return FormatError(
+                f"{src.path}: chunk {plan.key} of leaf {name!r} {what}. "
+                "The checkpoint looks incomplete or damaged: check that its save finished and that it was copied whole."
+            )
+
+        try:
+            found = await kv.read(plan.key, byte_range=slice(0, 0))
+        except Exception as e:
+            raise damage(f"cannot be read: {e}") from e
+        if found.state != "value":
+            if src.raise_missing:
+                raise damage("is missing, so Orbax cannot read this array either")
+            return False
+        try:
+            span = await self._stream_span(kv, plan)
+        except zstd_stream.Damage as e:
+            raise damage(str(e)) from e
+        if span is None:
+            return False  # a shard whose inner chunk is left out: the fill value
+        start, size = span
+
+        def fetch(a: int, b: int) -> Any:
+            return kv.read(plan.key, byte_range=slice(a, b))
+
+        shape, dtype, total = plan.shape, plan.dtype, math.prod(plan.shape) * plan.dtype.itemsize
+        n = shape[axis]
+        wanted = sorted(by_index)
+        part_shape = shape[:axis] + shape[axis + 1 :]
+        rows = math.prod(shape[:axis])
+        piece = math.prod(shape[axis + 1 :])
+        layer_bytes = rows * piece * dtype.itemsize
+        per_pass = max(1, (plan.held - 2 * zstd_stream.BLOCK) // layer_bytes) if axis else n
+        for g in range(0, len(wanted), per_pass):
+            group = wanted[g : g + per_pass]
+            stream = zstd_stream.Stream(
+                zstd_stream.RangeSource(fetch, start, size), total, what=plan.what
+            )
+            try:
+                if axis == 0:
+                    scratch = None
+                    for i in range(n):
+                        if i not in by_index:
+                            scratch = scratch if scratch is not None else np.empty(
+                                min(layer_bytes, zstd_stream.BLOCK), np.uint8
+                            )
+                            await asyncio.to_thread(stream.skip, layer_bytes, scratch)
+                            continue
+                        part = np.empty(part_shape, dtype)
+                        await asyncio.to_thread(stream.readinto, _raw(part))
+                        for leaf in by_index[i]:
+                            arr = await self.create(lane, leaf, part.shape, part.dtype, None)
+                            await self.put(lane, leaf, arr, (), part, progress)
+                        del part
+                    await asyncio.to_thread(stream.finish)
+                    continue
+                outs = await asyncio.to_thread(_scatter_pass, stream, rows, n, piece, dtype, group)
+            except zstd_stream.Damage as e:
+                raise damage(str(e)) from e
+            for i in group:
+                part = outs.pop(i).reshape(part_shape)
+                for leaf in by_index[i]:
+                    arr = await self.create(lane, leaf, part.shape, part.dtype, None)
+                    await self.put(lane, leaf, arr, (), part, progress)
+                del part
+        return True
+
+    @staticmethod
+    async def _stream_span(kv: ts.KvStore, plan: _StreamPlan) -> tuple[int, int] | None:
+        """Where the zstd frames lie in the chunk's value: (start, size); None
+        for a shard whose only inner chunk is left out."""
+        if not plan.sharded:
+            def read(a: int, b: int) -> bytes:
+                return kv.read(plan.key, byte_range=slice(a, b)).result().value
+
+            hint = math.prod(plan.shape) * plan.dtype.itemsize
+            return 0, await asyncio.to_thread(zstd_stream.value_size, read, 0, hint)
+        size = 16 + 4 * plan.index_crc
+        try:
+            index = (await kv.read(plan.key, byte_range=slice(-size, None))).value
+        except ValueError as e:
+            raise zstd_stream.Damage(
+                f"is shorter than its shard index ({size} bytes): the file is truncated"
+            ) from e
+        if plan.index_crc and _crc32c(index[:16]) != int.from_bytes(index[16:], "little"):
+            raise zstd_stream.Damage(
+                "has a shard index whose checksum (crc32c) does not match: the file is truncated "
+                "or overwritten"
+            )
+        offset, nbytes = (int(x) for x in np.frombuffer(index[:16], dtype="<u8"))
+        if offset == _NO_CHUNK and nbytes == _NO_CHUNK:
+            return None
+        return offset, nbytes
+
     async def _decode_slices(
         self, lane: _Lane, src: _Source, job: _DecodeJob, progress: Progress | None
     ) -> None:
@@ -1858,6 +2081,8 @@ class _Destination:
         source chunk is decoded once and memory holds one slab (the whole leaf
         when it was saved as one chunk), not the checkpoint.
         """
+        if job.stream is not None and await self._stream_slices(lane, src, job, progress):
+            return
         first: Slice = job.leaves[0].value
         name, axis = first.source.source, first.axis
         src_arr = await src.open_array(name)
@@ -1892,6 +2117,41 @@ class _Destination:
                     arr = await self.create(lane, leaf, part.shape, part.dtype, None)
                     await self.put(lane, leaf, arr, (), part, progress)
             del slab
+
+
+def _raw(a: np.ndarray) -> np.ndarray:
+    """The bytes of a C-contiguous array, as a writable uint8 view (ml_dtypes'
+    bfloat16 and float8 arrays export no buffer of their own)."""
+    return a.reshape(-1).view(np.uint8)
+
+
+def _scatter_pass(
+    stream: zstd_stream.Stream, rows: int, n: int, piece: int, dtype: np.dtype, group: list[int]
+) -> dict[int, np.ndarray]:
+    """One pass over a stream of an array ``(rows, n, piece)`` (C order; the
+    layer axis in the middle): layers ``group`` as ``(rows, piece)`` arrays.
+    Rows are decoded a block of them at a time (one row's pieces one by one
+    where a row is larger than a block)."""
+    outs = {i: np.empty((rows, piece), dtype) for i in group}
+    row_bytes = n * piece * dtype.itemsize
+    if row_bytes <= zstd_stream.BLOCK:
+        step = max(1, zstd_stream.BLOCK // row_bytes)
+        buf = np.empty((min(step, rows), n, piece), dtype)
+        for r in range(0, rows, step):
+            k = min(step, rows - r)
+            stream.readinto(_raw(buf[:k]))
+            for i in group:
+                outs[i][r : r + k] = buf[:k, i]
+    else:
+        scratch = np.empty(min(piece * dtype.itemsize, zstd_stream.BLOCK), np.uint8)
+        for r in range(rows):
+            for i in range(n):
+                if i in outs:
+                    stream.readinto(_raw(outs[i][r]))
+                else:
+                    stream.skip(piece * dtype.itemsize, scratch)
+    stream.finish()
+    return outs
 
 
 # --------------------------------------------------------------------------
