@@ -35,7 +35,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
-CKPTCONV = [PY, "-m", "ckptconv.cli"]
+CKPTCONV = [PY, "-m", "ckptconv"]  # the console script's start (ckptconv.cli would import everything twice: before and after the allocator re-exec)
 NAIVE = [PY, str(HERE / "naive.py")]
 
 

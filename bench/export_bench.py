@@ -34,7 +34,7 @@ from convert_bench import build_tree, fresh, measure
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
-CKPTCONV = [PY, "-m", "ckptconv.cli"]
+CKPTCONV = [PY, "-m", "ckptconv"]  # the console script's start
 
 NAIVE = r"""
 import sys, jax, numpy as np, ml_dtypes, orbax.checkpoint as ocp

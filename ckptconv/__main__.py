@@ -44,6 +44,25 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+def _main(main: object) -> int:
+    """click's standalone handling, except for a Ctrl-C that lands outside a
+    command's own work (click's argument parsing, or after the command
+    finished): click would print "Aborted!" and exit 1; here it is the usual
+    one line and 130 (143). Inside the work, the CLI reports it itself."""
+    import click
+
+    try:
+        code = main.main(prog_name="ckptconv", standalone_mode=False)
+    except click.exceptions.Abort as e:
+        sig = 143 if isinstance(e.__context__, Terminated) else 130
+        os.write(2, b"Error: interrupted.\n")
+        return sig
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    return code if isinstance(code, int) else 0
+
+
 def run() -> None:
     """The console script: `ckptconv.cli.main` under `GLIBC_TUNABLES`.
 
@@ -71,7 +90,16 @@ def run() -> None:
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
-    main(prog_name="ckptconv")
+    try:
+        sys.exit(_main(main))
+    finally:
+        # The command is over (OUT is in place, or the error is printed). The
+        # interpreter's shutdown puts the default handlers back, and a signal
+        # then (taken by any thread: numpy's BLAS threads do not block it)
+        # would kill a complete run (status -2, no message). Ignored, it is
+        # dropped: shutdown leaves an ignored signal ignored.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

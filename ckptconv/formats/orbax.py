@@ -18,8 +18,11 @@ from typing import Any
 import numpy as np
 
 from ckptconv.errors import FormatError
-from ckptconv.formats import orbax_clone, orbax_stream
 from ckptconv.formats.layout import Layout
+
+# orbax_stream and orbax_clone import TensorStore, and with it ml_dtypes: about
+# 0.6 s of every start, which --help, a format sniff and a msgpack or
+# safetensors conversion never need. They are imported where used.
 
 NAME = "orbax"
 #: Another format's leaves are written one at a time (`lazy.Deferred`), not
@@ -114,22 +117,26 @@ def _norm(path: Path) -> Path:
 
 
 def read_lazy(item: Path) -> Any:
+    from ckptconv.formats import orbax_stream
     return orbax_stream.read_lazy(_norm(item))
 
 
 def read_array(item: Path, ref: Any) -> np.ndarray:
+    from ckptconv.formats import orbax_stream
     return orbax_stream.read_array(_norm(item), ref.source)
 
 
 def read_slice(item: Path, ref: Any, index: int, axis: int) -> np.ndarray:
     """``np.take(array, index, axis)``, reading only the chunks it touches."""
     region = (slice(None),) * axis + (index,)
+    from ckptconv.formats import orbax_stream
     return orbax_stream.read_array(_norm(item), ref.source, region)
 
 
 def read_region(item: Path, ref: Any, index: tuple) -> np.ndarray:
     """``array[index]`` (ints and slices), reading only the chunks it touches
     (`ckptconv.restore`: one device's part of an array)."""
+    from ckptconv.formats import orbax_stream
     return orbax_stream.read_array(_norm(item), ref.source, tuple(index))
 
 
@@ -151,12 +158,14 @@ def write(
     every chunk is copied into files of OUT's own. Returns the engine used, ``"clone"`` or ``"copy"``.
     """
     src = _norm(item) if item is not None else None
+    from ckptconv.formats import orbax_stream
     return orbax_stream.write(src, out_tree, _norm(dst), progress=progress, sync=fsync, share=not copy)
 
 
 def copy_item(item: Path, dst: Path, copy: bool = False) -> None:
     """Copies an item unchanged; with ``copy`` false its data files are shared
     as `write` shares them."""
+    from ckptconv.formats import orbax_clone
     orbax_clone.copy_item(_norm(item), _norm(dst), share=not copy)
 
 
