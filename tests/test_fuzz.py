@@ -1,7 +1,9 @@
 """Fuzzing every reader ckptconv wrote by hand, on mutated copies of small valid inputs.
 
 Readers: the msgpack parser (through ``ckptconv.load``, so format detection
-too), the safetensors header reader, the Hugging Face index reader (msgpack and
+too), the streaming zstd decoder's plumbing (``formats/zstd_stream.py``: range
+reads, exact-size reads, the frame walker; whatever it decodes must equal
+zstandard's one-shot decode of the same bytes), the safetensors header reader, the Hugging Face index reader (msgpack and
 safetensors directories), and the Orbax metadata reader (``_METADATA``, the
 ``.zarray`` of an array inside the OCDBT store, ``manifest.ocdbt``,
 ``_CHECKPOINT_METADATA``; then ``read_array`` of each small leaf).
@@ -634,3 +636,68 @@ def test_fuzz_orbax(orbax_item, tmp_path, target, record_property):
     is_json = target != "manifest.ocdbt"
     mut = Mutator(f"orbax-{target}", seeds, None, is_json=is_json)
     _fuzz(f"orbax {target}", mut, run, huge, record_property)
+
+
+# --------------------------------------------------------------------------- zstd stream
+
+
+def _zstd_seeds() -> list[tuple[bytes, int]]:
+    """(compressed value, decoded size) pairs: one frame with and without a
+    content size and checksum, two frames, a skippable frame in front."""
+    import zstandard
+
+    rng = np.random.default_rng(0)
+    data = (rng.integers(0, 4, 3000, dtype=np.uint8)).tobytes()  # compressible
+    plain = zstandard.ZstdCompressor(level=1).compress(data)
+    checked = zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=False).compress(data)
+    two = plain + zstandard.ZstdCompressor(level=1, write_checksum=True).compress(data[:700])
+    skippable = b"\x50\x2a\x4d\x18" + (5).to_bytes(4, "little") + b"12345" + plain
+    return [(plain, len(data)), (checked, len(data)), (two, len(data) + 700), (skippable, len(data))]
+
+
+def test_fuzz_zstd_stream(record_property):
+    from ckptconv.errors import FormatError
+    from ckptconv.formats import zstd_stream
+
+    pairs = _zstd_seeds()
+    sizes = {data: total for data, total in pairs}
+
+    class Done:
+        def __init__(self, value: bytes) -> None:
+            self.value = value
+
+        def result(self) -> bytes:
+            return self.value
+
+    def run(data: bytes) -> None:
+        total = sizes.get(data, 3000)
+        src = zstd_stream.RangeSource(lambda a, b: Done(data[a:b]), 0, len(data), block=257)
+        try:
+            stream = zstd_stream.Stream(src, total)
+            out = bytearray(total)
+            for at in range(0, total, 1000):  # exact-size reads, as a layer at a time
+                stream.readinto(memoryview(out)[at:at + 1000])
+            stream.finish()
+        except zstd_stream.Damage as e:
+            raise FormatError(f"chunk of leaf: {e}") from None
+        # Read: the library's own decode of the same bytes must agree.
+        got = b"".join(_frames_of(data))
+        assert bytes(out) == got, (len(out), len(got))
+
+    _fuzz("zstd_stream", Mutator("zstd", [d for d, _ in pairs], None), run, [], record_property)
+
+
+def _frames_of(data: bytes) -> list[bytes]:
+    """zstandard's one-shot decode, frame after frame (skippable frames dropped)."""
+    import zstandard
+
+    out, rest = [], data
+    while rest:
+        if rest[:4] in {bytes([0x50 + i, 0x2A, 0x4D, 0x18]) for i in range(16)}:
+            n = int.from_bytes(rest[4:8], "little")
+            rest = rest[8 + n:]
+            continue
+        d = zstandard.ZstdDecompressor().decompressobj()
+        out.append(d.decompress(rest))
+        rest = d.unused_data
+    return out
