@@ -13,7 +13,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import ckptconv
-from ckptconv.formats import orbax as orbax_fmt
 
 HF = Path(__file__).resolve().parents[1] / "fixtures" / "hf"
 
@@ -60,14 +59,16 @@ def test_orbax_stack_to_msgpack_reads_one_layer_per_leaf(tmp_path, monkeypatch):
     src = HF / "gpt2" / "flax_model.msgpack"
     scan = tmp_path / "scan"
     ckptconv.convert(src, scan, to="scan", format="orbax")
+    from ckptconv.formats import orbax_stream
+
     whole, regions = [], []
-    real = orbax_fmt.orbax_stream.read_array
+    real = orbax_stream.read_array
 
     def spy(item, source, index=None):
         (whole if index is None else regions).append(source)
         return real(item, source, index)
 
-    monkeypatch.setattr(orbax_fmt.orbax_stream, "read_array", spy)
+    monkeypatch.setattr(orbax_stream, "read_array", spy)
     back = tmp_path / "back.msgpack"
     ckptconv.convert(scan, back, to="loop", format="msgpack", source="h", pattern="{i}")
     assert back.read_bytes() == src.read_bytes()
