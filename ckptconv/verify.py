@@ -271,7 +271,9 @@ class Report:
         return layers, names, worst
 
     def _precision_line(self) -> str:
-        caller = f"jax_default_matmul_precision={self.caller_precision}"
+        caller = (f"jax_default_matmul_precision={self.caller_precision}"
+                  if self.caller_precision is not None
+                  else "default (jax_default_matmul_precision unset)")
         if self.precision == "highest":
             timed = f"; timed at the caller's {caller}" if self.timings else ""
             return f"precision: highest (float32 matmuls in full in the compared runs{timed})"
