@@ -144,13 +144,23 @@ def run_huge(work: Path, args: argparse.Namespace) -> None:
     orbax_stream.write(one, out, big)
     size = sum(p.stat().st_size for p in big.rglob("*") if p.is_file())
     print(f"\nhuge: built {big} ({size / 1e9:.1f} GB on disk, {args.layers} layers) in {time.perf_counter() - start:.0f} s")
+    copied = fresh(work / "huge_cp")
+    cp = measure(["cp", "-r", str(big), str(copied)])
+    row("copy of the input (> RAM)", "cp -r", *cp, None)
+    fresh(copied)
     scan = fresh(work / "huge_scan")
     wall, rss = measure([*CKPTCONV, "to-scan", str(big), str(scan)])
-    row("orbax to-scan (> RAM)", "ckptconv", wall, rss, None)
-    fresh(big)  # disk: keep at most two copies
+    row("orbax to-scan (> RAM)", "ckptconv", wall, rss, None, f"{wall / cp[0]:.2f}x cp -r")
+    if args.copy:
+        copy_scan = fresh(work / "huge_scan_copy")
+        wall, rss = measure([*CKPTCONV, "to-scan", str(big), str(copy_scan), "--copy"])
+        row("orbax to-scan --copy (> RAM)", "ckptconv", wall, rss, None, f"{wall / cp[0]:.2f}x cp -r")
+        fresh(copy_scan)
+    # The clone shares IN's data files: keep IN until the to-loop is checked.
     back = fresh(work / "huge_back")
     wall, rss = measure([*CKPTCONV, "to-loop", str(scan), str(back)])
-    row("orbax to-loop (> RAM)", "ckptconv", wall, rss, None)
+    row("orbax to-loop (> RAM)", "ckptconv", wall, rss, None, f"{wall / cp[0]:.2f}x cp -r")
+    fresh(big)
     # The results restore with plain Orbax: partial restores of sampled layers.
     want = {k: orbax_stream.read_array(one, v.source) for k, v in layer0.items() if isinstance(v, lazy.Ref)}
     with ocp.PyTreeCheckpointer() as c:
@@ -178,6 +188,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=HERE / "out")
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--huge-gb", type=float, help="build and convert a checkpoint of this many GB (ckptconv only)")
+    ap.add_argument("--copy", action="store_true", help="with --huge-gb: also to-scan with --copy (the chunk-copy engine)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)

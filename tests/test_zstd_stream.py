@@ -69,6 +69,16 @@ def _unscan(blocks: dict, axis: int) -> dict:
     return {f"layer_{i}": {k: np.take(v, i, axis) for k, v in blocks.items()} for i in range(N)}
 
 
+#: The stream reads byte ranges of a chunk (``KvStore.read(byte_range=)``),
+#: which the lowest tensorstore tested (0.1.77) does not offer: there the
+#: stream is off and TensorStore decodes such leaves whole
+#: (`test_without_byte_ranges_tensorstore_decodes`, which runs everywhere).
+needs_ranges = pytest.mark.skipif(
+    not orbax_stream.BYTE_RANGES,
+    reason="this tensorstore's KvStore.read takes no byte_range: the stream decode is off",
+)
+
+
 @pytest.fixture
 def streamed(monkeypatch):
     """Source names of the slices jobs that were streamed."""
@@ -99,6 +109,7 @@ def _convert_both(monkeypatch, src: Path, out: Path, axis: int) -> dict:
     return got
 
 
+@needs_ranges
 @pytest.mark.parametrize("zarr3", [False, True])
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_streamed_to_loop_equals_tensorstore_decode(tmp_path, monkeypatch, streamed, axis, zarr3):
@@ -114,6 +125,7 @@ def test_streamed_to_loop_equals_tensorstore_decode(tmp_path, monkeypatch, strea
     ) == _bits(_unscan(blocks, axis))
 
 
+@needs_ranges
 @pytest.mark.parametrize("axis", [1, 2])
 def test_scatter_in_several_passes(tmp_path, monkeypatch, streamed, axis):
     """A layer axis > 0 keeps at most _SCATTER_BYTES of layers per pass: with
@@ -152,6 +164,7 @@ def _frames(raw: bytes, kind: str) -> list[bytes]:
     raise AssertionError(kind)
 
 
+@needs_ranges
 @pytest.mark.parametrize("kind", ["no content size", "checksum", "several frames", "skippable frame"])
 def test_hand_made_frames_read_as_tensorstore_reads_them(tmp_path, monkeypatch, streamed, kind):
     """TensorStore reads one frame with or without its size or checksum; it
@@ -210,6 +223,7 @@ def _damage(src: Path, key: str, how: str) -> str:
     return says
 
 
+@needs_ranges
 @pytest.mark.parametrize(
     "how", ["flipped", "truncated", "checksum cut", "checksum wrong", "trailing bytes", "too long"]
 )
@@ -226,6 +240,7 @@ def test_damaged_chunk_is_refused(tmp_path, how):
     assert not (tmp_path / "loop").exists()
 
 
+@needs_ranges
 def test_damaged_zarr3_shard_index_is_refused(tmp_path):
     blocks = _blocks(0, seed=5)
     src = _save(tmp_path / "scan", {"blocks": blocks}, zarr3=True)
@@ -240,6 +255,7 @@ def test_damaged_zarr3_shard_index_is_refused(tmp_path):
         ckptconv.convert(src, tmp_path / "loop", to="loop")
 
 
+@needs_ranges
 def test_missing_chunk(tmp_path, monkeypatch, streamed):
     """A missing chunk is the fill value where the source leaves out fill
     chunks (TensorStore reads it, as before) and damage where Orbax stores
@@ -341,3 +357,15 @@ def test_leaves_keep_their_own_buffers(tmp_path, monkeypatch):
     got = _convert_both(monkeypatch, src, tmp_path / "loop", 0)
     assert [float(got[f"layer_{i}"]["w"][0, 0]) for i in range(N)] == [i * 64.0 * 64 for i in range(N)]
     assert jax.tree.structure(got) == jax.tree.structure(_unscan(blocks, 0))
+
+
+def test_without_byte_ranges_tensorstore_decodes(tmp_path, monkeypatch, streamed):
+    """Where KvStore.read takes no byte_range, nothing is streamed and the
+    output is TensorStore's decode of the same leaves."""
+    monkeypatch.setattr(orbax_stream, "BYTE_RANGES", False)
+    blocks = _blocks(0)
+    src = _save(tmp_path / "scan", {"params": {"blocks": blocks}}, zarr3=False)
+    ckptconv.convert(src, tmp_path / "loop", to="loop")
+    assert streamed == []
+    got = ocp.StandardCheckpointer().restore((tmp_path / "loop").absolute())
+    assert _bits(got["params"]) == _bits(_unscan(blocks, 0))

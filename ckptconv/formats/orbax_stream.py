@@ -151,6 +151,12 @@ _MAX_CHUNK_BYTES = 2**31
 #: environment variable ``CKPTCONV_ZSTD_STREAM=0`` sets it False, forcing
 #: TensorStore's whole-leaf decode (same output, bit for bit).
 ZSTD_STREAM = os.environ.get("CKPTCONV_ZSTD_STREAM", "1") != "0"
+#: Whether this TensorStore's ``KvStore.read`` reads byte ranges
+#: (``byte_range=``): 0.1.86 does, 0.1.77 (the lowest tested) does not. Without
+#: it the stream decode is off (TensorStore decodes such leaves whole) and the
+#: clone's damage checks read each chunk whole. pybind11 functions have no
+#: signature to inspect; their docstring lists the keywords.
+BYTE_RANGES = "byte_range" in (getattr(ts.KvStore.read, "__doc__", None) or "")
 # Streamed decode jobs at once: one per core of the 2-core machines this was
 # measured on (libzstd releases the GIL; TensorStore encodes in its own threads).
 _STREAM_JOBS = 2
@@ -883,7 +889,7 @@ def _stream_plan(job: _DecodeJob, z: dict[str, Any] | None) -> _StreamPlan | Non
     little-endian dtype in C order (zarr2 ``zstd`` compressor and no filters;
     zarr3 ``bytes`` + ``zstd``, alone or inside one ``sharding_indexed`` whose
     inner chunk is the whole array), else None (TensorStore decodes it)."""
-    if not ZSTD_STREAM or z is None:
+    if not ZSTD_STREAM or not BYTE_RANGES or z is None:
         return None
     first: Slice = job.leaves[0].value
     ref, axis = first.source, first.axis
@@ -2432,7 +2438,7 @@ async def _peek_damage(kv: ts.KvStore, op: _ChunkOp) -> str | None:
     if z is None:
         return None
     try:
-        suspect = await _peek_suspect(kv, op, z)
+        suspect = await _peek_suspect(kv, op, z) if BYTE_RANGES else True
     except (KeyError, TypeError, ValueError, AttributeError, IndexError):
         suspect = True  # a byte range outside the value: too short for what it says
     if not suspect:
