@@ -15,6 +15,9 @@ case in its own process under ``/usr/bin/time -v`` (wall, peak RSS):
 - import: the process that only imports JAX, Orbax and ckptconv and builds
   the abstract state (the RSS every case starts from).
 
+Each case runs under `convert_bench.measure` (peak RSS of the process) and
+writes its own wall time of the restore call, which excludes the imports.
+
 Each case's result is checked (layers 0 and N-1 of one leaf, against the source) and prints
 its peak RSS over the restored arrays' size, raw and above the import floor.
 """
@@ -25,7 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +37,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from convert_bench import build_tree, fresh  # noqa: E402
+from convert_bench import build_tree, fresh, measure  # noqa: E402
 
 
 def _abstract(form: str, layers: int, leaves: int, width: int, cols: int) -> dict:
@@ -96,7 +98,8 @@ def child(case: str, src: str, form: str, shape: list[int]) -> None:
             first = np.asarray(out["params"]["layer_0"]["w0"])
             last = np.asarray(out["params"][f"layer_{n}"]["w0"])
         np.savez(Path(src).parent / f"sample-{case}-{form}.npz", first=first, last=last)
-    print(json.dumps({"seconds": seconds, "bytes": nbytes}), flush=True)
+    result = Path(src).parent / f"result-{case}-{form}.json"
+    result.write_text(json.dumps({"seconds": seconds, "bytes": nbytes}))
 
 
 def main() -> None:
@@ -151,12 +154,9 @@ def main() -> None:
             walls, rsss, info = [], [], None
             for _ in range(args.repeat):
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--child", case, src, form, shape]
-                p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-                if p.returncode != 0:
-                    raise SystemExit(f"failed: {case} {form}\n{p.stderr[-3000:]}")
-                info = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("{")][-1])
-                wall, rss = measure_from(p.stderr)
-                walls.append(info["seconds"])
+                _, rss = measure(cmd)  # peak RSS of the whole process
+                info = json.loads((Path(src).parent / f"result-{case}-{form}.json").read_text())
+                walls.append(info["seconds"])  # the restore call itself
                 rsss.append(rss)
             rss = max(rsss)
             if case == "import":
@@ -181,14 +181,6 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-
-
-def measure_from(stderr: str) -> tuple[float, float]:
-    import re
-
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr).group(1))
-    wall = re.search(r"Elapsed \(wall clock\) time .*: (\S+)", stderr).group(1)
-    return float(wall.split(":")[-1]), rss / 1024
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def main() -> None:
         if not loop.exists():
             io.save(build_tree(args.gb, args.layers, args.leaves, args.width), loop, format="orbax")
         if not scan.exists():
-            subprocess.run([PY, "-m", "ckptconv.cli", "to-scan", str(loop), str(scan)], check=True,
+            subprocess.run([PY, "-m", "ckptconv", "to-scan", str(loop), str(scan)], check=True,
                            capture_output=True)
         size = sum(p.stat().st_size for p in loop.rglob("*") if p.is_file())
         print(f"orbax: {loop} {size / 1e9:.2f} GB on disk, {args.layers} layers "
@@ -81,15 +81,15 @@ def main() -> None:
             del t
         print(f"{'case':<44} {'wall':>10} {'peak RSS':>12}")
         cases = [
-            ("verify LOOP SCAN (streamed)", [PY, "-m", "ckptconv.cli", "verify", str(loop), str(scan)], 0),
+            ("verify LOOP SCAN (streamed)", [PY, "-m", "ckptconv", "verify", str(loop), str(scan)], 0),
             ("verify of in-memory trees (load both)", [PY, "-c", IN_MEMORY, str(loop), str(scan)], 0),
             (f"verify LOOP SCAN, layer {args.layers - 1} changed (FAIL)",
-             [PY, "-m", "ckptconv.cli", "verify", str(loop), str(bad)], 1),
+             [PY, "-m", "ckptconv", "verify", str(loop), str(bad)], 1),
         ]
         for name, cmd, expect in cases:
             wall, rss = run(cmd, expect)
             print(f"{name:<44} {wall:8.2f} s {rss:9.0f} MB", flush=True)
-        out = subprocess.run([PY, "-m", "ckptconv.cli", "verify", str(loop), str(bad)],
+        out = subprocess.run([PY, "-m", "ckptconv", "verify", str(loop), str(bad)],
                              capture_output=True, text=True).stdout
         print("the FAIL says:", next(line for line in out.splitlines() if "values differ" in line).strip())
     finally:

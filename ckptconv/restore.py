@@ -88,7 +88,7 @@ class RestorePlan:
         else:
             opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
             src = "worked out from like" if self.inferred else "given"
-            how = f"to-{self.to} ({opts}; {src}): " + "; ".join(_group_text(g) for g in self.groups)
+            how = f"to-{self.to} ({opts}; {src}): " + "; ".join(g.describe() for g in self.groups)
         text = f"restore {where} into like ({n} leaves): {how}"
         if self.only:
             kept = len(self._leaves) - n
@@ -166,13 +166,6 @@ def _trim() -> None:
         _LIBC.malloc_trim(0)
 
 
-def _group_text(g: Any) -> str:
-    text = getattr(g, "describe", None)
-    if callable(text):
-        return text()
-    return str(g)
-
-
 def restore(
     path: str | Path,
     *,
@@ -224,6 +217,14 @@ def restore(
       CkptconvError: an unreadable checkpoint, inconsistent layers, bad options.
     """
     if like is None:
+        given = [k for k, v in {"item": item, "to": to, "cast": cast or None, "only": only,
+                                **options}.items() if v is not None]
+        if given:
+            raise CkptconvError(
+                f"restore({str(path)!r}) without like= reads the tree as stored and takes "
+                f"only step=; {', '.join(given)} say how to fit a target: pass it as like= "
+                "(an abstract train state, e.g. jax.eval_shape of its init)."
+            )
         from ckptconv.io import load
 
         return load(path, step=step)
@@ -324,7 +325,10 @@ def _plan_item(
             raise RestoreError(f"{where}: holds none of only={['/'.join(k) for k in keep]}.")
     given = {k: v for k, v in options.items() if v is not None}
     p = RestorePlan(path, name, None, {}, False, _source=item_path, _format=fmt)
-    if to is None and not given and not like_mod.differences(stored, skeleton, ignore_dtype=_castable(cast)):
+    ignore = _castable(cast)
+    names = ("the checkpoint", "like")
+    as_stored = like_mod.differences(stored, skeleton, ignore_dtype=ignore, names=names)
+    if to is None and not given and not as_stored:
         out = stored  # already in like's layout
     else:
         if to is None:
@@ -337,7 +341,7 @@ def _plan_item(
             except GroupError as e:
                 raise RestoreError(
                     f"{where}: cannot restore into like: {_as_restore(str(e))} As stored, "
-                    + _diff_text(stored, skeleton, cast)
+                    + "; ".join(as_stored) + "."
                 ) from e
             if to is not None and how != to:
                 raise RestoreError(
@@ -349,15 +353,15 @@ def _plan_item(
         try:
             out, groups = plan_item(stored, to, opts)
         except NothingToConvertError as e:
-            raise RestoreError(f"{where}: {e} As stored, " + _diff_text(stored, skeleton, cast)) from e
+            raise RestoreError(f"{where}: {e} As stored, " + "; ".join(as_stored) + ".") from e
         except GroupError as e:
             raise type(e)(f"{where}: {e}") from e
         p.to, p.options, p.inferred, p.groups = to, opts, bool(inferred) and not given, groups
-    diff = like_mod.differences(out, skeleton, ignore_dtype=_castable(cast),
-                                names=("the checkpoint", "like"))
+    diff = as_stored if out is stored else like_mod.differences(
+        out, skeleton, ignore_dtype=ignore, names=names)
     if diff:
         how = "as stored" if p.to is None else f"after to-{p.to}"
-        agree = like_mod.agreeing_top_keys(out, skeleton, ignore_dtype=_castable(cast))
+        agree = like_mod.agreeing_top_keys(out, skeleton, ignore_dtype=ignore)
         # Offered where what does not fit is the smaller part of like (a
         # state's RNG streams), not where the model itself does not fit.
         if 2 * sum(_nbytes(skeleton[k]) for k in agree) <= _nbytes(skeleton):
@@ -400,11 +404,6 @@ def _castable(cast: bool) -> Callable[[Any, Any], bool]:
                 and da.kind in "iu" and db.kind in "iu")
 
     return ok
-
-
-def _diff_text(stored: Any, skeleton: Any, cast: bool) -> str:
-    return "; ".join(like_mod.differences(
-        stored, skeleton, ignore_dtype=_castable(cast), names=("the checkpoint", "like"))) + "."
 
 
 def _pair(found: list[tuple[str, Any, Any]], wants: list[tuple[str, Any]]) -> list[tuple[str, Any, Any]]:

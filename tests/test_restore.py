@@ -107,6 +107,16 @@ def test_no_like_is_the_tree_as_stored(loop_ckpt):
         np.testing.assert_array_equal(a, b)
 
 
+def test_options_without_like_are_refused(loop_ckpt):
+    with pytest.raises(ckptconv.CkptconvError) as e:
+        ckptconv.restore(loop_ckpt, only="params", axis=1)
+    assert str(e.value) == (
+        f"restore({str(loop_ckpt)!r}) without like= reads the tree as stored and takes only "
+        "step=; only, axis say how to fit a target: pass it as like= (an abstract train state, "
+        "e.g. jax.eval_shape of its init)."
+    )
+
+
 def test_into_scan_form_on_one_device(loop_ckpt):
     target = ckptconv.to_scan(_loop_tree())
     got = ckptconv.restore(loop_ckpt, like=_abstract(target))
