@@ -421,7 +421,7 @@ def _check_like_leaves(wants: list[tuple[str, Any]]) -> None:
     for p, x in wants:
         if tree.leaf_shape(x) is None and not isinstance(x, (bool, int, float, complex)):
             raise CkptconvError(
-                f"like/{p}: a {type(x).__name__}, not an array, a jax.ShapeDtypeStruct "
+                f"like/{p}: of type {type(x).__name__}, not an array, a jax.ShapeDtypeStruct "
                 "or a Python number; give like's leaves as arrays or jax.eval_shape's output."
             )
 
