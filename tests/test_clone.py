@@ -15,7 +15,7 @@ import pytest
 
 import ckptconv
 from ckptconv.errors import CkptconvError
-from ckptconv.formats import orbax_clone
+from ckptconv.formats.orbax_stream import clone
 from tests.conftest import digest
 
 N = 4
@@ -191,11 +191,11 @@ def test_manager_root(tmp_path):
 
 @pytest.mark.parametrize("where", ["sharing", "renaming", "metadata"])
 def test_failure_half_way_leaves_in_unchanged_and_no_out(tmp_path, loop, monkeypatch, where):
-    from ckptconv.formats import orbax_stream
+    from ckptconv.formats.orbax_stream import plan
 
     before = _state(loop)
     if where == "sharing":
-        real_share = orbax_clone.share_file
+        real_share = clone.share_file
         count = iter(range(10**6))
 
         def share_file(src, dst, shared):
@@ -203,20 +203,20 @@ def test_failure_half_way_leaves_in_unchanged_and_no_out(tmp_path, loop, monkeyp
                 raise OSError(28, "No space left on device")
             real_share(src, dst, shared)
 
-        monkeypatch.setattr(orbax_clone, "share_file", share_file)
+        monkeypatch.setattr(clone, "share_file", share_file)
     elif where == "renaming":
-        real_rename = orbax_clone.rename_keys
+        real_rename = clone.rename_keys
 
         async def rename_keys(kv, moves, writes, drops):
             await real_rename(kv, moves[: len(moves) // 2], {}, [])  # half committed ...
             raise RuntimeError("boom")  # ... then a failure
 
-        monkeypatch.setattr(orbax_clone, "rename_keys", rename_keys)
+        monkeypatch.setattr(clone, "rename_keys", rename_keys)
     else:
         def write_files(self, tmp, dst, *, sync):
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(orbax_stream._Plan, "write_files", write_files)
+        monkeypatch.setattr(plan._Plan, "write_files", write_files)
     with pytest.raises((CkptconvError, KeyboardInterrupt)):
         ckptconv.convert(loop, tmp_path / "scan", to="scan")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loop"]
@@ -236,7 +236,7 @@ def test_different_filesystem_copies_whole_files(tmp_path, loop, monkeypatch):
 
 
 def test_prefix_range():
-    r = orbax_clone.prefix_range("params.layer_1/")
+    r = clone.prefix_range("params.layer_1/")
     # tensorstore 0.1.86 gives the bounds as bytes, 0.1.77 as str.
     got = tuple(x.encode() if isinstance(x, str) else x for x in (r.inclusive_min, r.exclusive_max))
     assert got == (b"params.layer_1/", b"params.layer_10")

@@ -204,19 +204,19 @@ def test_to_scan_and_to_loop_with_only_and_dtype(train_state, tmp_path, cli):
 
 def test_cast_of_layer_thick_chunks_keeps_the_chunking_and_reads_slab_by_slab(train_state, tmp_path, monkeypatch):
     """ckptconv's stacks have one-layer-thick chunks: a cast decodes one at a time."""
-    from ckptconv.formats import orbax_stream
+    from ckptconv.formats.orbax_stream.destination import _Destination
 
     scan = tmp_path / "scan"
     ckptconv.convert(train_state, scan, to="scan", only="params", pattern="layers_{i}", into="layers")
     reads = []
-    real = orbax_stream._Destination._read
+    real = _Destination._read
 
     async def spy(self, src, arr, name, index, **kw):
         data = await real(self, src, arr, name, index, **kw)
         reads.append((name, data.shape))
         return data
 
-    monkeypatch.setattr(orbax_stream._Destination, "_read", spy)
+    monkeypatch.setattr(_Destination, "_read", spy)
     out = tmp_path / "bf16"
     ckptconv.extract(scan, out, dtype="bfloat16")
     name = "params.params.decoder.layers.mlp.wi.kernel"

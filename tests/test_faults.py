@@ -324,7 +324,7 @@ def test_damaged_orbax_items(tmp_path, cli, damage):
         says = says if "shape" in damage else "layer_0"
     before = digest(src)
     if "shape" in damage:
-        from ckptconv.formats.orbax_stream import _zstd_content_size
+        from ckptconv.formats.orbax_stream.damage import _zstd_content_size
 
         if _zstd_content_size((src / "layer_0.w" / "0").read_bytes()) is None:
             # Older TensorStore (0.1.77) writes zstd frames without their size:

@@ -1,7 +1,7 @@
 """Fuzzing every reader ckptconv wrote by hand, on mutated copies of small valid inputs.
 
 Readers: the msgpack parser (through ``ckptconv.load``, so format detection
-too), the streaming zstd decoder's plumbing (``formats/zstd_stream.py``: range
+too), the streaming zstd decoder's plumbing (``formats/orbax_stream/zstd_stream.py``: range
 reads, exact-size reads, the frame walker; whatever it decodes must equal
 zstandard's one-shot decode of the same bytes), the safetensors header reader, the Hugging Face index reader (msgpack and
 safetensors directories), and the Orbax metadata reader (``_METADATA``, the
@@ -657,7 +657,7 @@ def _zstd_seeds() -> list[tuple[bytes, int]]:
 
 def test_fuzz_zstd_stream(record_property):
     from ckptconv.errors import FormatError
-    from ckptconv.formats import zstd_stream
+    from ckptconv.formats.orbax_stream import zstd_stream
 
     pairs = _zstd_seeds()
     sizes = {data: total for data, total in pairs}

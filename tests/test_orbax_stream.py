@@ -16,6 +16,8 @@ import tensorstore as ts
 
 from ckptconv.errors import FormatError, OutputExistsError
 from ckptconv.formats import orbax_stream
+from ckptconv.formats.orbax_stream import writer
+from ckptconv.formats.orbax_stream.destination import _Destination
 from ckptconv.lazy import Ref, Slice, Stack, stack, unstack
 
 N = 3  # layers
@@ -70,8 +72,8 @@ class Spy:
     def __init__(self, monkeypatch):
         self.copied = 0
         self.decoded: list[str] = []
-        copy_chunks = orbax_stream._Destination.copy_chunks
-        decode_job = orbax_stream._Destination.decode_job
+        copy_chunks = _Destination.copy_chunks
+        decode_job = _Destination.decode_job
         spy = self
 
         async def count_copy(self, src_kv, src_path, ops, values, progress, **kw):
@@ -82,8 +84,8 @@ class Spy:
             spy.decoded.append(job.kind)
             return await decode_job(self, src, job, progress)
 
-        monkeypatch.setattr(orbax_stream._Destination, "copy_chunks", count_copy)
-        monkeypatch.setattr(orbax_stream._Destination, "decode_job", count_decode)
+        monkeypatch.setattr(_Destination, "copy_chunks", count_copy)
+        monkeypatch.setattr(_Destination, "decode_job", count_decode)
 
 
 def _map(f, *trees):
@@ -389,7 +391,7 @@ def test_errors(src, tmp_path, monkeypatch):
     async def boom(*args, **kwargs):
         raise FormatError("disk on fire")
 
-    monkeypatch.setattr(orbax_stream._Destination, "decode_job", boom)
+    monkeypatch.setattr(_Destination, "decode_job", boom)
     with pytest.raises(FormatError, match="disk on fire"):
         orbax_stream.write(src, {"v": np.ones(2)}, tmp_path / "c")
     assert sorted(os.listdir(tmp_path)) == ["exists"]
@@ -445,8 +447,8 @@ def test_crash_leaves_nothing_orbax_accepts(src, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     # As if the process died just before renaming (so no cleanup either).
-    monkeypatch.setattr(orbax_stream.shutil, "rmtree", lambda *a, **k: None)
-    monkeypatch.setattr(orbax_stream.os, "rename", killed)
+    monkeypatch.setattr(writer.shutil, "rmtree", lambda *a, **k: None)
+    monkeypatch.setattr(writer.os, "rename", killed)
     with pytest.raises(KeyboardInterrupt):
         orbax_stream.write(src, _to_scan(lazy, 0), tmp_path / "out")
     monkeypatch.undo()

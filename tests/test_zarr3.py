@@ -27,6 +27,8 @@ import ckptconv
 from ckptconv.cli import main
 from ckptconv.errors import FormatError
 from ckptconv.formats import orbax_stream
+from ckptconv.formats.orbax_stream.damage import _crc32c
+from ckptconv.formats.orbax_stream.destination import _Destination
 
 N = 4  # layers
 H = 16  # hidden
@@ -122,20 +124,20 @@ def no_decode(monkeypatch):
     async def boom(self, src, job, progress):
         raise AssertionError(f"decode path taken for {[leaf.name for leaf in job.leaves]}")
 
-    monkeypatch.setattr(orbax_stream._Destination, "decode_job", boom)
+    monkeypatch.setattr(_Destination, "decode_job", boom)
 
 
 @pytest.fixture
 def decoded(monkeypatch):
     """Names of the output leaves written by the decode path."""
     names: list[str] = []
-    real = orbax_stream._Destination.decode_job
+    real = _Destination.decode_job
 
     async def spy(self, src, job, progress):
         names.extend(leaf.name for leaf in job.leaves)
         return await real(self, src, job, progress)
 
-    monkeypatch.setattr(orbax_stream._Destination, "decode_job", spy)
+    monkeypatch.setattr(_Destination, "decode_job", spy)
     return names
 
 
@@ -156,8 +158,8 @@ def test_orbax_zarr3_layout(tmp_path):
     shard = bytes(_kv(src).read("w/c/0/0").result().value)
     offset, nbytes = np.frombuffer(shard[-20:-4], "<u8")
     assert offset == 0 and nbytes == len(shard) - 20
-    assert orbax_stream._crc32c(shard[-20:-4]) == int.from_bytes(shard[-4:], "little")
-    assert orbax_stream._crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    assert _crc32c(shard[-20:-4]) == int.from_bytes(shard[-4:], "little")
+    assert _crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
 
 
 def test_read_lazy_without_orbax(tmp_path):

@@ -1,4 +1,4 @@
-"""Streaming zstd decode of stacks saved as one chunk (`formats/zstd_stream.py`).
+"""Streaming zstd decode of stacks saved as one chunk (`formats/orbax_stream/zstd_stream.py`).
 
 to-loop of a scan checkpoint whose stacked arrays are one zstd chunk each
 (Orbax's save of ``np.stack``-ed arrays, zarr2 and zarr3) is streamed layer by
@@ -25,7 +25,9 @@ import zstandard
 
 import ckptconv
 from ckptconv.errors import FormatError
-from ckptconv.formats import orbax_stream, zstd_stream
+from ckptconv.formats import orbax_stream
+from ckptconv.formats.orbax_stream import damage, decode, zstd_stream
+from ckptconv.formats.orbax_stream.destination import _Destination
 
 N = 5
 
@@ -83,7 +85,7 @@ needs_ranges = pytest.mark.skipif(
 def streamed(monkeypatch):
     """Source names of the slices jobs that were streamed."""
     names: list[str] = []
-    real = orbax_stream._Destination._stream_slices
+    real = _Destination._stream_slices
 
     async def spy(self, lane, src, job, progress):
         done = await real(self, lane, src, job, progress)
@@ -91,16 +93,16 @@ def streamed(monkeypatch):
             names.append(job.leaves[0].value.source.source)
         return done
 
-    monkeypatch.setattr(orbax_stream._Destination, "_stream_slices", spy)
+    monkeypatch.setattr(_Destination, "_stream_slices", spy)
     return names
 
 
 def _convert_both(monkeypatch, src: Path, out: Path, axis: int) -> dict:
     """to-loop streamed and through TensorStore: the restored trees, equal."""
     ckptconv.convert(src, out, to="loop", axis=axis)
-    monkeypatch.setattr(orbax_stream, "ZSTD_STREAM", False)
+    monkeypatch.setattr(decode, "ZSTD_STREAM", False)
     ckptconv.convert(src, out.with_name(out.name + "_ts"), to="loop", axis=axis)
-    monkeypatch.setattr(orbax_stream, "ZSTD_STREAM", True)
+    monkeypatch.setattr(decode, "ZSTD_STREAM", True)
     got = ocp.StandardCheckpointer().restore(out.absolute())
     want = ocp.StandardCheckpointer().restore(out.with_name(out.name + "_ts").absolute())
     assert _bits(got) == _bits(want)
@@ -131,7 +133,7 @@ def test_scatter_in_several_passes(tmp_path, monkeypatch, streamed, axis):
     """A layer axis > 0 keeps at most _SCATTER_BYTES of layers per pass: with
     a tiny bound each layer is its own pass over the stream; rows larger than a
     block are read piece by piece."""
-    monkeypatch.setattr(orbax_stream, "_SCATTER_BYTES", 1)
+    monkeypatch.setattr(decode, "_SCATTER_BYTES", 1)
     monkeypatch.setattr(zstd_stream, "BLOCK", 64)
     shape = (3, N, 40) if axis == 1 else (2, 3, N, 7)
     blocks = {"w": np.random.default_rng(2).standard_normal(shape).astype(np.float32)}
@@ -277,7 +279,7 @@ def test_missing_chunk(tmp_path, monkeypatch, streamed):
 def test_switch_forces_tensorstore_decode(tmp_path, monkeypatch, streamed):
     blocks = _blocks(0)
     src = _save(tmp_path / "scan", {"blocks": blocks}, zarr3=False)
-    monkeypatch.setattr(orbax_stream, "ZSTD_STREAM", False)
+    monkeypatch.setattr(decode, "ZSTD_STREAM", False)
     ckptconv.convert(src, tmp_path / "loop", to="loop")
     assert streamed == []
     assert _bits(ocp.StandardCheckpointer().restore((tmp_path / "loop").absolute())) == _bits(_unscan(blocks, 0))
@@ -362,7 +364,8 @@ def test_leaves_keep_their_own_buffers(tmp_path, monkeypatch):
 def test_without_byte_ranges_tensorstore_decodes(tmp_path, monkeypatch, streamed):
     """Where KvStore.read takes no byte_range, nothing is streamed and the
     output is TensorStore's decode of the same leaves."""
-    monkeypatch.setattr(orbax_stream, "BYTE_RANGES", False)
+    monkeypatch.setattr(decode, "BYTE_RANGES", False)
+    monkeypatch.setattr(damage, "BYTE_RANGES", False)
     blocks = _blocks(0)
     src = _save(tmp_path / "scan", {"params": {"blocks": blocks}}, zarr3=False)
     ckptconv.convert(src, tmp_path / "loop", to="loop")

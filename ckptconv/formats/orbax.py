@@ -20,9 +20,9 @@ import numpy as np
 from ckptconv.errors import FormatError
 from ckptconv.formats.layout import Layout
 
-# orbax_stream and orbax_clone import TensorStore, and with it ml_dtypes: about
+# orbax_stream (its clone engine too) imports TensorStore, and with it ml_dtypes: about
 # 0.6 s of every start, which --help, a format sniff and a msgpack or
-# safetensors conversion never need. They are imported where used.
+# safetensors conversion never need. It is imported where used.
 
 NAME = "orbax"
 #: Another format's leaves are written one at a time (`lazy.Deferred`), not
@@ -154,7 +154,7 @@ def write(
     layers, to-loop of layer-thick stacks) clones ``item``'s database: OUT
     shares IN's data files (hard links on one filesystem, else whole-file
     copies), deleting either side is safe, and nothing ever writes into a data
-    file (`ckptconv.formats.orbax_clone`). With ``copy`` true (``--copy``)
+    file (`ckptconv.formats.orbax_stream.clone`). With ``copy`` true (``--copy``)
     every chunk is copied into files of OUT's own. Returns the engine used, ``"clone"`` or ``"copy"``.
     """
     src = _norm(item) if item is not None else None
@@ -165,8 +165,8 @@ def write(
 def copy_item(item: Path, dst: Path, copy: bool = False) -> None:
     """Copies an item unchanged; with ``copy`` false its data files are shared
     as `write` shares them."""
-    from ckptconv.formats import orbax_clone
-    orbax_clone.copy_item(_norm(item), _norm(dst), share=not copy)
+    from ckptconv.formats.orbax_stream import clone
+    clone.copy_item(_norm(item), _norm(dst), share=not copy)
 
 
 def read_record(item: Path) -> dict | None:
