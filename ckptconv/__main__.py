@@ -25,10 +25,17 @@ from ckptconv.errors import Terminated
 #: one 4 KiB page at a time. Serving them from the heap, in huge pages where
 #: the kernel allows (THP "madvise"), cut a 1.6 GB to-scan from 2.1 s to 1.3 s
 #: and a one-chunk to-loop from 7.4 s to 4.8 s here, at the same peak memory.
+#: One arena for all threads (``arena_max=1``): with an arena per thread, as
+#: glibc gives TensorStore's and the decode workers' threads, each arena keeps
+#: the buffers its threads freed and none can reuse another's, so the peak
+#: grew with the run: a one-chunk to-loop of 1.6 GB (48 layers) peaked at
+#: 660-790 MB, and at 830-890 MB at 96 layers; with one arena 405-427 MB and
+#: 425 MB, at the same wall (to the load's noise, ``/usr/bin/time -v``).
 GLIBC_TUNABLES = (
     "glibc.malloc.hugetlb=1"
     ":glibc.malloc.mmap_threshold=4294967296"
     ":glibc.malloc.trim_threshold=4294967296"
+    ":glibc.malloc.arena_max=1"
 )
 
 

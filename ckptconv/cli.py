@@ -265,7 +265,7 @@ def _selection_options(fn: Any) -> Any:
     )(fn)
     fn = click.option(
         "--copy", is_flag=True,
-        help="Give OUT data files of its own. By default an Orbax OUT shares IN's data files where it holds IN's chunks as they are (hard links; whole-file copies across filesystems): deleting either side is safe and nothing ever writes into a data file.",
+        help="Give OUT data files of its own (Orbax: IN's data files copied whole, in the kernel, as cp copies). By default an Orbax OUT shares IN's data files where it holds IN's chunks as they are (hard links; whole-file copies across filesystems): deleting either side is safe and nothing ever writes into a data file.",
     )(fn)
     fn = click.option(
         "--only", "only", multiple=True, metavar="PATH",

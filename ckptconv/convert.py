@@ -402,8 +402,9 @@ def convert(
         unchanged): hard links where IN and OUT are on one filesystem, else
         whole-file copies, and OUT costs only its metadata. Deleting either
         side is safe, and nothing ever writes into a data file (OCDBT writes
-        new files), so neither can change the other; ``copy=True`` copies
-        every chunk instead (``--copy``), as ``cp -r`` would.
+        new files), so neither can change the other; ``copy=True``
+        (``--copy``) copies those data files whole instead (in the kernel, as
+        ``cp -r`` would), and OUT's files are its own.
       **options: for to-scan ``pattern``, ``into``, ``axis``, ``axis_for``,
         ``period``, ``layers``, ``remainder``, ``groups``; for to-loop
         ``source``, ``pattern``, ``axis``, ``axis_for``, ``period``,

@@ -1,5 +1,6 @@
-"""The clone engine (IN's OCDBT database cloned, keys renamed) against the
-chunk-copy engine (``copy=True``): same restored values, IN untouched, OUT
+"""The clone engine (IN's OCDBT database cloned, keys renamed; with
+``copy=True`` its data files copied whole) against the chunk-copy engine
+(``CKPTCONV_CLONE=0``, `_by_chunks`): same restored values, IN untouched, OUT
 independent of IN."""
 
 from __future__ import annotations
@@ -71,6 +72,23 @@ def _state(path: Path) -> dict[str, tuple[str, int, int]]:
     }
 
 
+def _by_chunks(src: Path, dst: Path, **kw) -> None:
+    """``ckptconv.convert`` by the chunk-copy engine (``CKPTCONV_CLONE=0``):
+    every chunk read and written into new files, the clone's reference."""
+    from ckptconv.formats.orbax_stream import plan
+
+    saved, plan.CLONE = plan.CLONE, False
+    try:
+        ckptconv.convert(src, dst, **kw)
+    finally:
+        plan.CLONE = saved
+
+
+def _data_hashes(path: Path) -> set[str]:
+    sums = digest(path)
+    return {sums[str(p.relative_to(path.parent))] for p in _data_files(path)}
+
+
 @pytest.fixture
 def loop(tmp_path) -> Path:
     return _save({"params": _params()}, tmp_path / "loop")
@@ -81,19 +99,28 @@ def test_to_scan_and_back_equal_the_copy_engine(tmp_path, loop, axis):
     before = _state(loop)
     scan = tmp_path / "scan"
     ckptconv.convert(loop, scan, to="scan", axis=axis)
-    ckptconv.convert(loop, tmp_path / "scan_copy", to="scan", axis=axis, copy=True)
+    _by_chunks(loop, tmp_path / "scan_copy", to="scan", axis=axis)
     _same(_restore(scan), _restore(tmp_path / "scan_copy"))
+    ckptconv.convert(loop, tmp_path / "scan_own", to="scan", axis=axis, copy=True)
+    _same(_restore(tmp_path / "scan_own"), _restore(tmp_path / "scan_copy"))
     stacked = _restore(scan)["params"]["blocks"]
     assert stacked["attn"]["q"].shape == ((N, 6, 5) if axis == 0 else (6, N, 5))
     np.testing.assert_array_equal(
         np.take(stacked["mlp"]["w"], 2, axis=axis), _params()["layer_2"]["mlp"]["w"]
     )
-    # OUT shares IN's data files; the copy engine's are its own.
+    # OUT shares IN's data files; the copy engine's are its own, and so are
+    # --copy's: IN's files copied whole (same bytes), not chunks rewritten.
     assert max(_links(scan)) >= 2 and _links(tmp_path / "scan_copy") == [1] * len(_data_files(tmp_path / "scan_copy"))
+    assert _links(tmp_path / "scan_own") == [1] * len(_data_files(tmp_path / "scan_own"))
+    assert _data_hashes(loop) <= _data_hashes(tmp_path / "scan_own")
+    assert not _data_hashes(loop) & _data_hashes(tmp_path / "scan_copy")
     back = tmp_path / "back"
     ckptconv.convert(scan, back, to="loop")  # from the record: axis and names
-    ckptconv.convert(tmp_path / "scan_copy", tmp_path / "back_copy", to="loop", copy=True)
+    _by_chunks(tmp_path / "scan_copy", tmp_path / "back_copy", to="loop")
     _same(_restore(back), _restore(tmp_path / "back_copy"))
+    ckptconv.convert(tmp_path / "scan_own", tmp_path / "back_own", to="loop", copy=True)
+    _same(_restore(tmp_path / "back_own"), _restore(tmp_path / "back_copy"))
+    assert _links(tmp_path / "back_own") == [1] * len(_data_files(tmp_path / "back_own"))
     _same(_restore(back), {"params": _params()})
     assert max(_links(back)) >= 3  # IN, scan and back share the layers' files
     assert _state(loop) == before
@@ -121,6 +148,7 @@ def test_copy_shares_nothing(tmp_path, loop, cli):
     assert r.exit_code == 0, r.output
     assert _links(loop) == [1] * len(_data_files(loop))
     assert _links(tmp_path / "scan") == [1] * len(_data_files(tmp_path / "scan"))
+    assert _data_hashes(loop) <= _data_hashes(tmp_path / "scan")  # the clone, its files copied whole
     r = cli("to-scan", loop, tmp_path / "shared")
     assert r.exit_code == 0, r.output
     _same(_restore(tmp_path / "scan"), _restore(tmp_path / "shared"))
@@ -156,7 +184,7 @@ def test_train_state_with_opt_state(tmp_path):
     src = _save(state, tmp_path / "state")
     before = _state(src)
     ckptconv.convert(src, tmp_path / "scan", to="scan")
-    ckptconv.convert(src, tmp_path / "scan_copy", to="scan", copy=True)
+    _by_chunks(src, tmp_path / "scan_copy", to="scan")
     got = _restore(tmp_path / "scan")
     _same(got, _restore(tmp_path / "scan_copy"))
     assert got["opt_state"][0]["nu"]["blocks"]["attn"]["q"].shape == (N, 6, 5)
@@ -172,7 +200,7 @@ def test_manager_root(tmp_path):
         mngr.wait_until_finished()
     before = _state(root)
     ckptconv.convert(root, tmp_path / "scan", to="scan")
-    ckptconv.convert(root, tmp_path / "scan_copy", to="scan", copy=True)
+    _by_chunks(root, tmp_path / "scan_copy", to="scan")
 
     def restored(path: Path) -> dict:
         with ocp.CheckpointManager(path.absolute()) as m:
@@ -230,9 +258,10 @@ def test_different_filesystem_copies_whole_files(tmp_path, loop, monkeypatch):
 
     monkeypatch.setattr(os, "link", no_link)
     ckptconv.convert(loop, tmp_path / "scan", to="scan")
-    ckptconv.convert(loop, tmp_path / "scan_copy", to="scan", copy=True)
+    _by_chunks(loop, tmp_path / "scan_copy", to="scan")
     _same(_restore(tmp_path / "scan"), _restore(tmp_path / "scan_copy"))
     assert _links(tmp_path / "scan") == [1] * len(_data_files(tmp_path / "scan"))
+    assert _data_hashes(loop) <= _data_hashes(tmp_path / "scan")  # whole-file copies
 
 
 def test_prefix_range():

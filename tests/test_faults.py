@@ -40,8 +40,11 @@ def _save(tree: dict, path: Path, fmt: str) -> Path:
     return path
 
 
-def _start(*args) -> subprocess.Popen:
-    return subprocess.Popen([*CKPTCONV, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start(*args, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*CKPTCONV, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def _wait_for_temp(folder: Path, proc: subprocess.Popen, name: str = "out") -> bool:
@@ -106,11 +109,12 @@ def test_signal_during_start_up_is_quiet(tmp_path, sig):
     assert codes == {128 + sig}  # at least one signal landed while starting
 
 
-#: Options that keep a conversion writing long enough for a signal to land
+#: What keeps a conversion writing long enough for a signal to land
 #: mid-write: Orbax's default engine clones IN's database and renames keys in
-#: well under a second, so the chunk-copy engine (--copy) is the one signalled
-#: here; the clone's own failures half-way are tests/test_clone.py's.
-_SLOW = {"orbax": ("--copy",), "msgpack": ()}
+#: well under a second (also with --copy), so the chunk-copy engine
+#: (CKPTCONV_CLONE=0) is the one signalled here; the clone's own failures
+#: half-way are tests/test_clone.py's.
+_SLOW = {"orbax": {"CKPTCONV_CLONE": "0"}, "msgpack": {}}
 
 
 @pytest.mark.parametrize("fmt", ["orbax", "msgpack"])
@@ -118,7 +122,7 @@ _SLOW = {"orbax": ("--copy",), "msgpack": ()}
 def test_signal_mid_write_removes_every_temporary(tmp_path, fmt, sig):
     src = _save(_tree(96), tmp_path / "in", fmt)
     before = digest(src)
-    proc = _start("to-scan", src, tmp_path / "out", "--fsync", *_SLOW[fmt])
+    proc = _start("to-scan", src, tmp_path / "out", "--fsync", env=_SLOW[fmt])
     assert _wait_for_temp(tmp_path, proc), proc.communicate()
     proc.send_signal(signal.SIGSTOP)  # hold it mid-write, so the signal lands there
     proc.send_signal(sig)
@@ -134,7 +138,7 @@ def test_signal_mid_write_removes_every_temporary(tmp_path, fmt, sig):
 def test_sigkill_leftovers_are_removed_by_the_rerun(tmp_path, fmt):
     src = _save(_tree(96), tmp_path / "in", fmt)
     before = digest(src)
-    proc = _start("to-scan", src, tmp_path / "out", "--fsync", *_SLOW[fmt])
+    proc = _start("to-scan", src, tmp_path / "out", "--fsync", env=_SLOW[fmt])
     assert _wait_for_temp(tmp_path, proc)
     proc.kill()
     proc.communicate(timeout=60)

@@ -24,7 +24,9 @@ link keeps a file alive while either side names it); nothing ever writes
 into a data file (not ckptconv, not TensorStore, not Orbax: OCDBT writes new
 files and replaces its manifest by renaming), so neither side can change the
 other. Tools that count disk use per directory (``du`` of one side) count the
-shared files on both. ``copy=True`` (``--copy``) gives OUT files of its own.
+shared files on both. ``copy=True`` (``--copy``) gives OUT files of its own:
+step 1 copies every data file whole (`copy_whole`, in the kernel, as ``cp``
+copies), and step 2 is the same.
 
 TensorStore 0.1.86, checked here: a transaction on the *target* of
 ``experimental_copy_range_to`` works (copies, metadata writes and the deletes
@@ -127,32 +129,39 @@ def copy_whole(src: Path, dst: Path) -> None:
         shutil.copyfileobj(fin, fout, 1 << 20)
 
 
-def share_database(src: Path, dst: Path) -> Shared:
+def share_database(src: Path, dst: Path, *, link: bool = True) -> Shared:
     """Clones the OCDBT database of the item directory ``src`` into ``dst``
-    (an empty directory): data files shared (`share_file`), manifests copied.
-    Nothing else of the item is copied: the writer writes its own metadata."""
+    (an empty directory): data files shared (`share_file`), or with ``link``
+    false copied whole (`copy_whole`: files of OUT's own, ``--copy``);
+    manifests copied. Nothing else of the item is copied: the writer writes
+    its own metadata."""
     shared = Shared()
     for entry in sorted(src.iterdir()):
         if entry.name == OCDBT_MANIFEST and entry.is_file():
             shutil.copyfile(entry, dst / entry.name)
         elif entry.name == DATA_DIR and entry.is_dir():
-            _share_data_dir(entry, dst / DATA_DIR, shared)
+            _share_data_dir(entry, dst / DATA_DIR, shared, link)
         elif entry.name.startswith(PROCESS_PREFIX) and entry.is_dir():
             sub = dst / entry.name
             sub.mkdir()
             for child in sorted(entry.iterdir()):
                 if child.name == DATA_DIR and child.is_dir():
-                    _share_data_dir(child, sub / DATA_DIR, shared)
+                    _share_data_dir(child, sub / DATA_DIR, shared, link)
                 elif child.is_file():
                     shutil.copyfile(child, sub / child.name)
     return shared
 
 
-def _share_data_dir(src: Path, dst: Path, shared: Shared) -> None:
+def _share_data_dir(src: Path, dst: Path, shared: Shared, link: bool) -> None:
     dst.mkdir()
     for entry in os.scandir(src):
         if entry.is_file(follow_symlinks=False):
-            share_file(Path(entry.path), dst / entry.name, shared)
+            if link:
+                share_file(Path(entry.path), dst / entry.name, shared)
+            else:
+                copy_whole(Path(entry.path), dst / entry.name)
+                shared.copied += 1
+                shared.copied_bytes += entry.stat(follow_symlinks=False).st_size
 
 
 def copy_item(src: Path, dst: Path, *, share: bool = True) -> Shared:

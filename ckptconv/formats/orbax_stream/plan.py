@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,10 @@ _STREAM_JOBS = 2
 # this fraction of the source's chunk bytes: the rest would stay alive in
 # OUT's shared data files after IN is deleted (see `_Plan._clone_refusal`).
 _MAX_DEAD_FRACTION = 0.01
+
+#: ``CKPTCONV_CLONE=0`` writes every output by the chunk-copy engine (`_Plan._copy`),
+#: as conversions the clone refuses are written: for comparisons and benchmarks.
+CLONE = os.environ.get("CKPTCONV_CLONE", "1") != "0"
 
 
 @dataclass
@@ -239,13 +244,16 @@ class _Plan:
         self, tmp: Path, progress: Progress | None, *, sync: bool, share: bool = False
     ) -> None:
         """Writes every array's chunks into an OCDBT store under `tmp`: a clone
-        of the source's database whose keys are renamed (``share``, where
-        `_clone_refusal` allows it), else a new store the chunks are copied into."""
+        of the source's database whose keys are renamed (where
+        `_clone_refusal` allows it), else a new store the chunks are copied
+        into. The clone's data files are IN's (``share``: hard links where
+        the filesystem allows) or whole-file copies of them (``--copy``:
+        ``copy_file_range``, as ``cp`` copies)."""
         work = await self._work()
         self.engine = "copy"
-        if share and await self._clone_refusal(work) is None:
+        if CLONE and await self._clone_refusal(work) is None:
             self.engine = "clone"
-            self.shared = clone.share_database(self.src.path, tmp)
+            self.shared = clone.share_database(self.src.path, tmp, link=share)
         dst = _Destination(
             tmp, self.src.context, sync=sync, zarr3=self.src.use_zarr3,
             existing=self.engine == "clone",

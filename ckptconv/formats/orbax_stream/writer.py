@@ -58,7 +58,11 @@ def write(
         source's data files (hard links, or whole-file copies across
         filesystems) and costs the metadata, whatever the checkpoint's size.
         Deleting either side is safe, and nothing ever writes into a data
-        file. False (``--copy``): the chunk-copy engine, OUT's files its own.
+        file. False (``--copy``): the same clone with every data file copied
+        whole (``copy_file_range``), OUT's files its own. Outputs the clone
+        refuses (casts, one-chunk stacks unstacked, a small ``--only``; see
+        `_Plan._clone_refusal`), and every output under ``CKPTCONV_CLONE=0``,
+        are written by the chunk-copy engine.
 
     Returns:
       The engine used: ``"clone"`` or ``"copy"``.
