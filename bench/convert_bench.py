@@ -156,6 +156,9 @@ def run_huge(work: Path, args: argparse.Namespace) -> None:
         wall, rss = measure([*CKPTCONV, "to-scan", str(big), str(copy_scan), "--copy"])
         row("orbax to-scan --copy (> RAM)", "ckptconv", wall, rss, None, f"{wall / cp[0]:.2f}x cp -r")
         fresh(copy_scan)
+        wall, rss = measure(["env", "CKPTCONV_CLONE=0", *CKPTCONV, "to-scan", str(big), str(copy_scan)])
+        row("orbax to-scan, chunk engine (> RAM)", "ckptconv", wall, rss, None, f"{wall / cp[0]:.2f}x cp -r")
+        fresh(copy_scan)
     # The clone shares IN's data files: keep IN until the to-loop is checked.
     back = fresh(work / "huge_back")
     wall, rss = measure([*CKPTCONV, "to-loop", str(scan), str(back)])
@@ -188,7 +191,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=HERE / "out")
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--huge-gb", type=float, help="build and convert a checkpoint of this many GB (ckptconv only)")
-    ap.add_argument("--copy", action="store_true", help="with --huge-gb: also to-scan with --copy (the chunk-copy engine)")
+    ap.add_argument("--copy", action="store_true", help="with --huge-gb: also to-scan with --copy (files copied whole) and by the chunk-copy engine (CKPTCONV_CLONE=0)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
