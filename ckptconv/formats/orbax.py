@@ -154,8 +154,10 @@ def write(
     layers, to-loop of layer-thick stacks) clones ``item``'s database: OUT
     shares IN's data files (hard links on one filesystem, else whole-file
     copies), deleting either side is safe, and nothing ever writes into a data
-    file (`ckptconv.formats.orbax_stream.clone`). With ``copy`` true (``--copy``)
-    every chunk is copied into files of OUT's own. Returns the engine used, ``"clone"`` or ``"copy"``.
+    file (`ckptconv.formats.orbax_stream.clone`). With ``copy`` true
+    (``--copy``) the clone's data files are whole-file copies, OUT's own.
+    Outputs that cannot be a clone are written chunk by chunk. Returns the
+    engine used, ``"clone"`` or ``"copy"``.
     """
     src = _norm(item) if item is not None else None
     from ckptconv.formats import orbax_stream
