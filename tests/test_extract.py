@@ -264,10 +264,10 @@ def test_root_and_dtype_into_safetensors(train_state, tmp_path):
 def test_msgpack_input_cast_streams_block_by_block(tmp_path, monkeypatch):
     """msgpack -> msgpack and -> safetensors, with tiny blocks so that every
     leaf is cast in several pieces, some of them split mid-row."""
-    from ckptconv.formats import msgpack_stream
+    from ckptconv.formats.msgpack_stream import writer
 
-    monkeypatch.setattr(msgpack_stream, "_BLOCK", 48)
-    monkeypatch.setattr(msgpack_stream, "_SEG_MIN", 16)
+    monkeypatch.setattr(writer, "_BLOCK", 48)
+    monkeypatch.setattr(writer, "_SEG_MIN", 16)
     src = tmp_path / "in.msgpack"
     params = _params(1)
     src.write_bytes(flax.serialization.msgpack_serialize(params))

@@ -63,6 +63,8 @@ import pytest
 
 import ckptconv
 from ckptconv.formats import msgpack_stream, orbax_stream, safetensors
+from ckptconv.formats.msgpack_stream import dtypes as msgpack_dtypes
+from ckptconv.formats.msgpack_stream import writer as msgpack_writer
 from ckptconv.lazy import Ref
 
 BUDGET = float(os.environ.get("CKPTCONV_FUZZ_SECONDS", "3"))
@@ -325,7 +327,7 @@ def _msgpack_seeds(tmp: Path, monkeypatch) -> list[bytes]:
     msgpack_stream.save(tree, tmp / "a.msgpack")
     out.append((tmp / "a.msgpack").read_bytes())
     # A chunked array (flax's __msgpack_chunked_array__ map), with tiny chunks.
-    monkeypatch.setattr(msgpack_stream, "_max_chunk_size", lambda: 16)
+    monkeypatch.setattr(msgpack_writer, "_max_chunk_size", lambda: 16)
     msgpack_stream.save({"big": np.arange(20, dtype=np.float32).reshape(4, 5), "s": np.int8(1)}, tmp / "c.msgpack")
     monkeypatch.undo()
     out.append((tmp / "c.msgpack").read_bytes())
@@ -389,7 +391,7 @@ def test_msgpack_dtype_names_come_from_an_allow_list(tmp_path):
         with pytest.raises(ckptconv.FormatError, match="unknown dtype"):
             msgpack_stream.read_lazy(target)
     for name in ("bool", "int8", "uint64", "float16", "float64", "complex128", "bfloat16", "float8_e4m3fn"):
-        dt = msgpack_stream._dtype_from_name(name)
+        dt = msgpack_dtypes._dtype_from_name(name)
         assert dt.name == name
 
 

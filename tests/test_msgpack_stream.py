@@ -13,6 +13,7 @@ from flax import serialization as fs
 from ckptconv import lazy
 from ckptconv.errors import FormatError
 from ckptconv.formats import msgpack_stream as ms
+from ckptconv.formats.msgpack_stream import encoder, writer
 
 BF16 = jnp.bfloat16
 
@@ -207,11 +208,11 @@ def test_missing_and_empty_files(tmp_path):
 def test_headers_match_msgpack():
     packer = msgpack.Packer()
     for n in (0, 1, 2, 3, 4, 8, 15, 16, 17, 31, 255, 256, 65535, 65536):
-        assert ms._ext_header(1, n) + b"x" * n == msgpack.packb(msgpack.ExtType(1, b"x" * n))
-        assert ms._bin_header(n) + b"x" * n == msgpack.packb(b"x" * n)
+        assert encoder._ext_header(1, n) + b"x" * n == msgpack.packb(msgpack.ExtType(1, b"x" * n))
+        assert encoder._bin_header(n) + b"x" * n == msgpack.packb(b"x" * n)
     for n in (0, 15, 16, 65535, 65536, 2**32 - 1):
-        assert ms._map_header(n) == packer.pack_map_header(n)
-        assert ms._array_header(n) == packer.pack_array_header(n)
+        assert encoder._map_header(n) == packer.pack_map_header(n)
+        assert encoder._array_header(n) == packer.pack_array_header(n)
 
 
 def test_copy_is_byte_identical(tmp_path):
@@ -268,7 +269,7 @@ def test_stack_and_slice_match_flax(tmp_path, monkeypatch, axis, chunk, blocking
     if chunk:
         monkeypatch.setattr(fs, "MAX_CHUNK_SIZE", chunk)
     for name, value in BLOCKINGS[blocking].items():
-        monkeypatch.setattr(ms, name, value)
+        monkeypatch.setattr(writer, name, value)
     loop = {"params": layers(), "step": np.int64(3), "meta": {"none": None, "empty": {}}}
     names = list(loop["params"])
     src = save_flax(tmp_path / "loop", loop)
@@ -346,6 +347,4 @@ def test_failed_write_leaves_no_file(tmp_path):
 def test_flax_chunk_size_constant_matches_flax():
     from flax import serialization
 
-    from ckptconv.formats import msgpack_stream
-
-    assert msgpack_stream._FLAX_MAX_CHUNK_SIZE == serialization.MAX_CHUNK_SIZE
+    assert writer._FLAX_MAX_CHUNK_SIZE == serialization.MAX_CHUNK_SIZE

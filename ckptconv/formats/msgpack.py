@@ -20,6 +20,7 @@ from ckptconv import lazy
 from ckptconv.errors import FormatError
 from ckptconv.formats import byteplan, hf_index, msgpack_stream
 from ckptconv.formats.layout import Layout
+from ckptconv.formats.msgpack_stream.parser import _open_mmap
 
 NAME = "msgpack"
 STREAMS = True
@@ -163,7 +164,7 @@ def _write_sharded(item: Path, out_tree: Any, dst: Path, progress: Any) -> None:
     flat = _flatten(out_tree)
     entries = [(_key(p), v, int(getattr(v, "nbytes", 0))) for p, v in flat]
 
-    with byteplan.FileMaps(lambda name: msgpack_stream._open_mmap(str(item / name), keep_fd=True)) as maps:
+    with byteplan.FileMaps(lambda name: _open_mmap(str(item / name), keep_fd=True)) as maps:
         resolve = _resolver(item, maps)
 
         def write_shard(members: list[int], file: Path) -> None:
@@ -188,7 +189,7 @@ def read_lazy(item: Path) -> Any:
 def read_array(item: Path, ref: Any) -> Any:
     if Path(item).is_dir():
         shard, sp = _sharded_source(ref)
-        mm = msgpack_stream._open_mmap(os.fspath(Path(item) / shard))
+        mm = _open_mmap(os.fspath(Path(item) / shard))
         return msgpack_stream.read_array(mm, lazy.Ref(sp, ref.shape, ref.dtype))
     return msgpack_stream.read_array(item, ref)
 

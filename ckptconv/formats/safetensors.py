@@ -38,7 +38,7 @@ from ckptconv import lazy
 from ckptconv.errors import FormatError
 from ckptconv.formats import byteplan, hf_index
 from ckptconv.formats.layout import Layout
-from ckptconv.formats.msgpack_stream import DtypeTable
+from ckptconv.formats.msgpack_stream.dtypes import DtypeTable
 
 NAME = "safetensors"
 STREAMS = True

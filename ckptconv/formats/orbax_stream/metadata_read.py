@@ -14,7 +14,7 @@ import numpy as np
 import tensorstore as ts
 
 from ckptconv.errors import FormatError
-from ckptconv.formats.msgpack_stream import FLAX_DTYPES
+from ckptconv.formats.msgpack_stream.dtypes import FLAX_DTYPES
 from ckptconv.formats.orbax_stream.files import ZARR2_FILE, ZARR3_FILE
 
 # Orbax's pytree key types (`orbax.checkpoint._src.metadata.tree.KeyType`).
