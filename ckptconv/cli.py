@@ -18,6 +18,7 @@ import click
 
 from ckptconv import record as record_mod
 from ckptconv import report as report_mod
+from ckptconv import storage
 from ckptconv.convert import convert as run_convert
 from ckptconv.errors import CkptconvError, Terminated
 from ckptconv.formats import FORMATS
@@ -46,7 +47,9 @@ def _errors(ctx: click.Context):
 
         warnings.filterwarnings("ignore")
         sys.unraisablehook = lambda *_: None
-        err = _Error("interrupted; nothing was written and the input is unchanged.")
+        # A bucket output says what was deleted (`convert._bucket_output`).
+        err = _Error(getattr(e, "ckptconv_message", None)
+                     or "interrupted; nothing was written and the input is unchanged.")
         err.exit_code = 143 if isinstance(e, Terminated) else 130
         raise err from None
     except (click.exceptions.Exit, click.ClickException):
@@ -161,6 +164,7 @@ def inspect(
 
     Reads metadata only, never array data.
     """
+    ckpt = storage.as_path(ckpt)  # click's Path made gs://b/x into gs:/b/x
     with _errors(ctx):
         scan_opts = _scan_options(patterns, intos, period, layer_range, None)
         loop_pattern = patterns[0] if len(patterns) == 1 else None
@@ -300,6 +304,7 @@ def _common_options(fn: Any) -> Any:
 
 
 def _run_convert(ctx: click.Context, src: Path, dst: Path, to: str | None, **kw: Any) -> None:
+    src, dst = storage.as_path(src), storage.as_path(dst)  # click's Path: gs:/b/x
     verb = {"scan": "stack", "loop": "unstack", None: "convert"}[to]
     dry_run = kw.get("dry_run", False)
     kw["only"] = list(kw.get("only") or ()) or None
@@ -476,6 +481,8 @@ def verify(
     Exit code 0: equal within tolerance; 1: a difference; 2: bad input.
     """
     from ckptconv.verify import verify as run_verify
+
+    loop, scan = storage.as_path(loop), storage.as_path(scan)
 
     try:
         kwargs = json.loads(block_kwargs)

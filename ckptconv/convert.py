@@ -6,6 +6,12 @@ produce the output one leaf (or one chunk) at a time, so memory does not grow
 with the checkpoint. The output is written beside its final path and renamed
 into place: on any failure or interrupt there is no output (or the old one,
 under ``force``), and the input is never opened for writing.
+
+A bucket output (``gs://``, ``s3://``; `ckptconv.storage`) has no rename: it
+is written straight under its prefix, which must hold no object yet, and
+``commit_success.txt`` is written last, for each item and then for the step,
+as Orbax commits on GCS; on any error or interrupt what was written under it
+is deleted (best effort), and the message says so (`_bucket_output`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptconv import formats, lazy, record, subset, tree
+from ckptconv import formats, lazy, record, storage, subset, tree
 from ckptconv import like as like_mod
 from ckptconv.errors import (
     CkptconvError,
@@ -173,7 +179,7 @@ def plan(
     """
     if to not in ("scan", "loop", None):
         raise CkptconvError(f"to must be 'scan' or 'loop', got {to!r}.")
-    src = Path(src)
+    src = storage.as_path(src)
     fmt = formats.detect(src)
     layout = fmt.describe(src, step)
     sel = selection or Selection()
@@ -289,7 +295,7 @@ _SCAN_LAYOUT = ("pattern", "into", "period", "layers", "remainder", "groups", "a
 
 def _like_trees(like: str | Path, layout: Layout, sel: Selection) -> dict[str, Any]:
     """REF's item trees (no data read), with the same --only as IN."""
-    ref = Path(like)
+    ref = storage.as_path(like)
     if not ref.exists():
         raise CkptconvError(f"--like {like}: no such file or directory.")
     ref_fmt = formats.detect(ref)
@@ -418,17 +424,24 @@ def convert(
       OutputExistsError: ``dst`` exists and ``force`` is false.
       CkptconvError: anything else wrong with the input or the options.
     """
-    src, dst = Path(src), Path(dst)
+    src, dst = storage.as_path(src), storage.as_path(dst)
     selection = Selection.of(only, root, dtype)
     _check_paths(src, dst, force)
+    bucket = storage.is_bucket(dst)
     layout, items, used, from_record = plan(
         src, to=to, step=step, selection=selection, like=like, **options
     )
     out_format = format or layout.format
     out_fmt = formats.get(out_format)
+    if bucket and out_format != "orbax":
+        raise CkptconvError(
+            f"{dst}: bucket outputs are supported for Orbax checkpoints only, not {out_format}; "
+            f"write the {out_format} output to local disk and copy it to the bucket "
+            "(gcloud storage cp / aws s3 cp)."
+        )
     result = Result(src, dst, to, layout, out_format, items, selection=selection)
     result.options, result.from_record = used, from_record
-    result.like = Path(like) if like is not None else None
+    result.like = storage.as_path(like) if like is not None else None
     if dry_run:
         return result
     in_fmt = formats.get(layout.format)
@@ -436,7 +449,9 @@ def convert(
     update = (lambda n: progress(n, total)) if progress else None
     rec = record.build(result, result.options)
     kw = {"record": rec} if getattr(out_fmt, "WRITES_RECORD", False) else {}
-    with _atomic_output(dst, force) as tmp:
+    if bucket:
+        kw["commit"] = False  # the markers go last, after `record.stamp`
+    with _bucket_output(dst) if bucket else _atomic_output(dst, force) as tmp:
         if out_format == layout.format:
             if copy and getattr(out_fmt, "SHARES", False):
                 kw["copy"] = True  # the format's default is to share
@@ -446,7 +461,9 @@ def convert(
             _write_other_format(layout, items, in_fmt, out_fmt, tmp, update, rooted, kw)
         if out_format == "orbax":
             record.stamp(tmp, dst, to, rec)
-        if fsync:
+        if bucket:
+            _commit_bucket(tmp, layout if out_format == layout.format else None)
+        elif fsync:
             # The Orbax writer already flushed its files before its commit
             # marker; this pass covers the rest (msgpack files, copied items,
             # folders) and costs nothing on files already on disk.
@@ -476,7 +493,9 @@ def extract(
 
 
 def _check_paths(src: Path, dst: Path, force: bool) -> None:
-    if not src.exists():
+    if storage.is_bucket(src):
+        formats.detect(src)  # names what is missing, or what a bucket holds instead
+    elif not src.exists():
         raise CkptconvError(f"{src}: no such file or directory; check the path (relative paths start from {Path.cwd()}).")
     s, d = src.resolve(), dst.resolve()
     if d == s or s in d.parents or d in s.parents:
@@ -489,7 +508,18 @@ def _check_paths(src: Path, dst: Path, force: bool) -> None:
 
 def check_output(dst: Path, force: bool) -> None:
     """Raise unless ``dst`` may be written: its folder exists, and ``dst`` does
-    not (or ``force``)."""
+    not (or ``force``). A bucket prefix has no folder; no object may be
+    stored under it, ``force`` or not: without a rename an old output could
+    only be deleted before the new one is complete."""
+    if storage.is_bucket(dst):
+        if dst.exists():
+            raise OutputExistsError(
+                f"{dst}: output already exists (objects are stored under this prefix); choose "
+                "another path, or delete them first (gcloud storage rm -r / aws s3 rm "
+                "--recursive). A bucket has no rename, so --force cannot replace an output "
+                "atomically and does not apply to buckets."
+            )
+        return
     if not dst.absolute().parent.is_dir():
         raise CkptconvError(
             f"{dst}: the folder {dst.absolute().parent} does not exist; create it first "
@@ -510,25 +540,76 @@ def _write_same_format(
         (item,) = items
         fmt.write(item.source, item.out_tree, out, progress, fsync, **kw)
         return
+    buckets = storage.is_bucket(out) or storage.is_bucket(layout.path)
     out.mkdir()
     for item in items:
         dest = layout.item_dest(item.name, out)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if item.out_tree is None and hasattr(fmt, "copy_item"):
-            fmt.copy_item(item.source, dest, kw.get("copy", False))
+            extra = {"commit": kw["commit"]} if "commit" in kw else {}
+            fmt.copy_item(item.source, dest, kw.get("copy", False), **extra)
         elif item.out_tree is None:
             shutil.copytree(item.source, dest, symlinks=True)
         else:
             fmt.write(item.source, item.out_tree, dest, progress, fsync, **kw)
     for path, rel in layout.others:
         dest = out / rel
+        if storage.is_bucket(out) and dest.name == _COMMIT_FILE:
+            continue  # written last, by `_commit_bucket`
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_dir():
+        if buckets:
+            storage.copy_tree(path, dest)
+        elif path.is_dir():
             shutil.copytree(path, dest, symlinks=True)
         else:
             # A symlink stays a symlink (as cp -r copies it): its target,
             # possibly outside IN, is neither read nor written.
             shutil.copy2(path, dest, follow_symlinks=False)
+
+
+_COMMIT_FILE = "commit_success.txt"
+
+
+def _commit_bucket(out: storage.BucketPath, layout: Layout | None) -> None:
+    """Writes the commit markers of a complete bucket output: every item's
+    (a prefix holding ``_METADATA``), then the step's (a CheckpointManager
+    step or root output: the step directory, as Orbax's `CommitFileTemporaryPath`
+    finalizes a step after its items), so a reader never takes a step whose
+    items are unfinished for a checkpoint."""
+    items = sorted({p.parent for p in out.rglob("_METADATA")}, key=str)
+    steps = sorted({p.parent for p in out.rglob("_CHECKPOINT_METADATA")} - set(items), key=str)
+    if layout is not None and layout.kind in ("step", "root") and layout.items:
+        rel = next(iter(layout.items.values())).parent.relative_to(layout.path)
+        step_dir = out / str(rel) if str(rel) != "." else out
+        steps = [s for s in steps if s != step_dir] + [step_dir]
+    for path in [*items, *steps]:
+        (path / _COMMIT_FILE).write_bytes(f"Checkpoint commit was successful to {path}".encode())
+
+
+@contextlib.contextmanager
+def _bucket_output(dst: storage.BucketPath) -> Iterator[storage.BucketPath]:
+    """Yield ``dst`` itself (a bucket has no rename: OUT is written in place,
+    its commit markers last, see `_commit_bucket`). On any error or interrupt,
+    what was written under ``dst`` is deleted (best effort) and the error says
+    so; an interrupt carries the sentence for the CLI (``ckptconv_message``)."""
+    try:
+        yield dst
+    except OutputExistsError:
+        raise  # not ours: another writer's objects appeared under dst
+    except BaseException as e:
+        why = storage.remove_written(dst)
+        said = (
+            f"what was written under {dst} was deleted" if why is None
+            else f"deleting what was written under {dst} failed ({why}); delete it by hand "
+            "(gcloud storage rm -r / aws s3 rm --recursive)"
+        )
+        if isinstance(e, CkptconvError) and e.args and isinstance(e.args[0], str):
+            e.args = (f"{e.args[0].rstrip()} ({said}.)",) + e.args[1:]
+        elif isinstance(e, KeyboardInterrupt):
+            e.ckptconv_message = f"interrupted; {said}, and the input is unchanged."  # type: ignore[attr-defined]
+        elif isinstance(e, Exception):
+            raise FormatError(f"cannot write {dst}: {e}; {said}, and the input is unchanged.") from e
+        raise
 
 
 def _write_other_format(

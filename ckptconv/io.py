@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ckptconv import formats
-from ckptconv.convert import _atomic_output, check_output
+from ckptconv import formats, storage
+from ckptconv.convert import _atomic_output, _bucket_output, check_output
+from ckptconv.errors import CkptconvError
 
 
 def load(path: str | Path, *, format: str | None = None, step: int | None = None) -> Any:
@@ -23,7 +24,7 @@ def load(path: str | Path, *, format: str | None = None, step: int | None = None
     Raises:
       FormatError: the path is missing, unreadable or of no known format.
     """
-    path = Path(path)
+    path = storage.as_path(path)
     fmt = formats.get(format) if format else formats.detect(path)
     return fmt.load(path, step)
 
@@ -40,8 +41,18 @@ def save(tree: Any, path: str | Path, *, format: str = "orbax", force: bool = Fa
     Raises:
       OutputExistsError: ``path`` exists and ``force`` is false.
     """
-    path = Path(path)
+    path = storage.as_path(path)
     fmt = formats.get(format)
     check_output(path, force)
+    if storage.is_bucket(path):
+        if format != "orbax":
+            raise CkptconvError(
+                f"{path}: bucket outputs are supported for Orbax checkpoints only, not {format}; "
+                "save to local disk and copy the file to the bucket (gcloud storage cp / aws s3 cp)."
+            )
+        # Written in place by ckptconv's own Orbax writer, commit_success.txt last.
+        with _bucket_output(path) as out:
+            fmt.save(tree, out)
+        return
     with _atomic_output(path, force) as tmp:
         fmt.save(tree, tmp)

@@ -118,6 +118,9 @@ def _read(path: Path) -> Any:
 
 
 def _write(path: Path, data: Any) -> None:
+    if not isinstance(path, Path):  # a bucket object: one PUT replaces it whole
+        path.write_bytes(json.dumps(data).encode())
+        return
     new = path.with_name(path.name + ".ckptconv-new")
     new.write_bytes(json.dumps(data).encode())
     os.replace(new, path)
@@ -130,11 +133,12 @@ def _write(path: Path, data: Any) -> None:
 def read(path: Path, step: int | None = None) -> dict[str, Any] | None:
     """The record of the conversion that wrote the checkpoint at ``path``
     (None when it has none, or is not a checkpoint ckptconv reads)."""
-    from ckptconv import formats
+    from ckptconv import formats, storage
 
+    path = storage.as_path(path)
     try:
-        fmt = formats.detect(Path(path))
-        layout = fmt.describe(Path(path), step)
+        fmt = formats.detect(path)
+        layout = fmt.describe(path, step)
     except Exception:  # not ours to judge here: the conversion itself will say
         return None
     reader = getattr(fmt, "read_record", None)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptconv import formats, known, tree
+from ckptconv import formats, known, storage, tree
 from ckptconv.errors import CkptconvError, NothingToConvertError
 from ckptconv.groups import Group, NearGroup, find_groups, find_near_groups
 from ckptconv.stack import to_scan
@@ -126,7 +126,7 @@ def inspect(
         groups …) for the "to-scan would stack" part.
       loop_options: `ckptconv.to_loop`'s options (source, pattern, period, axis).
     """
-    path = Path(path)
+    path = storage.as_path(path)
     scan_options = dict(scan_options or {})
     loop_options = dict(loop_options or {})
     fmt = formats.detect(path)

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptconv import formats, lazy, subset, tree
+from ckptconv import formats, lazy, storage, subset, tree
 from ckptconv import like as like_mod
 from ckptconv.convert import LOOP_OPTIONS, SCAN_OPTIONS, plan_item
 from ckptconv.errors import CkptconvError, GroupError, NothingToConvertError
@@ -251,7 +251,7 @@ def plan_restore(
     """
     import jax
 
-    path = Path(path)
+    path = storage.as_path(path)
     if to not in (None, "scan", "loop"):
         raise CkptconvError(f"to must be 'scan', 'loop' or None, got {to!r}.")
     allowed = set(SCAN_OPTIONS) | set(LOOP_OPTIONS)

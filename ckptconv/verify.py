@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptconv import lazy
+from ckptconv import lazy, storage
 from ckptconv import tree as treelib
 from ckptconv.errors import CkptconvError, GroupError, NothingToConvertError, VerifyError
 from ckptconv.groups import Group, find_groups
@@ -461,7 +461,7 @@ def _open(x: str | Path | Any, step: int | None = None) -> _Side:
         return _Side("<tree>", x)
     from ckptconv import formats
 
-    path = Path(x)
+    path = storage.as_path(x)
     fmt = formats.detect(path)
     layout = fmt.describe(path)
     if layout.kind == "root" and step is not None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import ModuleType
 
+from ckptconv import storage
 from ckptconv.errors import FormatError
 from ckptconv.formats import msgpack, orbax, safetensors
 
@@ -49,7 +50,9 @@ def detect(path: str | Path) -> ModuleType:
       FormatError: ``path`` is missing, or no format reads it (the message
         says why each format refused it).
     """
-    path = Path(path)
+    path = storage.as_path(path)
+    if storage.is_bucket(path):
+        return _detect_bucket(path)
     if not path.exists():
         raise FormatError(f"{path}: no such file or directory; check the path (relative paths start from {Path.cwd()}).")
     reasons = []
@@ -65,3 +68,31 @@ def detect(path: str | Path) -> ModuleType:
         "directory), a safetensors file, or a Hugging Face directory with "
         "flax_model.msgpack.index.json or model.safetensors.index.json."
     )
+
+
+#: What to say about a file format on a bucket.
+BUCKET_ONLY_ORBAX = (
+    "bucket paths (gs://, s3://) are supported for Orbax checkpoints only; for a flax "
+    "msgpack or safetensors file (or a Hugging Face directory of them), copy it to local "
+    "disk first (gcloud storage cp / aws s3 cp) and pass the local path"
+)
+
+
+def _detect_bucket(path: storage.BucketPath) -> ModuleType:
+    """On a bucket only Orbax checkpoints are read (`ckptconv.storage`)."""
+    if not path.exists():
+        raise FormatError(
+            f"{path}: nothing is stored under this path in bucket {path.bucket} (no object "
+            "has this key or starts with it); check the path."
+        )
+    if path.is_file() and not path.is_dir():
+        raise FormatError(f"{path}: a single object, not an Orbax checkpoint directory: "
+                          f"{BUCKET_ONLY_ORBAX}.")
+    why = orbax.sniff(path)
+    if why is None:
+        return orbax
+    names = [k.rsplit("/", 1)[-1] for k in path.keys()]
+    if any(n.endswith((".msgpack", ".safetensors", ".index.json")) for n in names):
+        raise FormatError(f"{path}: not an Orbax checkpoint (it holds msgpack or safetensors "
+                          f"files): {BUCKET_ONLY_ORBAX}.")
+    raise FormatError(f"{path}: not an Orbax checkpoint ({why}); {BUCKET_ONLY_ORBAX}.")

@@ -6,6 +6,14 @@
   (``default/``, ``state/`` …) and other items (JSON metrics …);
 - a root: a CheckpointManager directory of numbered step directories; the
   latest step is used unless a step is given.
+
+On a bucket (``gs://``, ``s3://``: `ckptconv.storage`) the same layouts are
+read and written by ckptconv's own Orbax engine (`orbax_stream`; Orbax itself
+reads no ``s3://`` at all, and ``gs://`` only with gcsfs). There Orbax's rule
+on GCS holds: no rename exists, so a save writes in place and
+``commit_success.txt`` last, and an item or step without it is incomplete.
+An item or step given directly without it is refused (`INCOMPLETE`); a
+manager root lists only its committed steps, as `CheckpointManager` does.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ckptconv import storage
 from ckptconv.errors import FormatError
 from ckptconv.formats.layout import Layout
 
@@ -32,6 +41,9 @@ STREAMS = True
 _STEP_RE = re.compile(r"^(?:.*_)?(\d+)$")
 
 
+COMMIT_FILE = "commit_success.txt"
+
+
 def _is_item(path: Path) -> bool:
     return path.is_dir() and (path / "_METADATA").is_file()
 
@@ -40,21 +52,53 @@ def _is_step(path: Path) -> bool:
     return path.is_dir() and any(_is_item(c) for c in path.iterdir())
 
 
-def _steps(path: Path) -> dict[int, Path]:
+def _committed(path: Path) -> bool:
+    """On a bucket: whether the save of this item or step finished (its
+    commit marker exists). On local disk the final rename is the commit."""
+    return not storage.is_bucket(path) or (path / COMMIT_FILE).is_file()
+
+
+def _incomplete(path: Path, what: str = "checkpoint") -> FormatError:
+    return FormatError(
+        f"{path}: incomplete {what}: no {COMMIT_FILE}. On a bucket Orbax writes "
+        f"{COMMIT_FILE} last, so its save (or ckptconv's conversion) did not finish or is "
+        "still running, and Orbax's own restore refuses it too (\"Found incomplete "
+        "checkpoint\"). Use a complete checkpoint, or wait for the save to finish."
+    )
+
+
+def _steps(path: Path, uncommitted: list[int] | None = None) -> dict[int, Path]:
+    """The numbered step directories; on a bucket only committed ones (the
+    others' numbers go to ``uncommitted``)."""
     out = {}
     for c in path.iterdir():
         m = _STEP_RE.match(c.name)
         # Orbax writes unfinished steps under a temporary name; such names
         # carry a suffix and do not match.
         if m and _is_step(c):
-            out[int(m.group(1))] = c
+            if _committed(c):
+                out[int(m.group(1))] = c
+            elif uncommitted is not None:
+                uncommitted.append(int(m.group(1)))
     return out
+
+
+#: Names that an Orbax save writes first: a bucket prefix holding one of them
+#: but no commit marker is a save that did not finish.
+_SAVE_NAMES = ("_METADATA", "manifest.ocdbt", "_CHECKPOINT_METADATA", "_sharding")
+
+
+def _half_written(path: Path) -> bool:
+    if not storage.is_bucket(path):
+        return False
+    names = {k.rsplit("/", 1)[-1] for k in path.keys()}
+    return COMMIT_FILE not in names and any(n in names for n in _SAVE_NAMES)
 
 
 def sniff(path: Path) -> str | None:
     if not path.is_dir():
         return "not a directory"
-    if _is_item(path) or _is_step(path) or _steps(path):
+    if _is_item(path) or _is_step(path) or _steps(path, []) or _half_written(path):
         return None
     return (
         "a directory without _METADATA, without item subdirectories holding one, "
@@ -65,6 +109,8 @@ def sniff(path: Path) -> str | None:
 def describe(path: Path, step: int | None = None) -> Layout:
     """The layout at ``path``; for a CheckpointManager root, of ``step`` or the latest."""
     if _is_item(path):
+        if not _committed(path):
+            raise _incomplete(path)
         if step is not None:
             raise FormatError(
                 f"{path}: --step {step} given, but this is a single Orbax checkpoint, "
@@ -72,13 +118,27 @@ def describe(path: Path, step: int | None = None) -> Layout:
             )
         return Layout(NAME, "item", path, items={"": path})
     if _is_step(path):
+        if not _committed(path):
+            raise _incomplete(path, "CheckpointManager step")
         if step is not None:
             raise FormatError(
                 f"{path}: --step {step} given, but this is one CheckpointManager step "
                 "directory; pass its parent directory with --step, or leave out --step."
             )
         return _step_layout(path, path, "step", None)
-    steps = _steps(path)
+    uncommitted: list[int] = []
+    steps = _steps(path, uncommitted)
+    if step is not None and step in uncommitted:
+        raise _incomplete(path / str(step) if (path / str(step)).is_dir() else path,
+                          f"CheckpointManager step {step}")
+    if not steps and uncommitted:
+        raise FormatError(
+            f"{path}: no complete step: step {', '.join(map(str, sorted(uncommitted)))} "
+            f"{'has' if len(uncommitted) == 1 else 'have'} no {COMMIT_FILE} (a save that did "
+            "not finish; CheckpointManager skips such steps too)."
+        )
+    if not steps and _half_written(path):
+        raise _incomplete(path)
     if not steps:
         raise FormatError(f"{path}: not an Orbax checkpoint ({sniff(path)}).")
     if step is None:
@@ -89,7 +149,7 @@ def describe(path: Path, step: int | None = None) -> Layout:
             f"{', '.join(map(str, sorted(steps)))}. Pass one of them with --step."
         )
     layout = _step_layout(path, steps[step], "root", step)
-    step_dirs = set(steps.values())
+    step_dirs = set(steps.values()) | {path / str(n) for n in uncommitted}
     for c in sorted(path.iterdir()):
         # Files beside the steps (CheckpointManager metadata) come along; other
         # steps do not: the output holds the converted step only.
@@ -112,7 +172,10 @@ def _step_layout(root: Path, step_dir: Path, kind: str, step: int | None) -> Lay
 def _norm(path: Path) -> Path:
     """Absolute, with ``.`` and ``..`` resolved by name as the shell does
     (TensorStore's file kvstore refuses paths that hold ``..``; Orbax,
-    relative ones). Symlinks are kept: they are followed when opened."""
+    relative ones). Symlinks are kept: they are followed when opened. A
+    bucket location stays as it is."""
+    if storage.is_bucket(path):
+        return storage.as_path(path)
     return Path(os.path.abspath(path))
 
 
@@ -146,7 +209,7 @@ SHARES = True
 
 def write(
     item: Path | None, out_tree: Any, dst: Path, progress: Any = None, fsync: bool = False,
-    copy: bool = False,
+    copy: bool = False, commit: bool = True,
 ) -> str:
     """Writes ``out_tree`` (lazy leaves of ``item``) as an Orbax item at ``dst``.
 
@@ -161,12 +224,21 @@ def write(
     """
     src = _norm(item) if item is not None else None
     from ckptconv.formats import orbax_stream
-    return orbax_stream.write(src, out_tree, _norm(dst), progress=progress, sync=fsync, share=not copy)
+    return orbax_stream.write(
+        src, out_tree, _norm(dst), progress=progress, sync=fsync, share=not copy, commit=commit
+    )
 
 
-def copy_item(item: Path, dst: Path, copy: bool = False) -> None:
+def copy_item(item: Path, dst: Path, copy: bool = False, commit: bool = True) -> None:
     """Copies an item unchanged; with ``copy`` false its data files are shared
-    as `write` shares them."""
+    as `write` shares them. With a bucket on either side nothing can be
+    shared: the item is written again by the chunk-copy engine (its chunks
+    copied as they are, memory bounded), ``commit`` as for `write`."""
+    if storage.is_bucket(item) or storage.is_bucket(dst):
+        from ckptconv.formats import orbax_stream
+        src = _norm(item)
+        orbax_stream.write(src, orbax_stream.read_lazy(src), _norm(dst), sync=False, commit=commit)
+        return
     from ckptconv.formats.orbax_stream import clone
     clone.copy_item(_norm(item), _norm(dst), share=not copy)
 
@@ -176,7 +248,7 @@ def read_record(item: Path) -> dict | None:
     import json
 
     try:
-        meta = json.loads((Path(item) / "_METADATA").read_bytes())
+        meta = json.loads((storage.as_path(item) / "_METADATA").read_bytes())
     except (OSError, ValueError):
         return None
     custom = meta.get("custom_metadata") if isinstance(meta, dict) else None
@@ -185,7 +257,12 @@ def read_record(item: Path) -> dict | None:
 
 
 def load_item(item: Path) -> Any:
-    """Restore one item as numpy arrays, whatever device the arrays were saved from."""
+    """Restore one item as numpy arrays, whatever device the arrays were saved from.
+
+    A bucket item is read by ckptconv's own reader (Orbax reads no ``s3://``,
+    and ``gs://`` only through gcsfs): every array leaf a numpy array."""
+    if storage.is_bucket(item):
+        return _load_bucket_item(storage.as_path(item))
     import orbax.checkpoint as ocp
 
     item = _norm(item)  # Orbax refuses relative paths
@@ -203,6 +280,14 @@ def load_item(item: Path) -> Any:
             f"{item}: Orbax could not read this checkpoint ({type(e).__name__}: {e}). "
             "Is it complete? Check that the save finished (commit_success.txt / _CHECKPOINT_METADATA)."
         ) from e
+
+
+def _load_bucket_item(item: Any) -> Any:
+    from ckptconv import lazy
+    from ckptconv.formats import orbax_stream
+
+    tree = orbax_stream.read_lazy(item)
+    return lazy.materialize(tree, lambda ref: orbax_stream.read_array(item, ref.source))
 
 
 def _restore_args(tree: Any) -> Any:
@@ -225,7 +310,12 @@ def load(path: Path, step: int | None = None) -> Any:
 
 
 def save(tree: Any, path: Path) -> None:
-    """Write ``tree`` as one Orbax item (``StandardCheckpointer``) at ``path``."""
+    """Write ``tree`` as one Orbax item (``StandardCheckpointer``) at ``path``
+    (on a bucket: by ckptconv's own writer, each leaf a numpy array)."""
+    if storage.is_bucket(path):
+        from ckptconv.formats import orbax_stream
+        orbax_stream.write(None, tree, storage.as_path(path), sync=False)
+        return
     import orbax.checkpoint as ocp
 
     try:

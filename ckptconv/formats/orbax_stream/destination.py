@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
+from ckptconv import storage
 from ckptconv.errors import FormatError
 from ckptconv.formats.orbax_stream import zstd_stream
 from ckptconv.formats.orbax_stream.chunk_ops import _BATCH_BYTES, _batches, _ChunkOp
@@ -34,7 +35,7 @@ from ckptconv.formats.orbax_stream.metadata_write import (
     _zarray_bytes,
 )
 from ckptconv.formats.orbax_stream.runner import _await, _settle
-from ckptconv.formats.orbax_stream.source import _Source
+from ckptconv.formats.orbax_stream.source import _base_spec, _Source
 from ckptconv.lazy import Deferred, Ref, Slice, Stack
 
 # Decode-path commits in flight at once (each holds up to `_BATCH_BYTES`).
@@ -54,7 +55,8 @@ class _Destination:
         self.context = context
         #: Decoded arrays are written as zarr v3 (the source's version).
         self.zarr3 = zarr3
-        base = {"driver": "file", "path": str(path) + "/"}
+        base = _base_spec(path)
+        bucket = storage.is_bucket(path)
         if existing:
             # A clone of the source's database (clone.py): its
             # configuration is the manifest's, and its data files are shared
@@ -70,7 +72,8 @@ class _Destination:
         # inline in the B-tree, a single root node, a single-file manifest.
         self.spec = {
             "driver": "ocdbt",
-            "base": {**base, "file_io_locking": {"mode": "non_atomic"}},
+            # (a bucket has no file locks: objects are written whole)
+            "base": base if bucket else {**base, "file_io_locking": {"mode": "non_atomic"}},
             "manifest": base,
             "config": {
                 "max_inline_value_bytes": 1024,

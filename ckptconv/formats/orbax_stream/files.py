@@ -50,6 +50,9 @@ def _read_json(path: Path, *, what: str) -> Any:
 
 
 def _write_file(path: Path, data: bytes) -> None:
+    if not isinstance(path, Path):  # a bucket object (`ckptconv.storage.BucketPath`)
+        path.write_bytes(data)
+        return
     with open(path, "wb") as f:
         f.write(data)
 

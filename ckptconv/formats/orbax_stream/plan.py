@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ckptconv import storage
 from ckptconv.errors import FormatError
 from ckptconv.formats.orbax_stream import clone
 from ckptconv.formats.orbax_stream.chunk_ops import _ChunkOp, _copy_ops, _slice_ops, _stack_ops
@@ -251,7 +252,10 @@ class _Plan:
         ``copy_file_range``, as ``cp`` copies)."""
         work = await self._work()
         self.engine = "copy"
-        if CLONE and await self._clone_refusal(work) is None:
+        # The clone shares or copies data files on one filesystem: a bucket on
+        # either side takes the chunk-copy engine.
+        local = not storage.is_bucket(tmp) and not storage.is_bucket(self.src.path)
+        if CLONE and local and await self._clone_refusal(work) is None:
             self.engine = "clone"
             self.shared = clone.share_database(self.src.path, tmp, link=share)
         dst = _Destination(
@@ -478,8 +482,9 @@ class _Plan:
 
     # -- metadata files -------------------------------------------------------
 
-    def write_files(self, tmp: Path, dst: Path, *, sync: bool) -> None:
-        """Writes Orbax's metadata files into `tmp`; the commit marker last."""
+    def write_files(self, tmp: Path, dst: Path, *, sync: bool, commit: bool = True) -> None:
+        """Writes Orbax's metadata files into `tmp`; the commit marker last
+        (unless ``commit`` is false: the caller writes it)."""
         if self.strings:
             _write_file(tmp / STRINGS_FILE, json.dumps(self.strings).encode())
         jax_leaves = [leaf for leaf in self.leaves if leaf.value_type == "jax.Array"]
@@ -535,6 +540,8 @@ class _Plan:
             _write_file(tmp / CHECKPOINT_METADATA_FILE, checkpoint_metadata.read_bytes())
         if sync:
             _fsync_tree(tmp)
+        if not commit:
+            return
         # Last: Orbax's commit marker (`CommitFileTemporaryPath`); the rename
         # that follows is the marker for `AtomicRenameTemporaryPath`.
         _write_file(

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ckptconv import storage
 from ckptconv.errors import FormatError
 from ckptconv.formats.orbax_stream.files import (
     METADATA_FILE,
@@ -61,7 +62,7 @@ def read_lazy(item_dir: str | os.PathLike) -> Any:
       FormatError: the directory is not a readable Orbax PyTree item, or a leaf
         has a type this module cannot represent.
     """
-    path = Path(item_dir).absolute()
+    path = storage.as_path(item_dir).absolute()
     src = _Source(path)
     known = {"jax.Array", "np.ndarray", "scalar", "string"} | _EMPTY_TYPES
     if (
@@ -164,6 +165,13 @@ def read_lazy_with_orbax(item_dir: str | os.PathLike) -> Any:
     import orbax.checkpoint as ocp  # Heavy (imports jax); only needed here.
     from etils import epath
 
+    if storage.is_bucket(item_dir):
+        raise FormatError(
+            f"{item_dir}: this checkpoint needs Orbax's own reader (it is not an OCDBT "
+            "checkpoint, or holds leaf types ckptconv's reader does not know), and Orbax cannot "
+            "read from buckets without gcsfs/s3fs. Copy it to local disk first "
+            "(gcloud storage cp -r / aws s3 cp --recursive) and pass the local path."
+        )
     path = Path(item_dir).absolute()
     _check_item_dir(path)
     try:
@@ -222,7 +230,7 @@ def read_array(
     Raises:
       FormatError: the directory or the array cannot be read.
     """
-    src = _opened(Path(item_dir))
+    src = _opened(storage.as_path(item_dir))
     if index is None:
         return _run(_read_whole(src, source))
     src.value_metadata(source)

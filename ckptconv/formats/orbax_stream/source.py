@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
+from ckptconv import storage
 from ckptconv.errors import FormatError
 from ckptconv.formats.orbax_stream.files import (
     ARRAY_METADATAS_DIR,
@@ -47,6 +48,14 @@ def _context() -> ts.Context:
             "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000},
         }
     )
+
+
+def _base_spec(path: Any) -> dict[str, Any]:
+    """The kvstore spec of a directory: TensorStore's ``file`` driver, or
+    its ``gcs`` / ``s3`` driver for a bucket prefix (`ckptconv.storage`)."""
+    if storage.is_bucket(path):
+        return path.kvstore_spec()
+    return {"driver": "file", "path": str(path) + "/"}
 
 
 class _NoSource:
@@ -95,7 +104,7 @@ class _Source:
             self.entries[".".join(k for k, _ in keys)] = value_metadata
             self.parsed.append((keys, value_metadata))
         self.context = _context()
-        base = {"driver": "file", "path": str(self.path) + "/"}
+        base = _base_spec(self.path)
         if self.use_ocdbt:
             self.kvstore_spec: dict[str, Any] = {
                 "driver": "ocdbt",

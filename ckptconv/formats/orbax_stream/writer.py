@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ckptconv import storage
 from ckptconv.errors import OutputExistsError
 from ckptconv.formats.orbax_stream.destination import Progress
 from ckptconv.formats.orbax_stream.files import TMP_DIR_SUFFIX, _fsync
@@ -26,6 +27,7 @@ def write(
     progress: Progress | None = None,
     sync: bool = True,
     share: bool = False,
+    commit: bool = True,
 ) -> str:
     """Writes a complete Orbax item directory holding `out_tree`.
 
@@ -64,6 +66,20 @@ def write(
         `_Plan._clone_refusal`), and every output under ``CKPTCONV_CLONE=0``,
         are written by the chunk-copy engine.
 
+      commit: write the commit marker (``commit_success.txt``). False
+        only for a bucket output whose caller writes the markers itself,
+        after its own last edits (`ckptconv.convert` stamps its record first).
+
+    On a bucket (``gs://``, ``s3://``; `ckptconv.storage.BucketPath`) there is
+    no rename: the item is written straight under `dst_dir`, as Orbax writes
+    on GCS (`CommitFileTemporaryPath`), with ``commit_success.txt`` last, so
+    a reader (Orbax's, ckptconv's) takes it for a checkpoint only once it is
+    complete; `dst_dir` must hold no object yet, and on any error or
+    interrupt what was written under it is deleted (best effort). The
+    clone engine needs one filesystem, so bucket outputs (and bucket inputs)
+    take the chunk-copy engine: the data travels through this machine, in
+    the same bounded memory as on local disk. ``sync`` does not apply.
+
     Returns:
       The engine used: ``"clone"`` or ``"copy"``.
 
@@ -72,10 +88,12 @@ def write(
       FormatError: `src_dir` is unreadable, a lazy leaf refers to an array it
         does not hold (or with another shape), or a leaf cannot be written.
     """
+    if storage.is_bucket(dst_dir):
+        return _write_bucket(src_dir, out_tree, storage.as_path(dst_dir), progress, commit)
     dst = Path(dst_dir).absolute()
     if dst.exists() or dst.is_symlink():
         raise OutputExistsError(f"{dst}: output already exists; remove it or choose another path")
-    src = _Source(Path(src_dir)) if src_dir is not None else _NoSource()
+    src = _Source(storage.as_path(src_dir)) if src_dir is not None else _NoSource()
     plan = _Plan(src, out_tree)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f"{dst.name}{TMP_DIR_SUFFIX}-{os.getpid()}-{time.time_ns()}")
@@ -88,5 +106,24 @@ def write(
             _fsync(dst.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return plan.engine
+
+
+def _write_bucket(
+    src_dir: Any, out_tree: Any, dst: storage.BucketPath, progress: Progress | None, commit: bool
+) -> str:
+    """`write` to a bucket prefix: straight into place, the marker last."""
+    if dst.exists():
+        raise OutputExistsError(
+            f"{dst}: output already exists (objects are stored under it); choose another path"
+        )
+    src = _Source(storage.as_path(src_dir)) if src_dir is not None else _NoSource()
+    plan = _Plan(src, out_tree)
+    try:
+        _run(plan.write_data(dst, progress, sync=False, share=False))
+        plan.write_files(dst, dst, sync=False, commit=commit)
+    except BaseException:
+        storage.remove_written(dst)
         raise
     return plan.engine
