@@ -67,9 +67,14 @@ def expected(src) -> dict:
 
 
 class Spy:
-    """Counts chunk-copy ops and decode jobs of `write` (which path ran)."""
+    """Counts chunk-copy ops and decode jobs of `write` (which path ran), on
+    the chunk-copy engine (``CKPTCONV_CLONE=0``; the clone engine, which
+    moves chunks by renaming keys, is tests/test_clone.py's)."""
 
     def __init__(self, monkeypatch):
+        from ckptconv.formats.orbax_stream import plan
+
+        monkeypatch.setattr(plan, "CLONE", False)
         self.copied = 0
         self.decoded: list[str] = []
         copy_chunks = _Destination.copy_chunks
