@@ -457,7 +457,7 @@ class _Side:
 def _open(x: str | Path | Any, step: int | None = None) -> _Side:
     """A checkpoint path (a CheckpointManager root at ``step``, default its
     latest; ``step`` does not apply to other inputs), described, not read."""
-    if not isinstance(x, (str, Path)):
+    if not isinstance(x, (str, Path, storage.BucketPath)):
         return _Side("<tree>", x)
     from ckptconv import formats
 

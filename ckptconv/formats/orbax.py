@@ -63,7 +63,9 @@ def _incomplete(path: Path, what: str = "checkpoint") -> FormatError:
         f"{path}: incomplete {what}: no {COMMIT_FILE}. On a bucket Orbax writes "
         f"{COMMIT_FILE} last, so its save (or ckptconv's conversion) did not finish or is "
         "still running, and Orbax's own restore refuses it too (\"Found incomplete "
-        "checkpoint\"). Use a complete checkpoint, or wait for the save to finish."
+        "checkpoint\"). Use a complete checkpoint, or wait for the save to finish. (A "
+        "checkpoint saved on local disk by Orbax before 0.12 has no commit_success.txt: copied "
+        "to a bucket whole, it can be marked complete with an object of that name.)"
     )
 
 
