@@ -527,3 +527,40 @@ def test_signal_mid_write_deletes_out(bucket, tmp_path, sig, code):
         f"Error: interrupted; what was written under {out} was deleted, and the input is unchanged."
     )
     assert _keys(out) == []
+
+
+def test_one_chunk_stack_streamed_from_bucket(bucket, tmp_path):
+    """A stack saved as one zstd chunk (a scanned run's own checkpoint) is
+    unstacked from the bucket by the decode path (byte-range reads where
+    TensorStore has them), bit-identical to the local conversion."""
+    layers = _loop_tree()["params"]
+    scan = {"params": {
+        "blocks": {
+            "attn": {"kernel": np.stack([layers[f"layer_{i}"]["attn"]["kernel"] for i in range(LAYERS)])},
+            "norm": {"scale": np.stack([layers[f"layer_{i}"]["norm"]["scale"] for i in range(LAYERS)])},
+            "q8": np.stack([layers[f"layer_{i}"]["q8"] for i in range(LAYERS)]),
+        },
+        "embed": layers["embed"],
+    }}
+    local = _save(tmp_path / "scan", scan)
+    _upload(local, f"{bucket}/scan")
+    ckptconv.convert(local, tmp_path / "loop", to="loop")
+    ckptconv.convert(f"{bucket}/scan", f"{bucket}/loop", to="loop")
+    _same(_arrays(f"{bucket}/loop"), _arrays(tmp_path / "loop"))
+    assert _arrays(f"{bucket}/loop")["params/layer_1/attn/kernel"] == (
+        "<f4", (H, H), layers["layer_1"]["attn"]["kernel"].tobytes())
+
+
+def test_output_in_a_missing_bucket(stores, tmp_path, cli):
+    loop = _save(tmp_path / "loop", _loop_tree())
+    for scheme in ("s3", "gs"):
+        if not isinstance(stores[scheme], servers.Server):
+            continue
+        out = f"{scheme}://no-such-bucket-{uuid.uuid4().hex[:8]}/out"
+        r = cli("to-scan", loop, out)
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        if scheme == "s3":  # refused before anything is written
+            assert r.output.startswith(f"Error: {out}: cannot list bucket no-such-bucket-")
+        else:  # fake-gcs-server lists a missing bucket as empty: the first write fails
+            assert r.output.startswith(f"Error: {out}: writing the output failed: NOT_FOUND")
+            assert r.output.endswith(f"(what was written under {out} was deleted.)\n")
