@@ -426,11 +426,12 @@ def convert(
     """
     src, dst = storage.as_path(src), storage.as_path(dst)
     selection = Selection.of(only, root, dtype)
-    _check_paths(src, dst, force)
+    with storage.cached_listings():  # reading only: bucket listings answered once
+        _check_paths(src, dst, force)
+        layout, items, used, from_record = plan(
+            src, to=to, step=step, selection=selection, like=like, **options
+        )
     bucket = storage.is_bucket(dst)
-    layout, items, used, from_record = plan(
-        src, to=to, step=step, selection=selection, like=like, **options
-    )
     out_format = format or layout.format
     out_fmt = formats.get(out_format)
     if bucket and out_format != "orbax":

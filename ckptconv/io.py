@@ -25,7 +25,11 @@ def load(path: str | Path, *, format: str | None = None, step: int | None = None
       FormatError: the path is missing, unreadable or of no known format.
     """
     path = storage.as_path(path)
-    fmt = formats.get(format) if format else formats.detect(path)
+    with storage.cached_listings():
+        fmt = formats.get(format) if format else formats.detect(path)
+        layout = fmt.describe(path, step) if storage.is_bucket(path) else None
+    if layout is not None and layout.kind != "item":  # describe's listings reused
+        return {name: fmt.load_item(p) for name, p in layout.items.items()}
     return fmt.load(path, step)
 
 

@@ -129,8 +129,9 @@ def inspect(
     path = storage.as_path(path)
     scan_options = dict(scan_options or {})
     loop_options = dict(loop_options or {})
-    fmt = formats.detect(path)
-    layout = fmt.describe(path, step)
+    with storage.cached_listings():
+        fmt = formats.detect(path)
+        layout = fmt.describe(path, step)
     items = []
     for name, item_path in layout.items.items():
         t = fmt.read_lazy(item_path)

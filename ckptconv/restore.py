@@ -261,8 +261,9 @@ def plan_restore(
             f"restore takes no option {', '.join(unknown)}; its layout options are "
             f"{', '.join(sorted(allowed))}."
         )
-    fmt = formats.detect(path)
-    layout = fmt.describe(path, step)
+    with storage.cached_listings():
+        fmt = formats.detect(path)
+        layout = fmt.describe(path, step)
     flat, treedef = jax.tree_util.tree_flatten_with_path(like)
     wants = [(_key_path(kp), x) for kp, x in flat]
     keep = tuple(subset.parse_path(q, "only") for q in ([only] if isinstance(only, str) else only or ()))

@@ -21,6 +21,7 @@ Credentials and endpoints come from the environment:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import os
@@ -61,6 +62,30 @@ def as_path(path: str | os.PathLike) -> Path | BucketPath:
 
 _KVSTORES: dict[tuple[str, str, str | None], Any] = {}
 _CONTEXT: list[Any] = []
+#: Listings remembered while `cached_listings` is active (innermost last).
+_MEMO: list[dict[tuple[str, str, str], list[str]]] = []
+
+
+@contextlib.contextmanager
+def cached_listings() -> Iterator[None]:
+    """Remember bucket listings for a while: within this block a listing is
+    answered from an earlier one that covers it (a key prefix of it), so
+    recognising a checkpoint's layout (``is_dir``, ``is_file``, ``iterdir`` of
+    every step and item) costs a few requests, not one per question (a
+    two-step CheckpointManager root took 180). For reading phases only:
+    writes made through `BucketPath` in the block forget what was listed,
+    but writes made by TensorStore itself (the Orbax engine) cannot, so no
+    output is written inside one."""
+    _MEMO.append({})
+    try:
+        yield
+    finally:
+        _MEMO.pop()
+
+
+def _forget() -> None:
+    for memo in _MEMO:
+        memo.clear()
 
 
 def _prefix_range(prefix: str) -> Any:
@@ -202,14 +227,22 @@ class BucketPath:
         return FormatError(f"{self}: {what} ({text}); {hint}.")
 
     def _list(self, prefix: str) -> list[str]:
-        """Every key under ``prefix`` (a key prefix ending in ``/``, or ``""``)."""
+        """Every key that starts with ``prefix``, sorted."""
+        memo = _MEMO[-1] if _MEMO else None
+        if memo is not None:
+            for (scheme, bucket, listed), keys in memo.items():
+                if (scheme, bucket) == (self.scheme, self.bucket) and prefix.startswith(listed):
+                    return [k for k in keys if k.startswith(prefix)]
         try:
             keys = self._kv().list(_prefix_range(prefix)).result()
         except FormatError:
             raise
         except Exception as e:
             raise self._error(f"cannot list bucket {self.bucket}", e) from e
-        return sorted(k.decode() for k in keys)
+        got = sorted(k.decode() for k in keys)
+        if memo is not None:
+            memo[(self.scheme, self.bucket, prefix)] = got
+        return got
 
     def _dir_prefix(self) -> str:
         return f"{self.key}/" if self.key else ""
@@ -272,6 +305,7 @@ class BucketPath:
         return self.read_bytes().decode(encoding, errors)
 
     def write_bytes(self, data: bytes) -> int:
+        _forget()
         try:
             self._kv().write(self.key, data).result()
         except Exception as e:
@@ -287,6 +321,7 @@ class BucketPath:
     def unlink(self, missing_ok: bool = False) -> None:
         import tensorstore as ts
 
+        _forget()
         self._kv().delete_range(ts.KvStore.KeyRange(self.key, self.key + "\0")).result()
 
     def remove_tree(self) -> None:
@@ -294,6 +329,7 @@ class BucketPath:
         prefix = self._dir_prefix()
         if not prefix:
             raise FormatError(f"{self}: refusing to delete a whole bucket")
+        _forget()
         self._kv().delete_range(_prefix_range(prefix)).result()
 
 

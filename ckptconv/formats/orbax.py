@@ -69,9 +69,9 @@ def _incomplete(path: Path, what: str = "checkpoint") -> FormatError:
     )
 
 
-def _steps(path: Path, uncommitted: list[int] | None = None) -> dict[int, Path]:
+def _steps(path: Path, uncommitted: dict[int, Path] | None = None) -> dict[int, Path]:
     """The numbered step directories; on a bucket only committed ones (the
-    others' numbers go to ``uncommitted``)."""
+    others go to ``uncommitted``)."""
     out = {}
     for c in path.iterdir():
         m = _STEP_RE.match(c.name)
@@ -81,7 +81,7 @@ def _steps(path: Path, uncommitted: list[int] | None = None) -> dict[int, Path]:
             if _committed(c):
                 out[int(m.group(1))] = c
             elif uncommitted is not None:
-                uncommitted.append(int(m.group(1)))
+                uncommitted[int(m.group(1))] = c
     return out
 
 
@@ -100,7 +100,7 @@ def _half_written(path: Path) -> bool:
 def sniff(path: Path) -> str | None:
     if not path.is_dir():
         return "not a directory"
-    if _is_item(path) or _is_step(path) or _steps(path, []) or _half_written(path):
+    if _is_item(path) or _is_step(path) or _steps(path, {}) or _half_written(path):
         return None
     return (
         "a directory without _METADATA, without item subdirectories holding one, "
@@ -128,11 +128,10 @@ def describe(path: Path, step: int | None = None) -> Layout:
                 "directory; pass its parent directory with --step, or leave out --step."
             )
         return _step_layout(path, path, "step", None)
-    uncommitted: list[int] = []
+    uncommitted: dict[int, Path] = {}
     steps = _steps(path, uncommitted)
     if step is not None and step in uncommitted:
-        raise _incomplete(path / str(step) if (path / str(step)).is_dir() else path,
-                          f"CheckpointManager step {step}")
+        raise _incomplete(uncommitted[step], f"CheckpointManager step {step}")
     if not steps and uncommitted:
         raise FormatError(
             f"{path}: no complete step: step {', '.join(map(str, sorted(uncommitted)))} "
@@ -151,7 +150,7 @@ def describe(path: Path, step: int | None = None) -> Layout:
             f"{', '.join(map(str, sorted(steps)))}. Pass one of them with --step."
         )
     layout = _step_layout(path, steps[step], "root", step)
-    step_dirs = set(steps.values()) | {path / str(n) for n in uncommitted}
+    step_dirs = set(steps.values()) | set(uncommitted.values())
     for c in sorted(path.iterdir()):
         # Files beside the steps (CheckpointManager metadata) come along; other
         # steps do not: the output holds the converted step only.
