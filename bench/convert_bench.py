@@ -140,8 +140,17 @@ def run_huge(work: Path, args: argparse.Namespace) -> None:
     layer0 = src_tree["params"]["layer_0"]
     big = fresh(work / "huge_loop")
     out = {"params": {f"layer_{i}": layer0 for i in range(args.layers)} | {"embed": src_tree["params"]["embed"]}}
+    # By the chunk-copy engine: the clone would make the 48 layers 48 names
+    # of one layer's chunks (OCDBT copies by reference), a checkpoint of one
+    # layer's size on disk.
+    from ckptconv.formats.orbax_stream import plan
+
     start = time.perf_counter()
-    orbax_stream.write(one, out, big)
+    saved, plan.CLONE = plan.CLONE, False
+    try:
+        orbax_stream.write(one, out, big)
+    finally:
+        plan.CLONE = saved
     size = sum(p.stat().st_size for p in big.rglob("*") if p.is_file())
     print(f"\nhuge: built {big} ({size / 1e9:.1f} GB on disk, {args.layers} layers) in {time.perf_counter() - start:.0f} s")
     copied = fresh(work / "huge_cp")
