@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,11 @@ class Server:
 def _start(name: str, argv: list[str], url: str, ready: str, timeout: float = 60.0) -> Server:
     # The log goes to a file: a pipe nobody reads would block a chatty server.
     log = Path(tempfile.mkstemp(prefix=f"ckptconv-{name}-", suffix=".log")[1])
-    with open(log, "wb") as out:
+    # preexec_fn makes subprocess fork (not posix_spawn); Python warns about
+    # forking a process with JAX's threads, but the child only calls prctl
+    # and execs: nothing of JAX runs in it.
+    with open(log, "wb") as out, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
         proc = subprocess.Popen(
             argv, stdout=subprocess.DEVNULL, stderr=out, preexec_fn=_die_with_parent
         )

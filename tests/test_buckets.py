@@ -277,6 +277,13 @@ def test_manager_root_lists_committed_steps_only(bucket, tmp_path):
     with pytest.raises(FormatError) as e:
         ckptconv.convert(root, f"{bucket}/out", to="scan", step=20)
     assert str(e.value).startswith(f"{bucket}/in/20: incomplete CheckpointManager step 20: no commit_success.txt.")
+    (root / "10/commit_success.txt").unlink()
+    with pytest.raises(FormatError) as e:
+        ckptconv.convert(root, f"{bucket}/out", to="scan")
+    assert str(e.value) == (
+        f"{bucket}/in: no complete step: steps 10, 20 have no commit_success.txt (a save that "
+        "did not finish; CheckpointManager skips such steps too)."
+    )
 
 
 def test_restore_like_from_bucket(bucket, tmp_path):

@@ -12,7 +12,7 @@ read and written by ckptconv's own Orbax engine (`orbax_stream`; Orbax itself
 reads no ``s3://`` at all, and ``gs://`` only with gcsfs). There Orbax's rule
 on GCS holds: no rename exists, so a save writes in place and
 ``commit_success.txt`` last, and an item or step without it is incomplete.
-An item or step given directly without it is refused (`INCOMPLETE`); a
+An item or step given directly without it is refused (`_incomplete`); a
 manager root lists only its committed steps, as `CheckpointManager` does.
 """
 
@@ -100,7 +100,10 @@ def _half_written(path: Path) -> bool:
 def sniff(path: Path) -> str | None:
     if not path.is_dir():
         return "not a directory"
-    if _is_item(path) or _is_step(path) or _steps(path, {}) or _half_written(path):
+    uncommitted: dict[int, Path] = {}  # a root whose steps are all unfinished: describe says so
+    if _is_item(path) or _is_step(path) or _steps(path, uncommitted) or uncommitted:
+        return None
+    if _half_written(path):
         return None
     return (
         "a directory without _METADATA, without item subdirectories holding one, "
@@ -134,7 +137,8 @@ def describe(path: Path, step: int | None = None) -> Layout:
         raise _incomplete(uncommitted[step], f"CheckpointManager step {step}")
     if not steps and uncommitted:
         raise FormatError(
-            f"{path}: no complete step: step {', '.join(map(str, sorted(uncommitted)))} "
+            f"{path}: no complete step: step{'' if len(uncommitted) == 1 else 's'} "
+            f"{', '.join(map(str, sorted(uncommitted)))} "
             f"{'has' if len(uncommitted) == 1 else 'have'} no {COMMIT_FILE} (a save that did "
             "not finish; CheckpointManager skips such steps too)."
         )
