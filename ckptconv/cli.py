@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -278,8 +279,25 @@ def _selection_options(fn: Any) -> Any:
     return fn
 
 
+def _process_options(fn: Any) -> Any:
+    fn = click.option(
+        "--process-id", "process_id", type=int, metavar="I",
+        help="This process's id, 0 … N-1 (default: JAX_PROCESS_ID).",
+    )(fn)
+    fn = click.option(
+        "--num-processes", "num_processes", type=int, metavar="N",
+        help="Run as one of N processes of a jax.distributed program, each writing its share of OUT's leaves (default: JAX_NUM_PROCESSES; Orbax items on local or shared disk).",
+    )(fn)
+    fn = click.option(
+        "--coordinator", metavar="HOST:PORT",
+        help="Process 0's address for jax.distributed (default: JAX_COORDINATOR_ADDRESS).",
+    )(fn)
+    return fn
+
+
 def _common_options(fn: Any) -> Any:
     fn = _selection_options(fn)
+    fn = _process_options(fn)
     fn = click.option(
         "--like", "like", type=click.Path(path_type=Path), metavar="REF",
         help="A checkpoint in the target layout (e.g. MaxText's own of the same model in the other form): the options are worked out from it, and OUT must have its structure.",
@@ -310,11 +328,31 @@ def _run_convert(ctx: click.Context, src: Path, dst: Path, to: str | None, **kw:
     kw["only"] = list(kw.get("only") or ()) or None
     if "axis_for" in kw:
         kw["axis_for"] = list(kw["axis_for"]) or None
+    names = (kw.pop("coordinator", None), kw.pop("num_processes", None), kw.pop("process_id", None))
+    with _errors(ctx):
+        from ckptconv import multihost
+
+        names = multihost.options_from_env(*names)
+        several = multihost.check_options(*names)
+    if several:
+        kw["distributed"] = dict(zip(("coordinator", "num_processes", "process_id"), names))
+    else:
+        kw["distributed"] = False  # one process: as ever, JAX not imported for it
     bar = _Progress(f"to-{to}" if to else "extract") if sys.stderr.isatty() else None
     start = time.perf_counter()
     try:
         with _errors(ctx):
             result = run_convert(src, dst, to=to, progress=bar, **kw)
+    except click.ClickException as e:
+        if not several:
+            raise
+        # A failed process of several leaves at once: JAX's exit handler
+        # would wait (up to its 300 s shutdown timeout) for peers that may
+        # be dead. The error was told to the others, the temporary removed.
+        e.show()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(e.exit_code)
     finally:
         if bar is not None:
             bar.close()
@@ -430,6 +468,7 @@ def to_loop(
     "--format", "out_format", type=click.Choice(list(FORMATS)),
     help="Output format (default: the input's).",
 )
+@_process_options
 @click.pass_context
 def extract(ctx: click.Context, src: Path, dst: Path, out_format: str | None, **kw: Any) -> None:
     """Write IN's --only subtrees (or its --root subtree), cast with --dtype,

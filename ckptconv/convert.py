@@ -364,6 +364,7 @@ def convert(
     dtype: Any = None,
     like: str | Path | None = None,
     copy: bool = False,
+    distributed: Any = None,
     **options: Any,
 ) -> Result:
     """Convert the checkpoint at ``src`` and write it to ``dst``, in bounded memory.
@@ -411,6 +412,16 @@ def convert(
         new files), so neither can change the other; ``copy=True``
         (``--copy``) copies those data files whole instead (in the kernel, as
         ``cp -r`` would), and OUT's files are its own.
+      distributed: run as one of several processes of a ``jax.distributed``
+        program (`ckptconv.multihost`), each reading and writing only its
+        share of the output's leaves: a dict ``{"coordinator": "HOST:PORT",
+        "num_processes": N, "process_id": I}`` (missing entries from
+        ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``)
+        joins or starts that program; None (the default) uses the caller's
+        own when ``jax.distributed`` is already initialized with several
+        processes (JAX is not imported to ask); False is one process. Every
+        process calls `convert` with the same arguments. Orbax items on local
+        (shared) disk only; see `_convert_processes`.
       **options: for to-scan ``pattern``, ``into``, ``axis``, ``axis_for``,
         ``period``, ``layers``, ``remainder``, ``groups``; for to-loop
         ``source``, ``pattern``, ``axis``, ``axis_for``, ``period``,
@@ -425,6 +436,30 @@ def convert(
       CkptconvError: anything else wrong with the input or the options.
     """
     src, dst = storage.as_path(src), storage.as_path(dst)
+    processes = None
+    if isinstance(distributed, dict):
+        from ckptconv import multihost
+
+        processes = multihost.start(
+            distributed.get("coordinator"), distributed.get("num_processes"),
+            distributed.get("process_id"),
+        )
+    elif distributed is None or distributed is True:
+        from ckptconv import multihost
+
+        processes = multihost.current()
+        if distributed is True and processes is None:
+            raise CkptconvError(
+                "distributed=True, but jax.distributed is not initialized with several "
+                "processes; pass distributed={'coordinator': ..., 'num_processes': ..., "
+                "'process_id': ...}"
+            )
+    if processes is not None:
+        return _convert_processes(
+            processes, src, dst, to=to, format=format, step=step, force=force, dry_run=dry_run,
+            progress=progress, fsync=fsync, selection=Selection.of(only, root, dtype), like=like,
+            copy=copy, options=options,
+        )
     selection = Selection.of(only, root, dtype)
     with storage.cached_listings():  # reading only: bucket listings answered once
         _check_paths(src, dst, force)
@@ -530,6 +565,113 @@ def check_output(dst: Path, force: bool) -> None:
         raise OutputExistsError(
             f"{dst} already exists; pass --force to replace it, or choose another path."
         )
+
+
+def _convert_processes(
+    processes: Any, src: Path, dst: Path, *, to: str | None, format: str | None,
+    step: int | None, force: bool, dry_run: bool, progress: Any, fsync: bool,
+    selection: Selection | None, like: Any, copy: bool, options: dict[str, Any],
+) -> Result:
+    """`convert` as one of several processes (`ckptconv.multihost.Processes`).
+
+    Every process plans from the metadata (no array data read; the same plan
+    in each). Process 0 creates the temporary directory beside OUT
+    (``.OUT.ckptconv-tmp-<pid of process 0>``, so a killed run's leftover is
+    recognised and removed as for one process) and shares its path; each
+    process writes its share of the leaves into its own
+    ``ocdbt.process_<i>/`` database inside it; process 0 merges them, writes
+    the metadata files and the commit marker last, stamps the record and
+    renames the directory into place; a last sync point makes every process
+    return only once OUT is in place.
+
+    Any error in any process is told to the others (`Processes.fail`), which
+    stop at their next sync point; a process that does not arrive (killed)
+    stops the others after ``CKPTCONV_BARRIER_TIMEOUT`` seconds. Either way
+    process 0 removes the temporary directory: no OUT, no commit marker.
+
+    Supported: an Orbax item (a pytree directory) in, Orbax out, on local or
+    shared disk (every process must see the same paths). Manager steps and
+    roots, other formats and buckets are refused with one error: on a bucket
+    the processes' databases could not be merged by reference (TensorStore's
+    gcs/s3 kvstores have no copy), and a step's several items are one process's
+    worth of metadata work each.
+    """
+    from ckptconv.formats.orbax_stream.writer import write_processes
+
+    me = processes.process_id
+    tmp: Path | None = None
+    try:
+        if storage.is_bucket(src) or storage.is_bucket(dst):
+            raise CkptconvError(
+                f"{dst}: a multi-process conversion reads and writes local (or shared) disk "
+                "only, not buckets; run it as one process (without --num-processes)"
+            )
+        with storage.cached_listings():
+            _check_paths(src, dst, force)
+            layout, items, used, from_record = plan(
+                src, to=to, step=step, selection=selection, like=like, **options
+            )
+        out_format = format or layout.format
+        if layout.format != "orbax" or out_format != "orbax" or layout.kind != "item":
+            raise CkptconvError(
+                f"{src}: a multi-process conversion takes an Orbax item directory (a pytree "
+                f"checkpoint) to Orbax, not a {layout.format} {layout.kind} to {out_format}; "
+                "run it as one process (without --num-processes)"
+            )
+        result = Result(src, dst, to, layout, out_format, items, selection=selection)
+        result.options, result.from_record = used, from_record
+        result.like = storage.as_path(like) if like is not None else None
+        if dry_run:
+            return result
+        total = result.nbytes
+        update = (lambda n: progress(n, total)) if progress else None
+        rec = record.build(result, result.options)
+        if me == 0:
+            _remove_stale(dst)
+            made = dst.parent / f".{dst.name}.ckptconv-tmp-{os.getpid()}"
+            _remove(made)
+            made.mkdir()
+            tmp = made
+        (shared,) = {p for p in processes.sync("start", str(tmp) if me == 0 else None) if p}
+        work_dir = Path(shared)
+        (item,) = items
+        write_processes(
+            _orbax_norm(item.source), item.out_tree, work_dir, processes, progress=update,
+            sync=fsync, share=not copy,
+        )
+        if me == 0:
+            record.stamp(work_dir, dst, to, rec)
+            if fsync:
+                _fsync_tree(work_dir)
+            if dst.exists() or dst.is_symlink():
+                if not force:
+                    raise OutputExistsError(f"{dst} appeared during the conversion; not replacing it.")
+                old = dst.parent / f".{dst.name}.ckptconv-old-{os.getpid()}-0"
+                os.rename(dst, old)
+                os.rename(work_dir, dst)
+                _remove(old)
+            else:
+                os.rename(work_dir, dst)
+            tmp = None
+        processes.sync("done")
+    except BaseException as e:
+        processes.fail(str(e) or type(e).__name__)
+        if tmp is not None:
+            _remove_own(tmp, settle=True)
+        if isinstance(e, CkptconvError) and tmp is not None and e.args and isinstance(e.args[0], str):
+            e.args = (e.args[0].replace(str(tmp), str(dst)),) + e.args[1:]
+        if isinstance(e, OSError) and not isinstance(e, CkptconvError):
+            raise FormatError(
+                f"cannot write {dst}: {e.strerror or e}. Check that {dst.absolute().parent} is "
+                "writable and has free space; nothing was written and the input is unchanged."
+            ) from e
+        raise
+    result.written = True
+    return result
+
+
+def _orbax_norm(path: Path) -> Path:
+    return Path(os.path.abspath(path))
 
 
 def _write_same_format(

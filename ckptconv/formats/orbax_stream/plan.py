@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tensorstore as ts
 
 from ckptconv import storage
 from ckptconv.errors import FormatError
@@ -57,7 +58,7 @@ from ckptconv.formats.orbax_stream.metadata_read import (
     _zarr_dtype,
 )
 from ckptconv.formats.orbax_stream.metadata_write import _edit_partition_spec, _zarray_bytes
-from ckptconv.formats.orbax_stream.source import _Source
+from ckptconv.formats.orbax_stream.source import _base_spec, _Source
 from ckptconv.lazy import LAZY, Cast, Deferred, Ref, Slice, Stack
 
 # Decoded bytes that concurrent decode jobs may hold together (one job
@@ -242,7 +243,8 @@ class _Plan:
     # -- data ---------------------------------------------------------------
 
     async def write_data(
-        self, tmp: Path, progress: Progress | None, *, sync: bool, share: bool = False
+        self, tmp: Path, progress: Progress | None, *, sync: bool, share: bool = False,
+        work: _Work | None = None,
     ) -> None:
         """Writes every array's chunks into an OCDBT store under `tmp`: a clone
         of the source's database whose keys are renamed (where
@@ -250,7 +252,7 @@ class _Plan:
         into. The clone's data files are IN's (``share``: hard links where
         the filesystem allows) or whole-file copies of them (``--copy``:
         ``copy_file_range``, as ``cp`` copies)."""
-        work = await self._work()
+        work = work if work is not None else await self._work()
         self.engine = "copy"
         # The clone shares or copies data files on one filesystem: a bucket on
         # either side takes the chunk-copy engine.
@@ -271,6 +273,106 @@ class _Plan:
             await self._decode(dst, work, progress)
         finally:
             await dst.close()
+
+    # -- several processes (ckptconv.multihost) -------------------------------
+
+    async def write_share(
+        self, tmp: Path, process_id: int, num_processes: int, progress: Progress | None,
+        *, sync: bool, share: bool,
+    ) -> dict[str, Any]:
+        """One process's part of a multi-process write into the item
+        directory ``tmp`` (which process 0 created): returns what process 0
+        needs to merge it (`merge_shares`).
+
+        The clone engine is metadata-only (a database cloned, its keys
+        renamed: seconds whatever the size), so splitting it buys nothing and
+        would need N clones merged: process 0 alone does it, exactly as one
+        process would, and the others write nothing. Every process decides
+        the engine from the same metadata, so all agree unasked.
+
+        Otherwise (the chunk-copy engine, decode jobs) the output's array
+        leaves are assigned to processes by bytes (`multihost.assign`; a
+        "slices" job, several outputs of one decoded source, is one unit so
+        that no source is decoded twice), and each process writes its leaves'
+        chunks and ``.zarray`` files into its own OCDBT database
+        ``tmp/ocdbt.process_<i>/``, as Orbax's multi-host save does.
+        """
+        from ckptconv.multihost import assign
+
+        work = await self._work()
+        self.engine = "copy"
+        if CLONE and await self._clone_refusal(work) is None:
+            self.engine = "clone"
+            if process_id == 0:
+                await self.write_data(tmp, progress, sync=sync, share=share, work=work)
+            return {"engine": self.engine, "chunks": {}}
+        units: dict[str, int] = {}
+        for op in work.ops:
+            units[op.leaf] = units.get(op.leaf, 0) + op.cost
+        job_names = [f"job:{','.join(leaf.name for leaf in job.leaves)}" for job in work.jobs]
+        for name, job in zip(job_names, work.jobs):
+            units[name] = job.nbytes
+        owner = assign(list(units.items()), num_processes)
+        mine_ops = [op for op in work.ops if owner[op.leaf] == process_id]
+        mine_leaves = {op.leaf for op in mine_ops}
+        mine_jobs = [job for name, job in zip(job_names, work.jobs) if owner[name] == process_id]
+        mine = _Work(
+            mine_ops,
+            {k: v for k, v in work.meta_values.items() if k.rsplit("/", 1)[0] in mine_leaves},
+            mine_jobs, work.zarrays,
+        )
+        dst = _Destination(
+            tmp / f"ocdbt.process_{process_id}", self.src.context, sync=sync,
+            zarr3=self.src.use_zarr3,
+        )
+        await dst.open()
+        try:
+            await self._copy(dst, mine, progress)
+            await self._decode(dst, mine, progress)
+        finally:
+            await dst.close()
+        written = sorted(mine_leaves | {leaf.name for job in mine_jobs for leaf in job.leaves})
+        return {"engine": self.engine, "leaves": written,
+                "chunks": {leaf.name: leaf.chunks for job in mine_jobs for leaf in job.leaves}}
+
+    async def merge_shares(self, tmp: Path, shares: list[dict[str, Any]], *, sync: bool) -> None:
+        """Process 0, once every process has written its share: each
+        process database is copied into the item's root database by
+        reference (``experimental_copy_range_to``; the data files stay in
+        ``ocdbt.process_<i>/d/`` and the root's B-tree points at them, as
+        Orbax's ``merge_ocdbt_per_process_files`` leaves them), all in one
+        ``ts.Context``; the decode-path leaves' chunk shapes come from the
+        process that wrote them."""
+        if self.engine == "clone":
+            return
+        by_name = {leaf.name: leaf for leaf in self.leaves}
+        for got in shares:
+            for name, chunks in got.get("chunks", {}).items():
+                by_name[name].chunks = chunks
+        root = _Destination(tmp, self.src.context, sync=sync, zarr3=self.src.use_zarr3)
+        await root.open()
+        assert root.kv is not None
+        try:
+            children = []
+            for i in range(len(shares)):
+                child = tmp / f"ocdbt.process_{i}"
+                if not (child / "manifest.ocdbt").exists():
+                    continue  # a process with no leaf to write
+                # Orbax's spec for a process database (its base as the
+                # root's, with the same file locking mode): a reference copy
+                # needs the child's files under the root's base kvstore.
+                base = {**_base_spec(child), "file_io_locking": {"mode": "non_atomic"}}
+                children.append(await ts.KvStore.open(
+                    {"driver": "ocdbt", "base": base, "manifest": _base_spec(child),
+                     "cache_pool": "cache_pool#ocdbt"},
+                    context=self.src.context,
+                ))
+            try:
+                await asyncio.gather(*(c.experimental_copy_range_to(root.kv) for c in children))
+            except Exception as e:
+                raise FormatError(f"{tmp}: merging the processes' databases failed: {e}") from e
+        finally:
+            await root.close()
 
     async def _work(self) -> _Work:
         """Sorts the array leaves into chunk moves and decode jobs (reads the

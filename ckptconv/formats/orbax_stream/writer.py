@@ -127,3 +127,37 @@ def _write_bucket(
         storage.remove_written(dst)
         raise
     return plan.engine
+
+
+def write_processes(
+    src_dir: str | os.PathLike,
+    out_tree: Any,
+    dst_dir: str | os.PathLike,
+    processes: Any,
+    *,
+    progress: Progress | None = None,
+    sync: bool = False,
+    share: bool = True,
+) -> str:
+    """`write` as one of several processes (`ckptconv.multihost.Processes`),
+    into ``dst_dir``, an item directory process 0 has created inside the
+    conversion's temporary directory (every process is given the same path;
+    the rename into place is the caller's, after the last sync point).
+
+    Each process writes its share (`_Plan.write_share`); after a sync point,
+    process 0 merges the process databases into the root database
+    (`_Plan.merge_shares`) and writes the metadata files, the commit marker
+    last. The others return once process 0 has merged.
+    """
+    dst = Path(dst_dir).absolute()
+    src = _Source(storage.as_path(src_dir))
+    plan = _Plan(src, out_tree)
+    mine = _run(plan.write_share(
+        dst, processes.process_id, processes.num_processes, progress, sync=sync, share=share
+    ))
+    processes.pause_for_tests()
+    shares = processes.sync("written", mine)
+    if processes.process_id == 0:
+        _run(plan.merge_shares(dst, shares, sync=sync))
+        plan.write_files(dst, dst, sync=sync)
+    return plan.engine
