@@ -553,7 +553,9 @@ def check_output(dst: Path, force: bool) -> None:
                 f"{dst}: output already exists (objects are stored under this prefix); choose "
                 "another path, or delete them first (gcloud storage rm -r / aws s3 rm "
                 "--recursive). A bucket has no rename, so --force cannot replace an output "
-                "atomically and does not apply to buckets."
+                "atomically and does not apply to buckets. (Objects without a "
+                "commit_success.txt are what a killed run left: no reader takes them for a "
+                "checkpoint, and they are safe to delete.)"
             )
         return
     if not dst.absolute().parent.is_dir():

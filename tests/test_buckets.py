@@ -397,7 +397,8 @@ def test_output_exists(bucket, tmp_path, cli):
         f"Error: {bucket}/out: output already exists (objects are stored under this prefix); "
         "choose another path, or delete them first (gcloud storage rm -r / aws s3 rm "
         "--recursive). A bucket has no rename, so --force cannot replace an output atomically "
-        "and does not apply to buckets.\n"
+        "and does not apply to buckets. (Objects without a commit_success.txt are what a "
+        "killed run left: no reader takes them for a checkpoint, and they are safe to delete.)\n"
     )
     with pytest.raises(OutputExistsError):
         ckptconv.convert(loop, f"{bucket}/out", to="scan")

@@ -269,3 +269,14 @@ def test_prefix_range():
     # tensorstore 0.1.86 gives the bounds as bytes, 0.1.77 as str.
     got = tuple(x.encode() if isinstance(x, str) else x for x in (r.inclusive_min, r.exclusive_max))
     assert got == (b"params.layer_1/", b"params.layer_10")
+
+
+@pytest.mark.parametrize("value, on", [("0", False), ("false", False), (" Off ", False), ("no", False), ("1", True), ("", True)])
+def test_clone_switch_values(value, on):
+    import subprocess
+    import sys
+
+    code = "from ckptconv.formats.orbax_stream import plan; print(plan.CLONE)"
+    env = {**os.environ, "CKPTCONV_CLONE": value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout == f"{on}\n"

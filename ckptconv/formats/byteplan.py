@@ -63,7 +63,7 @@ _FLUSH = 1 << 20
 #: (see the module docstring). Read when an `Out` is made; the environment
 #: variable ``CKPTCONV_KERNEL_COPY=0`` sets it False, forcing the Python
 #: write of mapped bytes (same output, byte for byte).
-KERNEL_COPY = os.environ.get("CKPTCONV_KERNEL_COPY", "1") != "0"
+KERNEL_COPY = os.environ.get("CKPTCONV_KERNEL_COPY", "1").strip().lower() not in ("0", "false", "no", "off")
 # What the kernel answers when it cannot copy between these two files (another
 # filesystem, a file type or kernel without the call): fall back, not fail.
 _REFUSED = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}

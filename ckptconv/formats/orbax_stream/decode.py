@@ -50,7 +50,7 @@ from ckptconv.lazy import Deferred, Slice, Stack
 #: Stream-decode stacks saved as one zstd chunk (see `_StreamPlan`); the
 #: environment variable ``CKPTCONV_ZSTD_STREAM=0`` sets it False, forcing
 #: TensorStore's whole-leaf decode (same output, bit for bit).
-ZSTD_STREAM = os.environ.get("CKPTCONV_ZSTD_STREAM", "1") != "0"
+ZSTD_STREAM = os.environ.get("CKPTCONV_ZSTD_STREAM", "1").strip().lower() not in ("0", "false", "no", "off")
 
 # Decoded layers a streamed decode on a layer axis > 0 keeps per pass over
 # the stream (there every layer's bytes are spread over the whole leaf).

@@ -79,7 +79,7 @@ _MAX_DEAD_FRACTION = 0.01
 
 #: ``CKPTCONV_CLONE=0`` writes every output by the chunk-copy engine (`_Plan._copy`),
 #: as conversions the clone refuses are written: for comparisons and benchmarks.
-CLONE = os.environ.get("CKPTCONV_CLONE", "1") != "0"
+CLONE = os.environ.get("CKPTCONV_CLONE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 @dataclass
