@@ -461,13 +461,9 @@ def convert(
             copy=copy, options=options,
         )
     selection = Selection.of(only, root, dtype)
-    with storage.cached_listings():  # reading only: bucket listings answered once
-        _check_paths(src, dst, force)
-        layout, items, used, from_record = plan(
-            src, to=to, step=step, selection=selection, like=like, **options
-        )
+    result = _planned(src, dst, to, format, step, force, selection, like, options)
+    layout, items, out_format = result.layout, result.items, result.out_format
     bucket = storage.is_bucket(dst)
-    out_format = format or layout.format
     out_fmt = formats.get(out_format)
     if bucket and out_format != "orbax":
         raise CkptconvError(
@@ -475,9 +471,6 @@ def convert(
             f"write the {out_format} output to local disk and copy it to the bucket "
             "(gcloud storage cp / aws s3 cp)."
         )
-    result = Result(src, dst, to, layout, out_format, items, selection=selection)
-    result.options, result.from_record = used, from_record
-    result.like = storage.as_path(like) if like is not None else None
     if dry_run:
         return result
     in_fmt = formats.get(layout.format)
@@ -505,6 +498,23 @@ def convert(
             # folders) and costs nothing on files already on disk.
             _fsync_tree(tmp)
     result.written = True
+    return result
+
+
+def _planned(
+    src: Path, dst: Path, to: str | None, format: str | None, step: int | None, force: bool,
+    selection: Selection | None, like: Any, options: dict[str, Any],
+) -> Result:
+    """The checks on IN and OUT, and the plan, as a `Result` not yet written
+    (metadata only; bucket listings are answered once while it reads)."""
+    with storage.cached_listings():
+        _check_paths(src, dst, force)
+        layout, items, used, from_record = plan(
+            src, to=to, step=step, selection=selection, like=like, **options
+        )
+    result = Result(src, dst, to, layout, format or layout.format, items, selection=selection)
+    result.options, result.from_record = used, from_record
+    result.like = storage.as_path(like) if like is not None else None
     return result
 
 
@@ -601,67 +611,45 @@ def _convert_processes(
     from ckptconv.formats.orbax_stream.writer import write_processes
 
     me = processes.process_id
-    tmp: Path | None = None
     try:
         if storage.is_bucket(src) or storage.is_bucket(dst):
             raise CkptconvError(
                 f"{dst}: a multi-process conversion reads and writes local (or shared) disk "
                 "only, not buckets; run it as one process (without --num-processes)"
             )
-        with storage.cached_listings():
-            _check_paths(src, dst, force)
-            layout, items, used, from_record = plan(
-                src, to=to, step=step, selection=selection, like=like, **options
-            )
-        out_format = format or layout.format
+        result = _planned(src, dst, to, format, step, force, selection, like, options)
+        layout, out_format = result.layout, result.out_format
         if layout.format != "orbax" or out_format != "orbax" or layout.kind != "item":
             raise CkptconvError(
                 f"{src}: a multi-process conversion takes an Orbax item directory (a pytree "
                 f"checkpoint) to Orbax, not a {layout.format} {layout.kind} to {out_format}; "
                 "run it as one process (without --num-processes)"
             )
-        result = Result(src, dst, to, layout, out_format, items, selection=selection)
-        result.options, result.from_record = used, from_record
-        result.like = storage.as_path(like) if like is not None else None
         if dry_run:
             return result
         total = result.nbytes
         update = (lambda n: progress(n, total)) if progress else None
         rec = record.build(result, result.options)
-        if me == 0:
-            _remove_stale(dst)
-            made = dst.parent / f".{dst.name}.ckptconv-tmp-{os.getpid()}"
-            _remove(made)
-            made.mkdir()
-            tmp = made
-        (shared,) = {p for p in processes.sync("start", str(tmp) if me == 0 else None) if p}
-        work_dir = Path(shared)
-        (item,) = items
-        write_processes(
-            _orbax_norm(item.source), item.out_tree, work_dir, processes, progress=update,
-            sync=fsync, share=not copy,
-        )
-        if me == 0:
-            record.stamp(work_dir, dst, to, rec)
-            if fsync:
-                _fsync_tree(work_dir)
-            if dst.exists() or dst.is_symlink():
-                if not force:
-                    raise OutputExistsError(f"{dst} appeared during the conversion; not replacing it.")
-                old = dst.parent / f".{dst.name}.ckptconv-old-{os.getpid()}-0"
-                os.rename(dst, old)
-                os.rename(work_dir, dst)
-                _remove(old)
-            else:
-                os.rename(work_dir, dst)
-            tmp = None
+        # Process 0 owns the temporary directory, as one process would
+        # (`_atomic_output`: leftovers removed, moved into place on success,
+        # errors naming OUT); the others write into it.
+        with _atomic_output(dst, force) if me == 0 else contextlib.nullcontext() as made:
+            if me == 0:
+                made.mkdir()
+            (shared,) = {p for p in processes.sync("start", str(made) if me == 0 else None) if p}
+            work_dir = Path(shared)
+            (item,) = result.items
+            write_processes(
+                _orbax_norm(item.source), item.out_tree, work_dir, processes, progress=update,
+                sync=fsync, share=not copy,
+            )
+            if me == 0:
+                record.stamp(work_dir, dst, to, rec)
+                if fsync:
+                    _fsync_tree(work_dir)
         processes.sync("done")
     except BaseException as e:
         processes.fail(str(e) or type(e).__name__)
-        if tmp is not None:
-            _remove_own(tmp, settle=True)
-        if isinstance(e, CkptconvError) and tmp is not None and e.args and isinstance(e.args[0], str):
-            e.args = (e.args[0].replace(str(tmp), str(dst)),) + e.args[1:]
         if isinstance(e, OSError) and not isinstance(e, CkptconvError):
             raise FormatError(
                 f"cannot write {dst}: {e.strerror or e}. Check that {dst.absolute().parent} is "
