@@ -62,8 +62,20 @@ def _main(main: object) -> int:
         code = main.main(prog_name="ckptconv", standalone_mode=False)
     except click.exceptions.Abort as e:
         sig = 143 if isinstance(e.__context__, Terminated) else 130
-        os.write(2, b"Error: interrupted.\n")
+        from ckptconv import errors
+
+        # The command's work may have ended (OUT renamed into place) with the
+        # signal landing in the moment after, before click returned: say so,
+        # as the CLI does inside the work (a CI run once saw plain
+        # "interrupted." here with a complete OUT on disk).
+        message = errors.completed_message() or "interrupted."
+        os.write(2, f"Error: {message}\n".encode())
         return sig
+    except click.UsageError as e:
+        # One line, as every error (click's own shows usage, a hint, a blank line).
+        cmd = e.ctx.command_path if e.ctx is not None else "ckptconv"
+        click.echo(f"Error: {e.format_message()} (see '{cmd} --help')", err=True)
+        return e.exit_code
     except click.ClickException as e:
         e.show()
         return e.exit_code
@@ -95,6 +107,8 @@ def run() -> None:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, quiet)  # run as we are
     from ckptconv.cli import main
 
+    # Python's own SIGINT handler, not a wrapper: asyncio.Runner takes over
+    # SIGINT (cancelling its main task cleanly) only from that one.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -17,9 +17,9 @@ from typing import Any
 
 import click
 
+from ckptconv import errors, storage
 from ckptconv import record as record_mod
 from ckptconv import report as report_mod
-from ckptconv import storage
 from ckptconv.convert import convert as run_convert
 from ckptconv.errors import CkptconvError, Terminated
 from ckptconv.formats import FORMATS
@@ -33,6 +33,7 @@ class _Error(click.ClickException):
 @contextmanager
 def _errors(ctx: click.Context):
     """Turn ckptconv's errors into ``Error: …`` and exit code 2 (a traceback with --debug)."""
+    errors.completed.clear()  # this command's outputs only (several in one process: tests)
     try:
         yield
     except CkptconvError as e:
@@ -42,29 +43,56 @@ def _errors(ctx: click.Context):
     except (KeyboardInterrupt, Terminated) as e:
         if ctx.obj.get("debug"):
             raise
-        # Work cut short leaves objects that complain when collected at exit
-        # (an event loop's sockets, a coroutine never awaited): not news.
-        import warnings
-
-        warnings.filterwarnings("ignore")
-        sys.unraisablehook = lambda *_: None
-        # A bucket output says what was deleted (`convert._bucket_output`).
-        err = _Error(getattr(e, "ckptconv_message", None)
-                     or "interrupted; nothing was written and the input is unchanged.")
-        err.exit_code = 143 if isinstance(e, Terminated) else 130
-        raise err from None
+        _interrupted(e)
     except (click.exceptions.Exit, click.ClickException):
         raise
     except Exception as e:
-        # A bug, or an error of a library ckptconv does not know yet: still
-        # one line (the output was removed by then), with the way to more.
         if ctx.obj.get("debug"):
             raise
+        cause = _interrupt_behind(e)
+        if cause is not None:
+            # A signal broke what was running: a Ctrl-C while TensorStore's
+            # extension module loads is "ImportError: initialization failed"
+            # raised from the KeyboardInterrupt. The interrupt, not a bug.
+            _interrupted(cause)
+        # A bug, or an error of a library ckptconv does not know yet: still
+        # one line (the output was removed by then), with the way to more.
         raise _Error(
             f"unexpected {type(e).__name__}: {e}. Nothing was written and the input is "
             "unchanged. This is a bug in ckptconv: rerun with --debug for the traceback, "
             "and report it."
         ) from None
+
+
+def _interrupt_behind(e: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt (or `Terminated`) ``e`` was raised from, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _interrupted(e: BaseException) -> None:
+    """Raise the one-line error for an interrupt (130, 143 for SIGTERM)."""
+    # Work cut short leaves objects that complain when collected at exit
+    # (an event loop's sockets, a coroutine never awaited, asyncio's "Task
+    # exception was never retrieved" for the task the interrupt ended: a CI
+    # run printed that after the one line): not news.
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    sys.unraisablehook = lambda *_: None
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
+    # A bucket output says what was deleted (`convert._bucket_output`).
+    message = getattr(e, "ckptconv_message", None)
+    if message is None:
+        message = errors.completed_message()
+    err = _Error(message or "interrupted; nothing was written and the input is unchanged.")
+    err.exit_code = 143 if isinstance(e, Terminated) else 130
+    raise err from None
 
 
 def _human(n: float) -> str:
@@ -151,15 +179,15 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--pattern", "patterns", multiple=True, help="Layer key template with {i}, as for to-scan (repeatable, paired with --into).")
 @click.option("--into", "intos", multiple=True, help="Stacked key, as for to-scan (repeatable).")
 @click.option("--period", type=click.IntRange(min=1), help="Blocks of K layers, as for to-scan / to-loop.")
-@click.option("--layers", "layer_range", help="START:STOP, as for to-scan.")
-@click.option("--from", "source", default="blocks", show_default=True, help="Stacked key, as for to-loop.")
-@click.option("--axis", type=int, default=0, show_default=True, help="Layer axis, as for to-loop.")
+@click.option("--layers", "layer_range", help="START:STOP, as for to-scan and to-loop.")
+@click.option("--from", "source", help="Stacked key, as for to-loop (default: what the checkpoint's record says, else blocks).")
+@click.option("--axis", type=int, help="Layer axis, as for to-loop (default: the record's, else 0).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
 def inspect(
     ctx: click.Context, ckpt: Path, step: int | None, patterns: tuple[str, ...],
     intos: tuple[str, ...], period: int | None, layer_range: str | None,
-    source: str, axis: int, as_json: bool,
+    source: str | None, axis: int | None, as_json: bool,
 ) -> None:
     """Show a checkpoint's format, tree and the groups to-scan / to-loop would convert.
 
@@ -169,16 +197,29 @@ def inspect(
     with _errors(ctx):
         scan_opts = _scan_options(patterns, intos, period, layer_range, None)
         loop_pattern = patterns[0] if len(patterns) == 1 else None
-        rep = report_mod.inspect(
-            ckpt, step=step, scan_options=scan_opts,
-            loop_options={"source": source, "axis": axis, "period": period, "pattern": loop_pattern},
-        )
+        loop_opts = {"source": source or "blocks", "axis": axis or 0, "period": period,
+                     "pattern": loop_pattern, "layers": parse_layers(layer_range)}
+        recorded = None
+        if not (patterns or intos or period or layer_range or source or axis is not None):
+            # As to-loop (to-scan) with no options: the record's undo, if any.
+            rec = record_mod.read(ckpt, step)
+            if rec is not None and rec.get("command") == "to-scan" and rec.get("groups"):
+                loop_opts = record_mod.undo_options(rec)
+                recorded = f"to-loop with no options undoes it: {record_mod.options_text(loop_opts)}"
+            elif rec is not None and rec.get("command") == "to-loop" and rec.get("groups"):
+                scan_opts = record_mod.redo_options(rec)
+                recorded = f"to-scan with no options undoes it: {record_mod.options_text(scan_opts)}"
+            if recorded:
+                recorded = f"record: written by ckptconv {rec['command']}; {recorded}"
+        rep = report_mod.inspect(ckpt, step=step, scan_options=scan_opts, loop_options=loop_opts)
     if as_json:
         click.echo(json.dumps(rep.to_json(), indent=2))
         return
     kind = "sharded directory" if rep.kind == "item" and rep.format != "orbax" else rep.kind
     where = kind + (f", step {rep.step}" if rep.step is not None else "")
     click.echo(f"{rep.path}: {rep.format} ({where})")
+    if recorded:
+        click.echo(recorded)
     for it in rep.items:
         if it.name:
             click.echo(f"\nitem {it.name!r} ({it.path})")
@@ -211,7 +252,7 @@ def inspect(
         elif it.to_loop_hint:
             click.echo(f"to-loop: {it.to_loop_hint}")
         else:
-            click.echo(f"to-loop: no {source!r} subtree")
+            click.echo(f"to-loop: no {loop_opts.get('source', 'blocks')!r} subtree")
         for line in it.known:
             click.echo(f"known layout: {line}")
 
@@ -286,7 +327,7 @@ def _process_options(fn: Any) -> Any:
     )(fn)
     fn = click.option(
         "--num-processes", "num_processes", type=int, metavar="N",
-        help="Run as one of N processes of a jax.distributed program, each writing its share of OUT's leaves (default: JAX_NUM_PROCESSES; Orbax items on local or shared disk).",
+        help="Run as one of N processes of a jax.distributed program, each writing its share of OUT's leaves (default: JAX_NUM_PROCESSES; Orbax checkpoints: items, steps, manager roots; shared disk or buckets).",
     )(fn)
     fn = click.option(
         "--coordinator", metavar="HOST:PORT",
@@ -308,7 +349,7 @@ def _common_options(fn: Any) -> Any:
     fn = click.option("--step", type=int, help="CheckpointManager step (default: latest).")(fn)
     fn = click.option(
         "--format", "out_format", type=click.Choice(list(FORMATS)),
-        help="Output format (default: the input's).",
+        help="Output format (default: OUT's suffix if .msgpack or .safetensors, else the input's).",
     )(fn)
     fn = click.option(
         "--axis-for", "axis_for", multiple=True, metavar="NAME=N",
@@ -321,8 +362,8 @@ def _common_options(fn: Any) -> Any:
     return fn
 
 
-def _run_convert(ctx: click.Context, src: Path, dst: Path, to: str | None, **kw: Any) -> None:
-    src, dst = storage.as_path(src), storage.as_path(dst)  # click's Path: gs:/b/x
+def _run_convert(ctx: click.Context, src: Path, dst: str, to: str | None, **kw: Any) -> None:
+    raw, src, dst = dst, storage.as_path(src), storage.as_path(dst)  # click's Path: gs:/b/x
     verb = {"scan": "stack", "loop": "unstack", None: "convert"}[to]
     dry_run = kw.get("dry_run", False)
     kw["only"] = list(kw.get("only") or ()) or None
@@ -342,7 +383,7 @@ def _run_convert(ctx: click.Context, src: Path, dst: Path, to: str | None, **kw:
     start = time.perf_counter()
     try:
         with _errors(ctx):
-            result = run_convert(src, dst, to=to, progress=bar, **kw)
+            result = run_convert(src, raw, to=to, progress=bar, **kw)
     except click.ClickException as e:
         if not several:
             raise
@@ -386,10 +427,45 @@ def _run_convert(ctx: click.Context, src: Path, dst: Path, to: str | None, **kw:
         click.echo(f"dry run: would write {dst} ({result.out_format}, {_human(result.nbytes)}); nothing written")
     else:
         click.echo(f"wrote {dst} ({result.out_format}, {_human(result.nbytes)}) in {elapsed:.1f} s")
-    if to == "scan" and not dry_run:
+    if result.left_out:
+        click.echo(
+            f"not in {dst}: {', '.join(result.left_out)} (not pytree items; a {result.out_format} "
+            "file holds arrays only)"
+        )
+    inside = record_mod.root_in_stack(result) if to == "scan" else None
+    if inside is not None:
+        from ckptconv.tree import format_path
+
+        click.echo(
+            f"note: --root {'/'.join(map(str, result.selection.root))} is at or inside the stack "
+            f"{format_path(inside.target)}: OUT holds stacked leaves without the layers' names, and "
+            "to-loop cannot undo it from OUT alone; a --root above the stack (--root params) keeps "
+            "it undoable."
+        )
+    if to == "scan" and not dry_run and inside is None:
         undo = _undo_command(result, dst)
         if undo:
             click.echo(f"to undo: {undo}")
+        hf = _hf_lists(result)
+        if hf:
+            click.echo(
+                f"note: {dst} holds Hugging Face layer lists in scan form ({', '.join(hf)}): "
+                "transformers' from_pretrained does not read stacked layers and would initialise "
+                "them at random. Load it into a scan model (ckptconv.restore(..., like=...)), or "
+                "to-loop it back for transformers."
+            )
+
+
+def _hf_lists(result: Any) -> list[str]:
+    """The Hugging Face layer lists (`ckptconv.known`) a to-scan stacked in place."""
+    from ckptconv import known
+    from ckptconv.tree import format_path
+
+    return [
+        format_path(g.path + (g.holder,)) for g in result.groups
+        if g.holder is not None and str(g.holder) in known.HF_LISTS
+        and g.path and str(g.path[0]) in known.HF_ROOTS
+    ][:3]
 
 
 def _undo_command(result: Any, dst: Path) -> str | None:
@@ -413,21 +489,23 @@ def _undo_command(result: Any, dst: Path) -> str | None:
         head = record_mod.options_text({k: v for k, v in opts.items() if k in ("source", "pattern", "stacks")})
         tail = record_mod.options_text({k: v for k, v in opts.items() if k not in ("source", "pattern", "stacks")})
         text = " ".join(x for x in (head, fmt, tail) if x)
+        if result.layout.kind in ("step", "root"):
+            text += " (an Orbax item: OUT holds no CheckpointManager step)"
     return " ".join(args + ([text] if text else []))
 
 
 @main.command("to-scan")
 @click.argument("src", metavar="IN", type=click.Path(path_type=Path))
-@click.argument("dst", metavar="OUT", type=click.Path(path_type=Path))
+@click.argument("dst", metavar="OUT", type=click.Path())  # a str: "out/" keeps its slash
 @click.option("--pattern", "patterns", multiple=True, help="Layer key template with {i}, e.g. 'layers_{i}' (default: layer_/layers_/block_/blocks_/h_ and digit keys). Repeat it, each with its own --into, for several groups.")
-@click.option("--into", "intos", multiple=True, help="Key of the stacked subtree (default: blocks; a digit-keyed list: its own key).")
+@click.option("--into", "intos", multiple=True, help="Key of the stacked subtree, or a path (blocks/ScanBlock_0, as nn.scan in a wrapper module) (default: blocks; a digit-keyed list: its own key).")
 @click.option("--period", type=click.IntRange(min=1), help="Stack blocks of K layers (MaxText scanned Gemma-3: 6): layer K*b+j -> INTO/<name_j>[b]; leftovers -> INTO_remainder.")
 @click.option("--remainder", type=click.Choice(["separate", "extend"]), help="With --period: leftovers unstacked under INTO_remainder (separate, default, MaxText) or extending the first stacks (extend).")
 @click.option("--layers", "layer_range", metavar="START:STOP", help="Stack only these layers (renumbered from 0); the others stay as they are.")
 @_common_options
 @click.pass_context
 def to_scan(
-    ctx: click.Context, src: Path, dst: Path, out_format: str | None, patterns: tuple[str, ...],
+    ctx: click.Context, src: Path, dst: str, out_format: str | None, patterns: tuple[str, ...],
     intos: tuple[str, ...], period: int | None, remainder: str | None, layer_range: str | None,
     **kw: Any,
 ) -> None:
@@ -439,15 +517,15 @@ def to_scan(
 
 @main.command("to-loop")
 @click.argument("src", metavar="IN", type=click.Path(path_type=Path))
-@click.argument("dst", metavar="OUT", type=click.Path(path_type=Path))
-@click.option("--from", "sources", multiple=True, help="Key of the stacked subtrees (default: what IN's record says undoes its to-scan, else blocks). Repeat it, each with its own --pattern, for several stacks.")
+@click.argument("dst", metavar="OUT", type=click.Path())  # a str: "out/" keeps its slash
+@click.option("--from", "sources", multiple=True, help="Key of the stacked subtrees, or a path of lone keys (blocks/ScanBlock_0) (default: what IN's record says undoes its to-scan, else blocks). Repeat it, each with its own --pattern, for several stacks.")
 @click.option("--pattern", "patterns", multiple=True, help="Layer key template with {i} (default: layer_{i}); '{i}' gives a digit-keyed list under the --from key, 'NAME/{i}' adds the layers to the list NAME.")
 @click.option("--period", type=click.IntRange(min=1), help="The stacks hold blocks of K layers (the inverse of to-scan --period).")
 @click.option("--layers", "layer_range", metavar="START:", help="Number the layers from START (the inverse of to-scan --layers).")
 @_common_options
 @click.pass_context
 def to_loop(
-    ctx: click.Context, src: Path, dst: Path, out_format: str | None, sources: tuple[str, ...],
+    ctx: click.Context, src: Path, dst: str, out_format: str | None, sources: tuple[str, ...],
     patterns: tuple[str, ...], period: int | None, layer_range: str | None, **kw: Any,
 ) -> None:
     """Unstack every scanned subtree of IN into layer_0 … layer_N-1, write OUT."""
@@ -458,7 +536,7 @@ def to_loop(
 
 @main.command()
 @click.argument("src", metavar="IN", type=click.Path(path_type=Path))
-@click.argument("dst", metavar="OUT", type=click.Path(path_type=Path))
+@click.argument("dst", metavar="OUT", type=click.Path())  # a str: "out/" keeps its slash
 @_selection_options
 @click.option("--dry-run", is_flag=True, help="Check and report; write nothing.")
 @click.option("--fsync", is_flag=True, help="Flush OUT to disk before renaming it into place.")
@@ -466,11 +544,11 @@ def to_loop(
 @click.option("--step", type=int, help="CheckpointManager step (default: latest).")
 @click.option(
     "--format", "out_format", type=click.Choice(list(FORMATS)),
-    help="Output format (default: the input's).",
+    help="Output format (default: OUT's suffix if .msgpack or .safetensors, else the input's).",
 )
 @_process_options
 @click.pass_context
-def extract(ctx: click.Context, src: Path, dst: Path, out_format: str | None, **kw: Any) -> None:
+def extract(ctx: click.Context, src: Path, dst: str, out_format: str | None, **kw: Any) -> None:
     """Write IN's --only subtrees (or its --root subtree), cast with --dtype,
     to OUT, with no layout change: a train state's params for serving."""
     _run_convert(ctx, src, dst, None, format=out_format, **kw)
@@ -506,6 +584,9 @@ def _shape(value: str | None) -> tuple[int, ...] | None:
 @click.option("--json", "json_dest", help="Write the whole report as JSON to PATH, or '-' for stdout.")
 @click.option("--step", type=int, help="CheckpointManager step, of both (default: the latest of each, which must agree).")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Draw layers x intermediates, colour = worst |diff| / tolerance, as PNG or SVG (by the suffix; needs matplotlib: pip install 'ckptconv[plot]').")
+@click.option("--only", "only", multiple=True, metavar="PATH", help="As given to to-scan: LOOP's other subtrees are not compared (default: SCAN's record).")
+@click.option("--root", metavar="PATH", help="As given to to-scan (default: SCAN's record).")
+@click.option("--dtype", metavar="float32|bfloat16|float16", help="As given to to-scan: LOOP is cast the same way and both forms run on the cast params (default: SCAN's record).")
 @click.pass_context
 def verify(
     ctx: click.Context, loop: Path, scan: Path, patterns: tuple[str, ...], intos: tuple[str, ...],
@@ -513,6 +594,7 @@ def verify(
     period: int | None, remainder: str, block: str | None, block_kwargs: str,
     model: str | None, input_shape: str | None, input_file: Path | None, seed: int, atol: float | None, rtol: float | None,
     precision: str, json_dest: str | None, step: int | None, plot_path: Path | None,
+    only: tuple[str, ...], root: str | None, dtype: str | None,
 ) -> None:
     """Prove SCAN is the scan form of LOOP: structure bit for bit, then (with
     --block or --model) both forms run and every layer's intermediates are diffed.
@@ -543,7 +625,7 @@ def verify(
             remainder=remainder, block=block,
             block_kwargs=kwargs, model=model, inputs=inputs, input_shape=shape,
             seed=seed, atol=atol, rtol=rtol, step=step, layers=parse_layers(layer_range),
-            plot=plot_path, precision=precision,
+            plot=plot_path, precision=precision, only=list(only) or None, root=root, dtype=dtype,
         )
     if json_dest == "-":
         click.echo(json.dumps(rep.to_json(), indent=2))

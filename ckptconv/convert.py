@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptconv import formats, lazy, record, storage, subset, tree
+from ckptconv import errors, formats, lazy, record, storage, subset, tree
 from ckptconv import like as like_mod
 from ckptconv.errors import (
     CkptconvError,
@@ -89,6 +89,14 @@ class Result:
     @property
     def nbytes(self) -> int:
         return sum(i.nbytes for i in self.items)
+
+    @property
+    def left_out(self) -> list[str]:
+        """A CheckpointManager step's non-pytree items (``1/metrics``) that an
+        output in another format has no place for."""
+        if self.out_format == self.layout.format or self.layout.kind not in ("step", "root"):
+            return []
+        return [name for path, name in self.layout.others if path.is_dir()]
 
     @property
     def groups(self) -> list[Any]:
@@ -221,7 +229,8 @@ def plan(
                 continue
             if ref_tree is not None:
                 try:
-                    how, inferred = like_mod.infer(lazy_tree, ref_tree)
+                    how, inferred = like_mod.infer(
+                        lazy_tree, ref_tree, _hint(options) if to == "scan" else None)
                 except GroupError as e:
                     raise GroupError(f"{path}: --like {like}: {e}") from e
                 if how != to:
@@ -338,7 +347,13 @@ def _take_root(
         item.out_tree = node
         kept.append(item)
     if not kept:
-        raise subset.SelectionError(f"{src}: --root {'/'.join(root)}: {why}. Nothing was written.")
+        after = ""
+        if any(i.groups for i in items):
+            # The path may well be in IN: --root is taken after the conversion.
+            after = (" (--root names a path of the converted tree: it is taken after the layers "
+                     "are stacked or unstacked)")
+        raise subset.SelectionError(
+            f"{src}: --root {'/'.join(root)}: {why}{after}. Nothing was written.")
     if len(kept) > 1:
         raise subset.SelectionError(
             f"{src}: --root {'/'.join(root)} is in items "
@@ -378,7 +393,8 @@ def convert(
       to: ``"scan"`` (stack layers), ``"loop"`` (unstack) or None (no
         layout change: `extract`).
       format: ``"msgpack"``, ``"orbax"`` or ``"safetensors"`` for the output;
-        default: the input's (and its layout: a sharded Hugging Face directory
+        default: what ``dst``'s name ends with (``.msgpack``, ``.safetensors``),
+        else the input's (and its layout: a sharded Hugging Face directory
         stays sharded). Another format gives one file (or one Orbax item).
       step: for a CheckpointManager root, the step to convert (default: latest).
       force: replace an existing ``dst``.
@@ -420,8 +436,9 @@ def convert(
         joins or starts that program; None (the default) uses the caller's
         own when ``jax.distributed`` is already initialized with several
         processes (JAX is not imported to ask); False is one process. Every
-        process calls `convert` with the same arguments. Orbax items on local
-        (shared) disk only; see `_convert_processes`.
+        process calls `convert` with the same arguments. Orbax to Orbax
+        (items, steps, manager roots; shared disk or buckets); see
+        `_convert_processes`.
       **options: for to-scan ``pattern``, ``into``, ``axis``, ``axis_for``,
         ``period``, ``layers``, ``remainder``, ``groups``; for to-loop
         ``source``, ``pattern``, ``axis``, ``axis_for``, ``period``,
@@ -435,6 +452,8 @@ def convert(
       OutputExistsError: ``dst`` exists and ``force`` is false.
       CkptconvError: anything else wrong with the input or the options.
     """
+    # "out/" names a folder (pathlib drops the slash): a one-file format there is refused.
+    folder = isinstance(dst, str) and dst.endswith("/") and dst.strip("/") != ""
     src, dst = storage.as_path(src), storage.as_path(dst)
     processes = None
     if isinstance(distributed, dict):
@@ -461,7 +480,7 @@ def convert(
             copy=copy, options=options,
         )
     selection = Selection.of(only, root, dtype)
-    result = _planned(src, dst, to, format, step, force, selection, like, options)
+    result = _planned(src, dst, to, format, step, force, selection, like, options, folder=folder)
     layout, items, out_format = result.layout, result.items, result.out_format
     bucket = storage.is_bucket(dst)
     out_fmt = formats.get(out_format)
@@ -486,8 +505,7 @@ def convert(
                 kw["copy"] = True  # the format's default is to share
             _write_same_format(layout, items, in_fmt, tmp, update, fsync, kw)
         else:
-            rooted = selection is not None and selection.root is not None
-            _write_other_format(layout, items, in_fmt, out_fmt, tmp, update, rooted, kw)
+            _write_other_format(layout, items, in_fmt, out_fmt, tmp, update, kw)
         if out_format == "orbax":
             record.stamp(tmp, dst, to, rec)
         if bucket:
@@ -503,7 +521,7 @@ def convert(
 
 def _planned(
     src: Path, dst: Path, to: str | None, format: str | None, step: int | None, force: bool,
-    selection: Selection | None, like: Any, options: dict[str, Any],
+    selection: Selection | None, like: Any, options: dict[str, Any], folder: bool = False,
 ) -> Result:
     """The checks on IN and OUT, and the plan, as a `Result` not yet written
     (metadata only; bucket listings are answered once while it reads)."""
@@ -512,7 +530,18 @@ def _planned(
         layout, items, used, from_record = plan(
             src, to=to, step=step, selection=selection, like=like, **options
         )
-    result = Result(src, dst, to, layout, format or layout.format, items, selection=selection)
+    # Without --format: what OUT's name says (`out.msgpack`), else IN's format.
+    out_format = format or formats.for_output(dst) or layout.format
+    suffix = getattr(formats.get(out_format), "SUFFIX", None)
+    if folder and suffix:
+        names = (f"{dst} without the '/'" if str(dst).endswith(suffix)
+                 else f"{dst / ('model' + suffix)}, or {dst}{suffix}")
+        raise CkptconvError(
+            f"{dst}/: OUT ends in '/', a folder, but a {out_format} output is one file; name the "
+            f"file ({names}), or pass --format orbax for a folder. Nothing was written and the "
+            "input is unchanged."
+        )
+    result = Result(src, dst, to, layout, out_format, items, selection=selection)
     result.options, result.from_record = used, from_record
     result.like = storage.as_path(like) if like is not None else None
     return result
@@ -587,65 +616,60 @@ def _convert_processes(
     """`convert` as one of several processes (`ckptconv.multihost.Processes`).
 
     Every process plans from the metadata (no array data read; the same plan
-    in each). Process 0 creates the temporary directory beside OUT
-    (``.OUT.ckptconv-tmp-<pid of process 0>``, so a killed run's leftover is
-    recognised and removed as for one process) and shares its path; each
-    process writes its share of the leaves into its own
-    ``ocdbt.process_<i>/`` database inside it; process 0 merges them, writes
-    the metadata files and the commit marker last, stamps the record and
+    in each). Process 0 creates the output as one process would: on disk a
+    temporary directory beside OUT (``.OUT.ckptconv-tmp-<pid of process
+    0>``, so a killed run's leftover is recognised and removed as for one
+    process), on a bucket OUT's prefix itself (no rename there), and shares
+    its path. For each item the conversion changes (one, or each item of a
+    CheckpointManager step), every process writes its share of the leaves
+    into the item's own ``ocdbt.process_<i>/`` database and process 0 merges
+    them by reference (`write_processes`); items left as they are, and the
+    step's other files, are copied by process 0. Process 0 then writes the
+    metadata files and the commit markers last, stamps the record and
     renames the directory into place; a last sync point makes every process
     return only once OUT is in place.
 
     Any error in any process is told to the others (`Processes.fail`), which
     stop at their next sync point; a process that does not arrive (killed)
     stops the others after ``CKPTCONV_BARRIER_TIMEOUT`` seconds. Either way
-    process 0 removes the temporary directory: no OUT, no commit marker.
+    process 0 removes the temporary directory (on a bucket: what was written
+    under OUT): no OUT, no commit marker.
 
-    Supported: an Orbax item (a pytree directory) in, Orbax out, on local or
-    shared disk (every process must see the same paths). Manager steps and
-    roots, other formats and buckets are refused with one error: on a bucket
-    the processes' databases could not be merged by reference (TensorStore's
-    gcs/s3 kvstores have no copy), and a step's several items are one process's
-    worth of metadata work each.
+    Supported: Orbax in, Orbax out (an item, a CheckpointManager step or
+    root), on local or shared disk (every process must see the same paths)
+    or a bucket; other formats are refused with one error.
     """
-    from ckptconv.formats.orbax_stream.writer import write_processes
-
     me = processes.process_id
+    bucket = storage.is_bucket(dst)
     try:
-        if storage.is_bucket(src) or storage.is_bucket(dst):
-            raise CkptconvError(
-                f"{dst}: a multi-process conversion reads and writes local (or shared) disk "
-                "only, not buckets; run it as one process (without --num-processes)"
-            )
         result = _planned(src, dst, to, format, step, force, selection, like, options)
         layout, out_format = result.layout, result.out_format
-        if layout.format != "orbax" or out_format != "orbax" or layout.kind != "item":
+        if layout.format != "orbax" or out_format != "orbax":
             raise CkptconvError(
-                f"{src}: a multi-process conversion takes an Orbax item directory (a pytree "
-                f"checkpoint) to Orbax, not a {layout.format} {layout.kind} to {out_format}; "
-                "run it as one process (without --num-processes)"
+                f"{src}: a multi-process conversion takes an Orbax checkpoint to Orbax, not "
+                f"{layout.format} to {out_format}; run it as one process (without "
+                "--num-processes)"
             )
         if dry_run:
             return result
         total = result.nbytes
         update = (lambda n: progress(n, total)) if progress else None
         rec = record.build(result, result.options)
-        # Process 0 owns the temporary directory, as one process would
-        # (`_atomic_output`: leftovers removed, moved into place on success,
-        # errors naming OUT); the others write into it.
-        with _atomic_output(dst, force) if me == 0 else contextlib.nullcontext() as made:
+        if me != 0:
+            made_here = contextlib.nullcontext()
+        else:
+            made_here = _bucket_output(dst) if bucket else _atomic_output(dst, force)
+        with made_here as made:
             if me == 0:
-                made.mkdir()
+                _make_dirs(layout, result.items, made)
             (shared,) = {p for p in processes.sync("start", str(made) if me == 0 else None) if p}
-            work_dir = Path(shared)
-            (item,) = result.items
-            write_processes(
-                _orbax_norm(item.source), item.out_tree, work_dir, processes, progress=update,
-                sync=fsync, share=not copy,
-            )
+            work_dir = storage.as_path(shared)
+            _write_processes(layout, result.items, work_dir, processes, update, fsync, copy)
             if me == 0:
                 record.stamp(work_dir, dst, to, rec)
-                if fsync:
+                if bucket:
+                    _commit_bucket(work_dir, layout)
+                elif fsync:
                     _fsync_tree(work_dir)
         processes.sync("done")
     except BaseException as e:
@@ -660,8 +684,60 @@ def _convert_processes(
     return result
 
 
+def _item_dests(layout: Layout, items: list[ItemPlan], out: Path) -> list[tuple[ItemPlan, Path]]:
+    if layout.kind in ("file", "item"):
+        (item,) = items
+        return [(item, out)]
+    return [(item, layout.item_dest(item.name, out)) for item in items]
+
+
+def _make_dirs(layout: Layout, items: list[ItemPlan], out: Path) -> None:
+    """Process 0, before the others start writing: the output's folders (none
+    on a bucket); the items the others write into exist before they do."""
+    if storage.is_bucket(out):
+        return
+    out.mkdir()
+    for item, dest in _item_dests(layout, items, out):
+        if dest != out:
+            (dest if item.out_tree is not None else dest.parent).mkdir(parents=True, exist_ok=True)
+
+
+def _write_processes(
+    layout: Layout, items: list[ItemPlan], out: Path, processes: Any, progress: Any,
+    fsync: bool, copy: bool,
+) -> None:
+    """`_write_same_format` for Orbax as one of several processes: the items
+    in the same order in every process (each is one sync point)."""
+    from ckptconv.formats.orbax_stream.writer import write_processes
+
+    fmt = formats.get("orbax")
+    bucket = storage.is_bucket(out)
+    extra = {"commit": False} if bucket else {}
+    dests = _item_dests(layout, items, out)
+    for item, dest in dests:
+        if item.out_tree is not None:
+            write_processes(
+                _orbax_norm(item.source), item.out_tree, dest, processes, progress=progress,
+                sync=fsync, share=not copy, **extra,
+            )
+    if processes.process_id != 0:
+        return
+    for item, dest in dests:
+        if item.out_tree is None:
+            fmt.copy_item(item.source, dest, copy, **extra)
+    if layout.kind not in ("file", "item"):
+        _copy_others(layout, out)
+
+
 def _orbax_norm(path: Path) -> Path:
-    return Path(os.path.abspath(path))
+    return path if storage.is_bucket(path) else Path(os.path.abspath(path))
+
+
+
+def _hint(options: dict[str, Any]) -> str | None:
+    """A to-scan's one ``pattern`` given beside a REF (auto-numbered layers)."""
+    pattern = options.get("pattern")
+    return pattern if isinstance(pattern, str) and options.get("groups") is None else None
 
 
 def _write_same_format(
@@ -673,7 +749,6 @@ def _write_same_format(
         (item,) = items
         fmt.write(item.source, item.out_tree, out, progress, fsync, **kw)
         return
-    buckets = storage.is_bucket(out) or storage.is_bucket(layout.path)
     out.mkdir()
     for item in items:
         dest = layout.item_dest(item.name, out)
@@ -685,6 +760,12 @@ def _write_same_format(
             shutil.copytree(item.source, dest, symlinks=True)
         else:
             fmt.write(item.source, item.out_tree, dest, progress, fsync, **kw)
+    _copy_others(layout, out)
+
+
+def _copy_others(layout: Layout, out: Path) -> None:
+    """A step's or root's files beside its items (metrics, metadata), copied."""
+    buckets = storage.is_bucket(out) or storage.is_bucket(layout.path)
     for path, rel in layout.others:
         dest = out / rel
         if storage.is_bucket(out) and dest.name == _COMMIT_FILE:
@@ -752,7 +833,6 @@ def _write_other_format(
     out_fmt: Any,
     out: Path,
     progress: Any,
-    rooted: bool = False,
     kw: dict[str, Any] | None = None,
 ) -> None:
     """Write another format. Each output leaf is read from the input when the
@@ -773,11 +853,11 @@ def _write_other_format(
             trees[item.name] = lazy.materialize(t, read)
             if progress:
                 progress(item.nbytes)
-    # One item gives the file's tree; several, a tree of items. A --root
-    # subtree is the file's root whatever item it came from.
-    tree_out = trees[""] if list(trees) == [""] else trees
-    if rooted:
-        (tree_out,) = trees.values()
+    # One item gives the file's tree (a manager step's lone `default` or
+    # `state` item too: what flax.serialization would have written of it);
+    # several, a tree of items. A --root subtree is the file's root whatever
+    # item it came from.
+    tree_out = next(iter(trees.values())) if len(trees) == 1 else trees
     if streams:
         out_fmt.write(None, tree_out, out, progress, **(kw or {}))
     else:
@@ -821,7 +901,7 @@ def _atomic_output(dst: Path, force: bool) -> Iterator[Path]:
     _remove_stale(dst)
     tmp = dst.parent / f".{dst.name}.ckptconv-tmp-{os.getpid()}"
     olds: list[Path] = []
-    done = False
+    done = renaming = False
     _remove(tmp)
     try:
         try:
@@ -839,11 +919,13 @@ def _atomic_output(dst: Path, force: bool) -> Iterator[Path]:
                         continue  # another run moved it first
                     olds.append(old)
                 try:
+                    renaming = True
                     if tmp.is_dir():
                         os.rename(tmp, dst)  # fails if another run put a directory there
                     else:
                         os.replace(tmp, dst)
                     done = True
+                    errors.completed.append(dst)
                     break
                 except OSError as e:  # another run's OUT got there first
                     if not (dst.exists() and force) or isinstance(e, PermissionError):
@@ -863,6 +945,10 @@ def _atomic_output(dst: Path, force: bool) -> Iterator[Path]:
                 "and the input is unchanged."
             ) from e
     finally:
+        if renaming and not done and not os.path.lexists(tmp) and os.path.lexists(dst):
+            # A signal right after the rename: OUT is complete and in place.
+            done = True
+            errors.completed.append(dst)
         _remove_own(tmp, settle=not done)
         for old in olds:
             _remove(old)

@@ -49,3 +49,16 @@ class Terminated(KeyboardInterrupt):
     else (a ``BaseException`` here let a SIGTERM'd conversion finish and exit
     0, about one run in a few hundred). Not a `CkptconvError`, since it is no
     error in the input."""
+
+
+#: The outputs this process has put in place, complete (`convert._atomic_output`):
+#: an interrupt after that says so instead of "nothing was written".
+completed: list = []
+
+
+def completed_message() -> str | None:
+    """What an interrupt after `completed`'s last output says, if there is one."""
+    if not completed:
+        return None
+    return (f"interrupted after {completed[-1]} was written: it is complete and in place, and "
+            "the input is unchanged.")

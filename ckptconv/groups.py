@@ -652,6 +652,40 @@ def find_groups(
     return _find(tree, specs)[0]
 
 
+_NUMBERED_RE = re.compile(r"^(.+)_(0|[1-9][0-9]*)$")
+
+
+def numbered_candidates(tree: Any) -> list[tuple[tuple, str, int]]:
+    """``[(path, "Block_{i}", n)]``: siblings ``NAME_0 … NAME_{n-1}`` (n >= 2)
+    of alike subtrees whose name is none of `DEFAULT_PREFIXES`, as flax
+    auto-numbers modules (``Block_0``, and ``Dense_0`` inside one). Not
+    stacked by default, since a layer's own ``Dense_0, Dense_1`` would be;
+    named in errors, and tried against a REF (`ckptconv.like`), whose
+    structure then decides. Largest first."""
+    out: list[tuple[int, tuple, str, int]] = []
+
+    def walk(node: Any, path: tuple) -> None:
+        if not _is_mapping(node):
+            return
+        by_name: dict[str, dict[int, Any]] = {}
+        for k in node.keys():
+            m = _NUMBERED_RE.match(k) if isinstance(k, str) else None
+            if m and not _DEFAULT_RE.match(k):
+                by_name.setdefault(m.group(1), {})[int(m.group(2))] = k
+        for name, found in by_name.items():
+            members = [node[found[i]] for i in sorted(found)]
+            if (len(found) >= 2 and sorted(found) == list(range(len(found)))
+                    and all(_is_container(m) for m in members) and _consistent(members)):
+                size = sum(len(leaves_with_paths(m)) for m in members)
+                out.append((size, path, f"{name}_{{i}}", len(found)))
+        for k, v in node.items():
+            walk(v, path + (k,))
+
+    walk(tree, ())
+    out.sort(key=lambda c: -c[0])
+    return [(p, t, n) for _, p, t, n in out]
+
+
 def find_near_groups(
     tree: Any,
     pattern: str | None = None,

@@ -33,19 +33,22 @@ def load(path: str | Path, *, format: str | None = None, step: int | None = None
     return fmt.load(path, step)
 
 
-def save(tree: Any, path: str | Path, *, format: str = "orbax", force: bool = False) -> None:
+def save(tree: Any, path: str | Path, *, format: str | None = None, force: bool = False) -> None:
     """Write ``tree`` as one checkpoint, atomically.
 
     Args:
       tree: nested dicts/lists of numpy or jax arrays.
       path: the output file (msgpack) or directory (orbax).
-      format: ``"orbax"`` (a ``StandardCheckpointer`` directory) or ``"msgpack"``.
+      format: ``"orbax"`` (a ``StandardCheckpointer`` directory), ``"msgpack"``
+        or ``"safetensors"``; default: what ``path``'s name ends with
+        (``.msgpack``, ``.safetensors``), else ``"orbax"``.
       force: replace an existing ``path``.
 
     Raises:
       OutputExistsError: ``path`` exists and ``force`` is false.
     """
     path = storage.as_path(path)
+    format = format or formats.for_output(path) or "orbax"
     fmt = formats.get(format)
     check_output(path, force)
     if storage.is_bucket(path):

@@ -12,6 +12,8 @@ from typing import Any
 
 #: Hugging Face Flax layer lists: (parent key, list key) as save_pretrained writes them.
 HF_LISTS = {"h", "layer", "layers", "block"}
+#: The top-level keys of Hugging Face Flax models' params (GPT-2, Llama, BERT, T5 …).
+HF_ROOTS = ("transformer", "model", "bert", "encoder", "decoder", "roberta", "resnet")
 
 
 def _child(node: Any, *keys: str) -> Any:
@@ -83,9 +85,7 @@ def _hf(tree: Any, stackable: set[str] | None) -> list[str]:
                             f"--from {k} --pattern '{{i}}' gives it back"
                         )
                     continue
-                if not any(str(c).isdigit() for c in v) and path and str(path[0]) in (
-                    "transformer", "model", "bert", "encoder", "decoder", "roberta", "resnet"
-                ):
+                if not any(str(c).isdigit() for c in v) and path and str(path[0]) in HF_ROOTS:
                     out.append(
                         f"{where} looks like a stacked Hugging Face layer list: ckptconv to-loop "
                         f"IN OUT --from {k} --pattern '{{i}}' (from_pretrained loads the result)"

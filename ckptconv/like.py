@@ -20,7 +20,7 @@ from typing import Any
 
 from ckptconv import axes
 from ckptconv.errors import GroupError
-from ckptconv.groups import find_groups
+from ckptconv.groups import find_groups, numbered_candidates
 from ckptconv.tree import format_path, leaf_dtype, leaf_shape, leaves_with_paths
 
 _SHOWN = 5
@@ -101,8 +101,25 @@ def _template_of(keys: list[str]) -> str | None:
 # -------------------------------------------------------------------- to-scan
 
 
-def _scan_options(tree: Any, ref: Any) -> dict[str, Any]:
-    groups = find_groups(tree)
+def _scan_options(tree: Any, ref: Any, pattern: str | None = None) -> dict[str, Any]:
+    groups = find_groups(tree, pattern)
+    if groups or pattern is not None:
+        return _scan_groups(tree, ref, groups)
+    # Auto-numbered layers (flax's `Block_0 … Block_N-1`) are no group by
+    # default; REF shows whether they are the layers it stacks.
+    tried = []
+    for _, template, _ in numbered_candidates(tree):
+        if template in tried:
+            continue
+        tried.append(template)
+        try:
+            return _scan_groups(tree, ref, find_groups(tree, template))
+        except GroupError:
+            continue
+    return _scan_groups(tree, ref, [])
+
+
+def _scan_groups(tree: Any, ref: Any, groups: list[Any]) -> dict[str, Any]:
     if not groups:
         raise GroupError("IN has no layer groups to stack, so it cannot take REF's scan form.")
     pairs: list[tuple[str, str]] = []
@@ -147,12 +164,24 @@ def _scan_options(tree: Any, ref: Any) -> dict[str, Any]:
                 into, period, axis = str(k), K, ax
                 remainder = "separate" if rest is not None else "extend"
                 break
-            try:
-                axis = _group_axis(f"{where}/{k}", members, sub, len(members))
-            except GroupError as e:
-                why = str(e)
+            # `nn.scan` inside a wrapper module (`blocks/ScanBlock_0/...`):
+            # the stack sits under a chain of lone keys below `k`.
+            inner, at = sub, [str(k)]
+            while True:
+                try:
+                    axis = _group_axis(f"{where}/{'/'.join(at)}", members, inner, len(members))
+                except GroupError as e:
+                    why = why if len(at) > 1 else str(e)
+                    lone = list(inner) if isinstance(inner, Mapping) else []
+                    if len(lone) == 1 and isinstance(inner[lone[0]], Mapping) and len(at) < 4:
+                        inner = inner[lone[0]]
+                        at.append(str(lone[0]))
+                        continue
+                    axis = None
+                break
+            if axis is None:
                 continue
-            into = str(k)
+            into = "/".join(at)
             break
         if into is None:
             failed.append(
@@ -253,6 +282,15 @@ def _loop_options(tree: Any, ref: Any) -> dict[str, Any]:
                 names = {t.replace("{i}", str(j)) for j in range(len(sub_keys))}
                 period = len(sub_keys) if set(sub_keys) == names and len(sub_keys) < len(only_theirs) else None
                 found.append((path, k, t, period, 0))
+                # `nn.scan` inside a wrapper module: the stack under lone keys
+                # (blocks/ScanBlock_0); the one whose leaves are REF's layers' wins.
+                chain, inner = [k], sub
+                while (isinstance(inner, Mapping) and len(inner) == 1 and len(chain) < 4
+                       and isinstance(next(iter(inner.values())), Mapping)):
+                    c = next(iter(inner))
+                    chain.append(str(c))
+                    inner = inner[c]
+                    found.append((path, "/".join(chain), t, None, 0))
             else:
                 # A digit list in REF named otherwise (to-scan --into), or beside
                 # what is left of it in IN (T5: block/0 stays, the rest was stacked).
@@ -282,12 +320,12 @@ def _loop_options(tree: Any, ref: Any) -> dict[str, Any]:
         except GroupError as e:
             failed.append(str(e))  # not a stack REF unstacks: the structure check names it
             continue
-        stacked = _node(tree, path + (source,))
+        stacked = _node(tree, path + tuple(source.split("/")))
         if (source, pattern) not in pairs:
             pairs.append((source, pattern))
         periods.add(period)
         starts.add(start)
-        bases.append(path + (source,))
+        bases.append(path + tuple(source.split("/")))
         sigs.append(axes.signature(stacked))
         chosen.append(ax)
     if not pairs:
@@ -311,7 +349,7 @@ def _loop_options(tree: Any, ref: Any) -> dict[str, Any]:
 def _loop_axis(tree: Any, ref: Any, path: tuple, source: str, pattern: str,
                period: int | None, start: int) -> int:
     """The layer axis of the stack ``path/source``, from REF's first layer."""
-    stacked = _node(tree, path + (source,))
+    stacked = _node(tree, path + tuple(source.split("/")))
     holder, _, template = pattern.rpartition("/") if "/" in pattern else (None, "", pattern)
     lst_path = path + ((holder,) if holder else ((source,) if template == "{i}" else ()))
     first = template.replace("{i}", str(start)) if template != "{i}" else str(start)
@@ -330,19 +368,44 @@ def _loop_axis(tree: Any, ref: Any, path: tuple, source: str, pattern: str,
 # -------------------------------------------------------------------- both
 
 
-def infer(tree: Any, ref: Any) -> tuple[str, dict[str, Any]]:
+def infer(tree: Any, ref: Any, pattern: str | None = None) -> tuple[str, dict[str, Any]]:
     """``(to, options)`` that convert ``tree`` into ``ref``'s layout.
+
+    ``pattern``: the layers' keys in ``tree`` where the default detection
+    does not find them (``Block_{i}``, auto-numbered); a to-scan then groups by it.
 
     Raises:
       GroupError: the two trees are not one model in two forms, saying where.
     """
+    _check_renamed(tree, ref)
     errors = []
-    for to, fn in (("scan", _scan_options), ("loop", _loop_options)):
+    for to, fn in (("scan", lambda t, r: _scan_options(t, r, pattern)), ("loop", _loop_options)):
         try:
             return to, fn(tree, ref)
         except GroupError as e:
             errors.append(f"as to-{to}: {e}")
     raise GroupError("cannot see how IN becomes REF's layout: " + " ".join(errors))
+
+
+def _check_renamed(tree: Any, ref: Any) -> None:
+    """Both in loop form, the same layers under other names (``layer_{i}``
+    here, ``layers_{i}`` in REF): no conversion of one form into the other,
+    so say that, with the two steps that rename them."""
+    try:
+        mine = {(g.path, len(g.keys)): g for g in find_groups(tree) if g.holder is None}
+        theirs = [g for g in find_groups(ref) if g.holder is None]
+    except GroupError:
+        return
+    for g in theirs:
+        m = mine.get((g.path, len(g.keys)))
+        if m is not None and m.template != g.template and not any(t.template == m.template for t in theirs):
+            raise GroupError(
+                f"IN's layers {format_path(m.path + (m.template,))} ({len(m.keys)}) are REF's "
+                f"{format_path(g.path + (g.template,))} under another name: both are in loop form, "
+                "and ckptconv converts between the two forms without renaming layers. Rename them "
+                f"in two steps: ckptconv to-scan --pattern '{m.template}', then ckptconv "
+                f"to-loop --pattern '{g.template}' of its output."
+            )
 
 
 def differences(

@@ -118,7 +118,12 @@ class Processes:
         payloads by process id. Raises `CkptconvError` naming a process that
         failed, or that did not arrive within the timeout."""
         prefix = f"ckptconv/{self.run}"
+        # A stage reached again (one "written" per item of a step) is a new
+        # sync point: its keys must not be the last one's.
+        seen = self._stages.count(stage)
         self._stages.append(stage)
+        if seen:
+            stage = f"{stage}.{seen}"
         self.client.key_value_set(f"{prefix}/{stage}/{self.process_id}", json.dumps(payload))
         deadline = time.monotonic() + self.timeout
         while True:

@@ -47,7 +47,9 @@ def build(result: Any, options: dict[str, Any]) -> dict[str, Any]:
         axis_for = parse_axis_for(options.get("axis_for"))
         if axis_for:
             rec["axis_for"] = axis_for
-        rec["groups"] = [_group(g) for g in result.groups]
+        # A --root at or inside a stack leaves no layer names to undo to (and
+        # the other groups were cut away by it): no groups, no undo offered.
+        rec["groups"] = [] if root_in_stack(result) is not None else [_group(g) for g in result.groups]
     sel = result.selection
     if sel is not None:
         if sel.only:
@@ -59,6 +61,20 @@ def build(result: Any, options: dict[str, Any]) -> dict[str, Any]:
             rec["dtype"] = cast.dtype.name
             rec["cast_leaves"] = cast.leaves
     return rec
+
+
+def root_in_stack(result: Any) -> Any:
+    """The to-scan group whose stacked subtree ``--root`` is at or inside
+    (OUT then holds stacked leaves without the layers' names), if any."""
+    sel = getattr(result, "selection", None)
+    if result.to != "scan" or sel is None or sel.root is None:
+        return None
+    root = tuple(map(str, sel.root))
+    for g in result.groups:
+        target = tuple(map(str, getattr(g, "target", ())))
+        if target and root[: len(target)] == target:
+            return g
+    return None
 
 
 def _group(g: Any) -> dict[str, Any]:
@@ -240,10 +256,11 @@ def options_text(opts: dict[str, Any]) -> str:
     import shlex
 
     flags = {"source": "--from", "into": "--into", "pattern": "--pattern", "period": "--period",
-             "layers": "--layers", "axis": "--axis", "remainder": "--remainder"}
+             "layers": "--layers", "axis": "--axis", "remainder": "--remainder", "root": "--root",
+             "dtype": "--dtype"}
     words: list[str] = []
     order = ["source", "pattern", "into", "stacks", "groups", "period", "remainder", "layers",
-             "axis", "axis_for"]
+             "axis", "axis_for", "only", "root", "dtype"]
     opts = {k: opts[k] for k in sorted(opts, key=lambda k: order.index(k) if k in order else 99)}
     for key, value in opts.items():
         if value is None:
@@ -257,6 +274,9 @@ def options_text(opts: dict[str, Any]) -> str:
         elif key == "axis_for":
             for name, n in value.items():
                 words += ["--axis-for", f"{name}={n}"]
+        elif key == "only":
+            for path in [value] if isinstance(value, str) else value:
+                words += ["--only", path if isinstance(path, str) else "/".join(map(str, path))]
         elif key in flags and value is not None:
             words += [flags[key], str(value)]
     return " ".join(shlex.quote(w) for w in words)

@@ -5,6 +5,7 @@ Built from lazy trees, so no array data is read.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from ckptconv import formats, known, storage, tree
 from ckptconv.errors import CkptconvError, NothingToConvertError
 from ckptconv.groups import Group, NearGroup, find_groups, find_near_groups
 from ckptconv.stack import to_scan
-from ckptconv.unstack import Stacked, loop_stacks
+from ckptconv.unstack import Stacked, loop_stacks, to_loop
 
 
 @dataclass
@@ -145,9 +146,12 @@ def inspect(
         except CkptconvError as e:
             rep.to_scan_error = str(e)
         try:
-            rep.to_loop = loop_stacks(
-                t, **{k: v for k, v in loop_options.items() if v is not None}
-            )
+            given = {k: v for k, v in loop_options.items() if v is not None}
+            stacks = loop_stacks(t, **given)
+            # And the checks to-loop makes beyond finding the stacks (a stack
+            # made with --layers beside its list), lazily: no data read.
+            to_loop(t, **given)
+            rep.to_loop = stacks
         except NothingToConvertError as e:
             if "Stacks seen" in str(e):
                 rep.to_loop_hint = str(e)
@@ -167,13 +171,18 @@ def inspect(
 
 
 def _fold_rows(t: Any, groups: list[Group]) -> list[LeafRow]:
-    """One row per leaf, with the members of each group folded into one row."""
+    """One row per leaf, with the members of each group folded into one row.
+
+    Members fold only where shape and dtype agree: a group to-scan refuses
+    (layer 0 unlike the rest) shows the odd member by its own path beside the
+    folded row of the others, so that sizes and byte counts stay true."""
     members = {}
     for g in groups:
         parent = g.path + (g.holder,) if g.holder is not None else g.path
         for k in g.keys:
             members[parent + (k,)] = g.template
-    rows: dict[str, LeafRow] = {}
+    # (folded path, shape, dtype) -> the row, and the first leaf it stands for
+    rows: dict[tuple, tuple[LeafRow, tuple]] = {}
     for p, x in tree.leaves_with_paths(t):
         folded = list(p)
         for depth in range(len(p), 0, -1):
@@ -184,11 +193,15 @@ def _fold_rows(t: Any, groups: list[Group]) -> list[LeafRow]:
         key = tree.format_path(folded)
         shape = tree.leaf_shape(x)
         dtype = tree.leaf_dtype(x)
+        dtype = None if dtype is None else str(dtype)
         nbytes = getattr(x, "nbytes", 0)
-        if key in rows:
-            rows[key].count += 1
+        seen = rows.get((key, shape, dtype))
+        if seen is not None:
+            seen[0].count += 1
         else:
-            rows[key] = LeafRow(
-                key, shape, None if dtype is None else str(dtype), int(nbytes)
-            )
-    return list(rows.values())
+            rows[(key, shape, dtype)] = (LeafRow(key, shape, dtype, int(nbytes)), p)
+    variants = Counter(key for key, _, _ in rows)
+    for (key, _, _), (row, first) in rows.items():
+        if variants[key] > 1 and row.count == 1:
+            row.path = tree.format_path(first)  # the odd one out, by its own name
+    return [row for row, _ in rows.values()]

@@ -336,20 +336,26 @@ def _plan_item(
             to = "loop" if any(k in given for k in _LOOP_ONLY) else (
                 "scan" if any(k in given for k in _SCAN_ONLY) else None)
         inferred: dict[str, Any] = {}
-        if to is None or not given:
-            try:
-                how, inferred = like_mod.infer(stored, skeleton)
-            except GroupError as e:
+        # What like shows is worked out also beside given options (pattern=
+        # for auto-numbered layers: like still names `into`); they win.
+        pattern = given.get("pattern") if to != "loop" and isinstance(given.get("pattern"), str) else None
+        try:
+            how, inferred = like_mod.infer(stored, skeleton, pattern)
+        except GroupError as e:
+            if to is None or not given:
                 raise RestoreError(
                     f"{where}: cannot restore into like: {_as_restore(str(e))} As stored, "
                     + "; ".join(as_stored) + "."
                 ) from e
-            if to is not None and how != to:
+            how = to  # the given options say it all
+        if to is not None and how != to:
+            if not given:
                 raise RestoreError(
                     f"{where}: like is in {how} form relative to the checkpoint, so this "
                     f"restore is a to-{how}, not the to-{to} asked for."
                 )
-            to = how
+            inferred = {}  # the given options decide the direction
+        to = how if to is None else to
         opts = {**inferred, **given}
         try:
             out, groups = plan_item(stored, to, opts)

@@ -21,6 +21,8 @@ from ckptconv.groups import (
     _find,
     _remainder_key,
     _specs,
+    find_groups,
+    numbered_candidates,
 )
 from ckptconv.tree import (
     _MAX_LISTED,
@@ -112,8 +114,10 @@ def to_scan(
         optimizer ``mu``/``nu``), so a train state converts in one call.
       pattern: which keys form a group (see `find_groups`).
       into: the key under which each group's stack goes, in the group's parent
-        (default ``blocks``). Digit-keyed lists stacked whole are replaced in
-        place, under their own key, unless ``into`` is given.
+        (default ``blocks``; a path, ``"blocks/ScanBlock_0"``, nests it, as
+        `nn.scan` called inside a wrapper module keeps it). Digit-keyed lists
+        stacked whole are replaced in place, under their own key, unless
+        ``into`` is given.
       axis: position of the new layer axis in every leaf of the params and
         the trees that mirror them (MaxText uses 1); other collections stack
         on axis 0 (see `ckptconv.axes`).
@@ -198,7 +202,18 @@ def _stacked_outputs(node: Any, g: Group, axis: int, axis_name: str) -> list[tup
     members = [source[k] for k in g.keys]
     if not g.period:
         _check_members(base, g.keys, members, axis, g.start)
-        return [(g.into, _stack_trees(members, axis, axis_name))]
+        stacked = _stack_trees(members, axis, axis_name)
+        # into="blocks/ScanBlock_0": the stack under a chain of keys, as
+        # `nn.scan` called inside a wrapper module named `blocks` keeps it.
+        head, *rest = str(g.into).split("/") if isinstance(g.into, str) else [g.into]
+        for k in reversed(rest):
+            stacked = {k: stacked}
+        return [(head, stacked)]
+    if isinstance(g.into, str) and "/" in g.into:
+        raise GroupError(
+            f"{format_path(base)}: into={g.into!r} is a path; with --period the blocks go "
+            "under one key. Pass a plain name."
+        )
     stacks, rest = g.blocks()
     items = []
     for j, positions in enumerate(stacks):
@@ -293,8 +308,26 @@ def _no_group_message(tree: Any, specs: list[Spec], near: list[NearGroup]) -> st
         + ", ".join(p + "_0, " + p + "_1 …" for p in DEFAULT_PREFIXES)
         + " (or with '.': blocks.0 …) and digit keys 0, 1 … at any depth)"
     )
+    seen = []
+    candidates = numbered_candidates(tree)
+    if patterns:  # a typo? what default detection finds, then the auto-numbered
+        try:
+            found = [(g.path, g.template, len(g.keys)) for g in find_groups(tree) if g.holder is None]
+        except GroupError:
+            found = []
+        candidates = found + candidates
+    for path, template, n in candidates:
+        if template not in [t for t, _ in seen] and template not in patterns:
+            seen.append((template, f"{format_path(path + (template,))} ({n}): --pattern '{template}'"))
+    numbered = (
+        (" Keys that look like layers: " if patterns else
+         " Auto-numbered keys that may be the layers (not stacked by default, as a "
+         "layer's own Dense_0, Dense_1 … are not): ") + "; ".join(s for _, s in seen[:2]) + "."
+        if seen else ""
+    )
     return (
         f"{what}; the top-level keys are {', '.join(map(str, top)) or 'none'}. "
         "If the layers have another name, pass --pattern (for example "
         "--pattern 'encoder_layer_{i}'); if the checkpoint is already stacked, use to-loop."
+        + numbered
     )

@@ -137,14 +137,20 @@ def _keep(tree: Any, paths: Sequence[tuple[str, ...]]) -> Any:
 
 
 def cast(tree: Any, dtype: np.dtype) -> tuple[Any, Cast]:
-    """Every floating lazy leaf of ``tree`` as a `lazy.Cast` to ``dtype``."""
+    """Every floating lazy leaf of ``tree`` as a `lazy.Cast` to ``dtype``; an
+    in-memory array (numpy, jax: verify's trees) is cast now, with the same
+    rounding. Other leaves, and leaves already cast, stay as they are."""
     count = before = after = 0
 
     def visit(x: Any) -> Any:
         nonlocal count, before, after
-        if isinstance(x, lazy.LAZY) and not isinstance(x, lazy.Cast):
+        lazy_leaf = isinstance(x, lazy.LAZY) and not isinstance(x, lazy.Cast)
+        array = isinstance(x, (np.ndarray, np.generic)) or (
+            not isinstance(x, lazy.LAZY) and hasattr(x, "__array__") and hasattr(x, "dtype")
+            and hasattr(x, "shape"))  # a jax.Array
+        if lazy_leaf or array:
             if is_floating(x.dtype) and np.dtype(x.dtype) != dtype:
-                c = lazy.Cast(x, dtype)
+                c = lazy.Cast(x, dtype) if lazy_leaf else np.asarray(x).astype(dtype)
                 count += 1
                 before += x.nbytes
                 after += c.nbytes
@@ -155,7 +161,8 @@ def cast(tree: Any, dtype: np.dtype) -> tuple[Any, Cast]:
         if isinstance(x, list):
             return [visit(v) for v in x]
         if isinstance(x, tuple):
-            return tuple(visit(v) for v in x)
+            items = [visit(v) for v in x]
+            return type(x)(*items) if hasattr(x, "_fields") else tuple(items)  # namedtuples kept
         return x
 
     out = visit(tree)

@@ -396,7 +396,10 @@ def to_loop(
     Args:
       tree: a checkpoint tree holding stacked subtrees.
       source: the key of the stacked subtrees; every one, at any depth, is
-        unstacked (params, optimizer ``mu``/``nu`` …).
+        unstacked (params, optimizer ``mu``/``nu`` …). A path
+        (``"blocks/ScanBlock_0"``: `nn.scan` called inside a wrapper module)
+        names a stack under a chain of lone keys; its layers take the
+        chain's place.
       pattern: the layers' keys, with ``{i}`` (default ``layer_{i}``; a stack
         beside a list of the same layers it was taken from, T5's, is then an
         error that names the ``NAME/{i}`` pattern). ``"{i}"`` puts the layers back
@@ -426,7 +429,8 @@ def to_loop(
         already exists.
     """
     _check_axis(axis)
-    specs = _loop_specs(source, pattern, period, layers, stacks)
+    tree, specs = _collapse(tree, _loop_specs(source, pattern, period, layers, stacks))
+    specs = _hf_defaults(tree, specs)
     axis = stack_axes(tree, [s[0] for s in specs], axis, axis_for)
     loop_stacks(tree, axis=axis, stacks=specs)  # raises when there is nothing to unstack
     by_source = {src: (pat, per, rng) for src, pat, per, rng in specs}
@@ -562,6 +566,67 @@ def _loop_specs(source: Any, pattern: Any, period: Any, layers: Any, stacks: Any
     return out
 
 
+def _collapse(tree: Any, specs: _Specs) -> tuple[Any, _Specs]:
+    """``source="blocks/ScanBlock_0"`` (`nn.scan` called inside a wrapper
+    module named ``blocks``): every ``blocks`` holding only that chain of keys
+    stands for the stack at its end, so the layers take ``blocks``' place.
+    Returns the tree so rewritten and the specs with ``source="blocks"``."""
+    chains = {s[0]: s[0].split("/") for s in specs if isinstance(s[0], str) and "/" in s[0]}
+    if not chains:
+        return tree, specs
+
+    def end(v: Any, rest: list[str]) -> Any:
+        for k in rest:
+            if not (_is_mapping(v) and len(v) == 1 and k in v):
+                return None
+            v = v[k]
+        return v
+
+    def walk(node: Any, path: tuple) -> Any:
+        if not _is_container(node):
+            return node
+        if not _is_mapping(node):
+            return _map_children(node, walk, path)
+        items = []
+        for k, v in node.items():
+            inner = next((got for parts in chains.values() if k == parts[0]
+                          for got in [end(v, parts[1:])] if got is not None), None)
+            items.append((k, inner if inner is not None else walk(v, path + (k,))))
+        return _rebuild_mapping(node, items)
+
+    out = _Specs()
+    for src, pat, per, rng in specs:
+        head = chains[src][0] if src in chains else src
+        if src in specs.defaulted:
+            out.defaulted.add(head)
+        out.append((head, pat, per, rng))
+    return walk(tree, ()), out
+
+
+def _hf_defaults(tree: Any, specs: _Specs) -> _Specs:
+    """A Hugging Face layer list stacked in place (``transformer/h``,
+    ``model/layers`` …: `ckptconv.known`) goes back as the digit-keyed list HF
+    loads when no pattern is given: ``layer_{i}`` there is a model whose
+    layers ``from_pretrained`` would initialise at random."""
+    from ckptconv import known
+
+    if not (_is_mapping(tree) and any(str(k) in known.HF_ROOTS for k in tree.keys())):
+        return specs
+    out = _Specs()
+    out.defaulted = set(specs.defaulted)
+    for src, pat, per, rng in specs:
+        if src in specs.defaulted and str(src) in known.HF_LISTS and per is None and rng is None:
+            try:
+                hf = [st.path for st in find_stacks(tree, src)]
+            except GroupError:  # not a stack on axis 0: to-loop itself will say
+                hf = []
+            if hf and all(str(p[0]) in known.HF_ROOTS for p in hf):
+                out.defaulted.discard(src)
+                pat = "{i}"
+        out.append((src, pat, per, rng))
+    return out
+
+
 class _Specs(list):
     """`_loop_specs`' result: the specs, and the sources whose pattern was not given."""
 
@@ -578,7 +643,9 @@ def suggest_stacks(tree: Any) -> list[str]:
     MaxText's blocks (``--period``); a stack beside a digit-keyed list of the
     same layers was stacked from it with ``--layers`` (T5).
     """
-    out: list[str] = []
+    from ckptconv import known
+
+    out: list[tuple[str, str]] = []  # (where, "(what): options")
     try:
         if find_groups(tree) or find_near_groups(tree):
             return []  # loop form (T5's too): its layers would look like stacks
@@ -598,10 +665,10 @@ def suggest_stacks(tree: Any) -> list[str]:
             if _is_mapping(node) and _remainder_key(k) in node and _is_mapping(v):
                 template = _template_of(list(v.keys())) or "layers_{i}"
                 axis = _common_axis(v, (0, 1))
-                out.append(
-                    f"{here} (blocks of {len(v)}): --from {k} --pattern '{template}' --period {len(v)}"
+                out.append((here,
+                    f"(blocks of {len(v)}): --from {k} --pattern '{template}' --period {len(v)}"
                     + (f" --axis {axis[0]}" if axis and axis[0] else "")
-                )
+                ))
                 continue
             axis = _common_axis(v, axes)
             if axis is None:
@@ -611,9 +678,14 @@ def suggest_stacks(tree: Any) -> list[str]:
             holder = _source_list(node, v, axis[0]) if _is_mapping(node) else None
             if holder is not None:
                 opts += f" --pattern '{holder}/{{i}}' --layers {len(node[holder])}:"
+            elif axis[0] == 1:  # MaxText stacks on axis 1; its loop form names layers_{i}
+                opts += f" --pattern '{k}_{{i}}' (MaxText's loop names)"
+            elif path and str(path[0]) in known.HF_ROOTS and str(k) in known.HF_LISTS:
+                opts += f" (a Hugging Face layer list: the layers come back as {k}/0, {k}/1 …)"
             elif k != "blocks":
-                opts += " (--pattern '{i}' if it replaced a digit-keyed list, as for HF and NNX)"
-            out.append(f"{here} ({axis[1]} layers on axis {axis[0]}): {opts}")
+                opts += (f" (and --pattern '{k}_{{i}}' for the names {k}_0, {k}_1 …, or "
+                         "--pattern '{i}' if it replaced a digit-keyed list, as for HF and NNX)")
+            out.append((here, f"({axis[1]} layers on axis {axis[0]}): {opts}"))
 
     # Axis 0 first: a whole parent whose leaves happen to share a hidden size on
     # axis 1 is less likely a stack than a child sharing its layer count on axis 0.
@@ -621,7 +693,13 @@ def suggest_stacks(tree: Any) -> list[str]:
         walk(tree, (), axes)
         if out:
             break
-    return out
+    # One line for stacks that take the same options (params and the
+    # optimizer moments that mirror them).
+    by_advice: dict[str, list[str]] = {}
+    for where, advice in out:
+        by_advice.setdefault(advice, []).append(where)
+    return [", ".join(w[:3]) + (f" and {len(w) - 3} more" if len(w) > 3 else "") + f" {advice}"
+            for advice, w in by_advice.items()]
 
 
 def _common_axis(sub: Any, axes: tuple[int, ...]) -> tuple[int, int] | None:
@@ -669,7 +747,9 @@ def loop_stacks(
     Raises:
       NothingToConvertError: none; GroupError: bad options or stacks.
     """
-    specs = _loop_specs(source, pattern, period, layers, stacks)
+    given = _loop_specs(source, pattern, period, layers, stacks)
+    tree, specs = _collapse(tree, given)
+    specs = _hf_defaults(tree, specs)
     if not callable(axis):
         axis = stack_axes(tree, [s[0] for s in specs], axis, axis_for)
     found = []
@@ -677,12 +757,12 @@ def loop_stacks(
         for st in find_stacks(tree, src, axis=axis, period=per, pattern=loop_template(pat)[1]):
             found.append(replace(st, pattern=pat, start=(rng or (0, None))[0] or 0))
     if not found:
-        names = " or ".join(repr(s[0]) for s in specs)
+        names = " or ".join(repr(s[0]) for s in given)
         seen = suggest_stacks(tree)
         if seen:
             raise NothingToConvertError(
                 f"no subtree named {names} to unstack. Stacks seen: " + "; ".join(seen[:_MAX_LISTED])
-                + ". (to-scan printed the exact command as 'to undo'.)"
+                + ". (For a ckptconv output, to-scan printed the exact command as 'to undo'.)"
             )
         top = list(tree.keys())[:_MAX_LISTED] if _is_mapping(tree) else []
         raise NothingToConvertError(

@@ -214,14 +214,22 @@ class Report:
     #: model could not run on a SCAN whose structure is already wrong)
     not_run: str | None = None
     #: the conversion options used, and where they came from ("given",
-    #: "record": SCAN's conversion record, "default")
+    #: "record": SCAN's conversion record, "layout": to-scan's defaults but the
+    #: stacked key SCAN has, "default")
     options: dict[str, Any] = field(default_factory=dict)
     options_from: str = "default"
+    #: the --only / --root / --dtype taken from SCAN's record (not given)
+    selection_from_record: list[str] = field(default_factory=list)
     #: per-layer intermediate names in the loop model's order (the plot's columns)
     names: list[str] = field(default_factory=list)
     #: loop-form intermediates not compared, and why (a layer collection's own
     #: output, which the scan form, being the scanned layers, does not record)
     skipped: list[str] = field(default_factory=list)
+    #: scan-form outputs with no loop counterpart, not compared (the ``ys`` a
+    #: scanned subclass of the block returns beside its carry)
+    extra: list[str] = field(default_factory=list)
+    #: what to check about `unmatched` (not a hint the scan form already follows)
+    unmatched_hint: str | None = None
     #: where `verify` wrote the plot (``plot=PATH``)
     plot: str | None = None
     #: the matmul precision of the compared runs: "highest" (float32 in full)
@@ -293,16 +301,56 @@ class Report:
         )
         return _finite(out)
 
+    def _selection_hint(self, bad: list[LeafCheck]) -> list[str]:
+        """Where SCAN is a part of to_scan(LOOP): the --root or --only that
+        would say so (a serving checkpoint checked without its options)."""
+        missing = {c.path for c in bad if c.status == "missing"}
+        unexpected = {c.path for c in bad if c.status == "unexpected"}
+        if not missing:
+            return []
+        if unexpected and len(unexpected) == sum(c.status != "missing" for c in self.leaves) \
+                and "root" not in self.options:
+            # Nothing of SCAN at LOOP's paths: is SCAN one subtree of it?
+            prefixes = None
+            for u in unexpected:
+                here = {m[: -len(u) - 1] for m in missing if m.endswith("/" + u)}
+                prefixes = here if prefixes is None else prefixes & here
+            if not prefixes:
+                return []
+            # An optimizer's moments have the params' shape too: params first.
+            root, *others = sorted(prefixes, key=lambda p: (p.split("/")[-1] != "params", len(p), p))
+            also = f" (or {', '.join(others)})" if others else ""
+            return [f"  SCAN's leaves are those of LOOP's {root}{also}: was it written with --root "
+                    f"{root}? Pass --root {root} (and the --dtype it was cast to, if any)."]
+        if unexpected or "only" in self.options:
+            return []
+        kept = {c.path.split("/")[0] for c in self.leaves if c.status != "missing"}
+        gone = {m.split("/")[0] for m in missing}
+        if kept and not kept & gone:
+            only = " ".join(f"--only {k}" for k in sorted(kept))
+            return [f"  SCAN holds only {', '.join(sorted(kept))} of LOOP's top-level keys: was it "
+                    f"written with {only}? Pass {only}."]
+        return []
+
     def table(self, max_rows: int | None = None) -> str:
         """A readable report for a terminal: the worst rows first (5 when all
         pass, 20 otherwise, unless ``max_rows`` says)."""
         if max_rows is None:
             max_rows = 5 if self.passed else 20
         lines = [f"verify {self.loop} (loop) against {self.scan} (scan)"]
-        if self.options_from == "record":
+        if self.options_from in ("record", "layout"):
             from ckptconv.record import options_text
 
             text = options_text(self.options) or "(defaults)"
+            source = {
+                "record": "from SCAN's conversion record",
+                "layout": "from SCAN's layout (it has no conversion record)",
+            }[self.options_from]
+            lines.append(f"options: {source}: {text}")
+        elif self.selection_from_record:
+            from ckptconv.record import options_text
+
+            text = options_text({k: self.options[k] for k in self.selection_from_record})
             lines.append(f"options: from SCAN's conversion record: {text}")
         bad = [c for c in self.leaves if not c.ok]
         how = f"to_scan(LOOP, period={self.period})" if self.period else "to_scan(LOOP)"
@@ -325,6 +373,14 @@ class Report:
                     "  Shapes differ: was SCAN stacked on another layer axis? Pass the --axis "
                     "it was converted with (MaxText: 1)."
                 )
+            found = {c.found for c in bad if c.status == "dtype"}
+            if len(found) == 1 and all(c.status in ("dtype", "missing") for c in bad) and "dtype" not in self.options:
+                (d,) = found
+                lines.append(
+                    f"  SCAN's floating leaves are {d}: was it cast (to-scan --dtype {d})? "
+                    f"Pass --dtype {d}, and the --only / --root it was written with."
+                )
+            lines += self._selection_hint(bad)
             if not self.period and any(
                 c.status == "unexpected" and "_remainder/" in c.path for c in bad
             ):
@@ -371,6 +427,15 @@ class Report:
                     lines.append(f"  {name}")
                 if len(self.skipped) > 3:
                     lines.append(f"  … and {len(self.skipped) - 3} more")
+            if self.extra:
+                lines.append(
+                    f"not compared: {len(self.extra)} values the scanned layer returns beside "
+                    "its carry (nn.scan's ys), which the loop form's layer does not return:"
+                )
+                for name in self.extra[:3]:
+                    lines.append(f"  {name}")
+                if len(self.extra) > 3:
+                    lines.append(f"  … and {len(self.extra) - 3} more")
             if self.unmatched:
                 lines.append(
                     f"{len(self.unmatched)} intermediates exist in one form only, so they were "
@@ -380,10 +445,8 @@ class Report:
                     lines.append(f"  only in {name}")
                 if len(self.unmatched) > 5:
                     lines.append(f"  … and {len(self.unmatched) - 5} more")
-                lines.append(
-                    "  Does the scan module stack the intermediates collection? "
-                    "nn.scan(..., variable_axes={'params': 0, 'intermediates': 0})"
-                )
+                if self.unmatched_hint:
+                    lines.append(f"  {self.unmatched_hint}")
         if self.plot:
             lines.append(f"plot: {self.plot}")
         lines.append("PASS" if self.passed else "FAIL")
@@ -442,6 +505,7 @@ class _Side:
     read: Callable[[Any], np.ndarray] | None = None
     step: int | None = None
     path: Path | None = None
+    items: bool = False  # the tree's top keys are a manager step's items
 
     def value(self, leaf: Any) -> np.ndarray:
         """A leaf's values as numpy (lazy leaves read now)."""
@@ -482,7 +546,7 @@ def _open(x: str | Path | Any, step: int | None = None) -> _Side:
         name, inner = ref.source
         return fmt.read_array(items[name], inner)
 
-    return _Side(str(x), tree, read, at, path)
+    return _Side(str(x), tree, read, at, path, items=True)
 
 
 # --------------------------------------------------------------------------
@@ -571,16 +635,56 @@ def check_structure(
     period: int | None = None, remainder: str = "separate", layers: Any = None,
     groups: Any = None, loop_read: Callable[[Any], np.ndarray] | None = None,
     scan_read: Callable[[Any], np.ndarray] | None = None,
+    only: Sequence[tuple[str, ...]] | None = None,
+    root: tuple[str, ...] | None = None,
+    dtype: np.dtype | None = None,
+    items: bool = False,
 ) -> list[LeafCheck]:
     """Compare SCAN with ``to_scan(LOOP)`` (same options) leaf by leaf, layer by
     layer; ``LeafCheck.layers`` are real layer numbers (``K·b + j`` with a period).
+
+    ``only``, ``root``, ``dtype``: SCAN was written with ``--only``, ``--root``,
+    ``--dtype`` (a train state's params, cast for serving): LOOP is taken as
+    the conversion takes it (subtrees kept before to_scan, the root taken and
+    the floating leaves cast after it); SCAN is compared as it is, so a SCAN
+    that was not cast fails on its dtypes. ``items``: the trees' top keys are
+    a CheckpointManager step's items, and ``only`` / ``root`` apply in each
+    (as the conversion applies them).
 
     Trees may have lazy leaves (`ckptconv.lazy.Ref`, as the formats'
     ``read_lazy`` gives them), read with ``loop_read``/``scan_read``: then one
     SCAN leaf and one LOOP layer are in memory at a time."""
     opts = _scan_opts(pattern, into, period, remainder, layers, groups)
+    from ckptconv import subset
+
+    parts = dict(loop) if items else {None: loop}  # item name -> its tree
+    if only:
+        for q in only:
+            whys = [why for _, why in (subset.find(t, q) for t in parts.values()) if why is not None]
+            if len(whys) == len(parts):
+                raise VerifyError(f"--only {'/'.join(q)}: not in LOOP: {whys[0]}.")
+        kept = {n: subset.keep_only(t, list(only)) for n, t in parts.items()}
+        parts = {n: t for n, t in kept.items() if t is not None}  # an item with none is left out
+    loop = parts if items else parts[None]
     expected = to_scan(loop, axis=axis, **opts)
     where = _layer_map(find_groups(loop, **opts))
+    if root:
+        roots, whys = {}, []
+        for n, t in (expected.items() if items else [(None, expected)]):
+            sub, why = subset.find(t, tuple(root))
+            if why is None:
+                roots[n] = sub
+            else:
+                whys.append(why)
+        if not roots:
+            raise VerifyError(f"--root {'/'.join(root)}: not in to_scan(LOOP): {whys[0]}.")
+        expected = roots if items else roots[None]
+        head = 1 if items else 0
+        n = len(root)
+        where = [(p[:head] + p[head + n:], ls, st) for p, ls, st in where
+                 if tuple(map(str, p[head:head + n])) == tuple(root)]
+    if dtype is not None:
+        expected, _ = subset.cast(expected, dtype)
     lside, sside = _Side("LOOP", loop, loop_read), _Side("SCAN", scan, scan_read)
     want, got = _flat(expected), _flat(scan)
     checks = []
@@ -618,10 +722,15 @@ def _check_leaf(
     (SCAN's leaf, then each LOOP layer in turn), never stacked in memory."""
     b = sside.value(f)
     w = _where(p, where)
+    cast_to = None
+    if isinstance(e, lazy.Cast) and isinstance(e.value, lazy.Stack):
+        cast_to, e = e.dtype, e.value  # cast layer by layer, as the writers do
     if isinstance(e, lazy.Stack):
         layers, worst = [], 0.0
         for i, part in enumerate(e.parts):
             a = lside.value(part)
+            if cast_to is not None:
+                a = a.astype(cast_to)
             bi = np.take(b, i, axis=e.axis)
             if not _same_bits(a, bi):
                 layers.append(w[1][i] if w is not None and i < len(w[1]) else i)
@@ -674,12 +783,15 @@ def resolve(target: str) -> Any:
 _COLLECTIONS = {"params", "batch_stats", "cache", "params_axes"}
 
 
-def _variables(t: Any) -> dict[str, Any]:
+def _variables(t: Any, items: bool = False) -> dict[str, Any]:
     """The model variables in a checkpoint tree: its collections if it has
     ``params`` at the top (optimizer state and the rest left out; MaxText's
     ``params/params/…``: the variables dict under ``params``); for a
     CheckpointManager step (``{item: tree}``), those of the one item that has
-    ``params``; else the whole tree as params."""
+    ``params``, or its lone item (``items``: a step's items at the top, one
+    converted with ``--root params``); else the whole tree as params."""
+    if items and isinstance(t, Mapping) and len(t) == 1:
+        return _variables(next(iter(t.values())))
     if isinstance(t, Mapping) and "params" in t:
         inner = t["params"]
         if isinstance(inner, Mapping) and "params" in inner and set(inner) <= _COLLECTIONS:
@@ -956,10 +1068,31 @@ class _Plan:
     names: list[str]
     #: scan path -> the path rows are named by, where it is not the scan path
     labels: dict[tuple, tuple] = field(default_factory=dict)
+    #: scan-form values with no loop counterpart, not compared (`_wrapper_calls`)
+    extra: list[str] = field(default_factory=list)
+
+    def stacked(self) -> bool:
+        """Whether the scan form recorded anything of its stacked layers
+        (else its nn.scan does not stack the intermediates collection)."""
+        return any(_where(p, self.where) is not None for p in self.got)
+
+    def hint(self) -> str:
+        """What to check where the forms' intermediates do not correspond."""
+        names = (
+            "Do both forms name their modules alike (the layers' own names inside, the "
+            "stacked key outside)?"
+        )
+        if self.stacked():  # the collection is stacked: not that hint again
+            return names
+        return (
+            "Does the scan module stack the intermediates collection? nn.scan(..., "
+            f"variable_axes={{'params': 0, 'intermediates': 0}}). {names}"
+        )
 
     def mismatch(self) -> tuple[list[str], list[str], list[str]]:
         loop_only = [treelib.format_path(p) for p in self.want if p not in self.got]
         scan_only = [treelib.format_path(p) for p in self.got if p not in self.want]
+        scan_only = [p for p in scan_only if p not in self.extra]
         shape = []
         for p, e in self.want.items():
             if p in self.got:
@@ -970,6 +1103,81 @@ class _Plan:
                         f"(stacked), scan form {list(sg) if sg is not None else sg}"
                     )
         return loop_only, scan_only, shape
+
+
+def _same_leaves(a: Any, b: Any) -> bool:
+    """Whether two records hold leaves at the same paths with the same shapes."""
+    return _shapes(a) == _shapes(b) and bool(_shapes(a))
+
+
+def _wrapper_calls(
+    tree: Any, scan_inter: Any, want: dict[tuple, Any], labels: dict[tuple, tuple],
+    where: list[tuple[tuple, list[int], bool]],
+) -> tuple[dict[tuple, Any], list[str]]:
+    """A scanned subclass of the loop's block (``class ScanBlock(Block)``
+    whose ``__call__`` returns ``(super().__call__(x), None)``, the usual
+    ``nn.scan`` idiom) records one more call per layer call than the loop's
+    block: after the block's own records (the loop's ``m`` per call, compared
+    with them) its ``(carry, ys)``, whose carry is compared with the block's
+    last record of that call (or with its first item, for a block returning
+    ``(x, …)``), in rows named ``__call__[c]/carry`` (``c`` the loop's index
+    of that record). ``ys`` has no loop counterpart: its paths are returned,
+    not compared. Returns ``want`` so remapped (in its order) and those
+    paths; ``labels`` is updated in place."""
+    records = {
+        p[: i + 1] for p in _flat(scan_inter)
+        for i, k in enumerate(p) if k == "__call__" and _where(p, where) is not None
+    }
+    moved: dict[tuple, list[tuple[tuple, Any]]] = {}
+    extra: list[str] = []
+    for rec in sorted(records, key=treelib.format_path):
+        loop_calls, scan_calls = _get(tree, rec), _get(scan_inter, rec)
+        if not (isinstance(loop_calls, (tuple, list)) and isinstance(scan_calls, (tuple, list))):
+            continue
+        calls = len(scan_calls) - len(loop_calls)  # one (carry, ys) per call
+        if calls <= 0 or len(loop_calls) % calls:
+            continue
+        m = len(loop_calls) // calls  # the block's records per call
+        pairs: list[tuple[int, int, Any]] = []  # (loop index, scan index, loop record)
+        carries: list[tuple[int, int, Any]] = []  # (loop index of the last record, scan index, its carry)
+        for g in range(calls):
+            for j in range(m):
+                pairs.append((g * m + j, g * (m + 1) + j, loop_calls[g * m + j]))
+            last, outer = loop_calls[g * m + m - 1], scan_calls[g * (m + 1) + m]
+            if not (isinstance(outer, (tuple, list)) and outer):
+                break
+            if _same_leaves(outer[0], last):
+                carries.append((g * m + m - 1, g * (m + 1) + m, last))
+            elif isinstance(last, (tuple, list)) and last and _same_leaves(outer[0], last[0]):
+                carries.append((g * m + m - 1, g * (m + 1) + m, last[0]))
+            else:
+                break
+        if len(carries) != calls or not all(_same_leaves(scan_calls[s], r) for _, s, r in pairs):
+            continue
+        first: tuple | None = None
+        for c, s, record in pairs:
+            for sub, leaf in treelib.leaves_with_paths(record):
+                moved.setdefault(rec + (c,) + sub, [])
+                first = first or rec + (c,) + sub
+                moved[first].append((rec + (s,) + sub, leaf))
+                labels[rec + (s,) + sub] = rec + (c,) + sub
+            carry = next((x for x in carries if x[0] == c), None)
+            if carry is None:
+                continue
+            _, s, value = carry
+            for sub, leaf in treelib.leaves_with_paths(value):
+                moved[first].append((rec + (s, 0) + sub, leaf))
+                labels[rec + (s, 0) + sub] = rec + (c, "carry") + sub
+            for sub, _ in treelib.leaves_with_paths(tuple(scan_calls[s][1:])):
+                extra.append(treelib.format_path(rec + (s, 1 + sub[0]) + sub[1:]))
+    if not moved:
+        return want, extra
+    out: dict[tuple, Any] = {}
+    for p, leaf in want.items():
+        out.update(moved.pop(p) if p in moved else {p: leaf})
+    for pairs_of in moved.values():  # records the stacked loop tree did not list
+        out.update(pairs_of)
+    return out, extra
 
 
 def _plan(loop_inter: Any, scan_inter: Any, specs: list[dict[str, Any]]) -> _Plan:
@@ -1024,10 +1232,11 @@ def _plan(loop_inter: Any, scan_inter: Any, specs: list[dict[str, Any]]) -> _Pla
             else:
                 for sub, leaf in treelib.leaves_with_paths(value):
                     want[path + (k,) + sub] = leaf
+    labels: dict[tuple, tuple] = {}
+    want, extra = _wrapper_calls(tree, scan_inter, want, labels, where)
     # nn.scan's contract: a scanned layer returns (carry, ys), the loop's layer
     # the carry alone (MaxText's `(x, None) if scan_layers else x`): the scan
     # form's record of the call then holds the carry at index 0 and nothing else.
-    labels: dict[tuple, tuple] = {}
     for p in [p for p in want if p not in got and p + (0,) in got]:
         if not any(q[: len(p)] == p and q[len(p)] != 0 for q in got if len(q) > len(p)):
             want[p + (0,)] = want.pop(p)
@@ -1039,7 +1248,7 @@ def _plan(loop_inter: Any, scan_inter: Any, specs: list[dict[str, Any]]) -> _Pla
             n = _inter_name(labels.get(p, p)[len(w[0]):])
             if n not in names:
                 names.append(n)
-    return _Plan(want, got, where, skipped, names, labels)
+    return _Plan(want, got, where, skipped, names, labels, extra)
 
 
 def _no_match_error(plan: _Plan) -> VerifyError:
@@ -1052,11 +1261,7 @@ def _no_match_error(plan: _Plan) -> VerifyError:
     lines += _listed("loop form only (after stacking its layers)", loop_only)
     lines += _listed("scan form only", scan_only)
     lines += _listed("shape", shape)
-    lines.append(
-        "  Does the scan module stack the intermediates collection? nn.scan(..., "
-        "variable_axes={'params': 0, 'intermediates': 0}). Do both forms name their "
-        "modules alike (the layers' own names inside, the stacked key outside)?"
-    )
+    lines.append(f"  {plan.hint()}")
     return VerifyError("\n".join(lines))
 
 
@@ -1137,6 +1342,121 @@ def _has_stacks(t: Any, into: str | None, axis: int, period: int | None, pattern
         return False
 
 
+def _stack_elsewhere(L: _Side, S: _Side, opts: dict[str, Any], axis: int) -> str | None:
+    """With to-scan's defaults assumed (no options, no record), SCAN holding
+    LOOP's one layer group stacked under another key than the default: that
+    key, if it is the only such key and its leaves are those of to_scan(LOOP)
+    (same paths and shapes). Raises `VerifyError` where such a key is there
+    but ambiguous or of other shapes (a usage error, not a wrong conversion);
+    None where there is none (check_structure reports what differs)."""
+    try:
+        groups = find_groups(L.tree, **opts)
+        if len(groups) != 1 or groups[0].period or _get(S.tree, groups[0].target) is not None:
+            return None
+        expected = to_scan(L.tree, axis=axis, **opts)  # lazy: nothing is read
+    except GroupError:
+        return None
+    g = groups[0]
+    stack = _shapes(_get(expected, g.target))
+    here, there = _get(S.tree, g.path), _get(expected, g.path)
+    if not (stack and isinstance(here, Mapping) and isinstance(there, Mapping)):
+        return None
+    same_leaves = [k for k, v in here.items() if k not in there and set(_shapes(v)) == set(stack)]
+    if not same_leaves:
+        return None
+    at = " and ".join(treelib.format_path(g.path + (k,)) for k in same_leaves)
+    head = (
+        f"{S.name} (SCAN) has no {treelib.format_path(g.target)} stack (to-scan's default "
+        f"--into {g.into}, assumed because SCAN has no conversion record)"
+    )
+    members = treelib.format_path(g.members_path)
+    if len(same_leaves) > 1:
+        raise VerifyError(
+            f"{head}; {at} each hold the leaves of LOOP's {members} stacked: pass --into "
+            "with the one SCAN was converted to."
+        )
+    (key,) = same_leaves
+    if _shapes(here[key]) != stack:
+        raise VerifyError(
+            f"{head}; it has {at}, with the leaves of LOOP's {members} in other shapes: "
+            f"pass --into {key} and the --axis it was converted with (MaxText: 1)."
+        )
+    return key
+
+
+def _path_to(tree: Any, node: Any, depth: int = 2) -> tuple | None:
+    """The keys from ``tree`` to ``node`` (the same object), ``depth`` at most."""
+    if tree is node:
+        return ()
+    if depth and isinstance(tree, Mapping):
+        for k, v in tree.items():
+            p = _path_to(v, node, depth - 1)
+            if p is not None:
+                return (k, *p)
+    return None
+
+
+def _block_outside(
+    L: _Side, S: _Side, variables: dict[str, Any], scan_vars: dict[str, Any], g: Group,
+    axis: int, block: Any, block_kwargs: dict[str, Any] | None,
+    input_shape: Sequence[int] | None, inputs: Any, dtype: np.dtype | None = None,
+) -> VerifyError | None:
+    """``--block`` builds the layer stack only: where LOOP's variables hold
+    more than ``g``'s layers (an embedding, a head), the error that says so,
+    with the commands that verify the stack alone where they can be written."""
+    import json
+    import shlex
+
+    layer_keys = [g.path + ((g.holder, k) if g.template == "{i}" else (k,)) for k in g.keys]
+    outside = [
+        f"{treelib.format_path((coll, *p))} {list(shape)}"
+        for coll in ("params", "batch_stats")
+        for p, shape in _shapes(variables.get(coll, {})).items()
+        if not any(p[: len(k)] == k for k in layer_keys)
+    ]
+    if not outside:
+        return None
+    few = ", ".join(x.split(" ")[0] for x in outside[:3]) + (", …" if len(outside) > 3 else "")
+    lines = [
+        f"--block runs only the layer stack ({g.num_layers} layers, "
+        f"{treelib.format_path(('params', *g.members_path))} in LOOP, "
+        f"{treelib.format_path(('params', *g.target))} in SCAN), but {L.name} (LOOP) also "
+        f"has {len(outside)} params outside those layers ({few}), which it does not run: give "
+        "--model MOD:FN, a function returning (loop_module, scan_module, inputs) of the whole "
+        "model (README: \"The `--model` contract\"), or verify the layer stack alone."
+    ]
+    lines += _listed("outside the layers", outside)
+    lp = _path_to(L.tree, variables.get("params"))
+    sp = _path_to(S.tree, scan_vars.get("params"))
+    if (
+        L.path is not None and S.path is not None and g.template != "{i}" and lp == sp
+        and lp in ((), ("params",), ("params", "params"))
+    ):
+        root = lp + g.path
+        tail = ["--root", "/".join(map(str, root))] if g.path else []
+        loop_cmd = ["ckptconv", "extract", str(L.path), "loop_layers.msgpack"]
+        for k in g.keys:
+            loop_cmd += ["--only", "/".join(map(str, root + (k,)))]
+        if dtype is not None:  # SCAN was cast: the loop layers are cast alike
+            loop_cmd += ["--dtype", dtype.name]
+        scan_cmd = ["ckptconv", "extract", str(S.path), "scan_layers.msgpack",
+                    "--only", "/".join(map(str, lp + g.target))]
+        target = block if isinstance(block, str) else f"{block.__module__}:{block.__qualname__}"
+        run = ["ckptconv", "verify", "loop_layers.msgpack", "scan_layers.msgpack",
+               "--pattern", g.template, "--into", str(g.into)]
+        run += ["--axis", str(axis)] if axis else []
+        run += ["--block", target]
+        run += ["--block-kwargs", json.dumps(block_kwargs)] if block_kwargs else []
+        if inputs is not None:
+            run += ["--input", "FILE.npy"]
+        elif input_shape is not None:
+            run += ["--input-shape", ",".join(map(str, input_shape))]
+        lines.append("  The layer stack alone, as --block runs it:")
+        for cmd in (loop_cmd + tail, scan_cmd + tail, run):
+            lines.append("    " + " ".join(shlex.quote(w) for w in cmd))
+    return VerifyError("\n".join(lines))
+
+
 def _record_options(side: _Side) -> dict[str, Any] | None:
     """The to-scan options SCAN's conversion record names, if it has one."""
     if side.path is None:
@@ -1151,6 +1471,30 @@ def _record_options(side: _Side) -> dict[str, Any] | None:
     if start:
         opts["layers"] = f"{start}:"
     return opts
+
+
+def _selection(selected: dict[str, Any]) -> tuple[list | None, tuple | None, np.dtype | None]:
+    """``only``, ``root``, ``dtype`` as check_structure takes them."""
+    from ckptconv import subset
+
+    only = selected.get("only")
+    if isinstance(only, str):
+        only = [only]
+    paths = [subset.parse_path(p, "--only") for p in only] if only else None
+    root = selected.get("root")
+    root = subset.parse_path(root, "--root") if root else None
+    dtype = selected.get("dtype")
+    return paths, root, (subset.parse_dtype(dtype) if dtype is not None else None)
+
+
+def _record_selection(side: _Side) -> dict[str, Any]:
+    """The ``--only`` / ``--root`` / ``--dtype`` SCAN's conversion record names."""
+    if side.path is None:
+        return {}
+    from ckptconv import record
+
+    rec = record.read(side.path, side.step) or {}
+    return {k: rec[k] for k in ("only", "root", "dtype") if rec.get(k)}
 
 
 def verify(
@@ -1176,6 +1520,9 @@ def verify(
     step: int | None = None,
     plot: str | Path | None = None,
     precision: str = "highest",
+    only: str | Sequence[str] | None = None,
+    root: str | None = None,
+    dtype: Any = None,
 ) -> Report:
     """Check that ``scan`` is the conversion of ``loop``, and that both compute alike.
 
@@ -1224,6 +1571,11 @@ def verify(
         latest of each, which must then be the same step).
       plot: write a heatmap of layers × intermediates here (``.png`` or
         ``.svg``; needs matplotlib: ``pip install 'ckptconv[plot]'``).
+      only, root, dtype: SCAN was written with these (``to-scan --only params
+        --dtype bfloat16``, a serving checkpoint from a train state): LOOP is
+        taken the same way, and both forms run on params cast to ``dtype``, so
+        the check is of the layout and the cast, not of bfloat16's rounding.
+        Each one not given: what SCAN's conversion record says.
 
     Returns:
       A `Report`; ``report.passed`` is the verdict.
@@ -1269,9 +1621,25 @@ def verify(
             remainder = rec.get("remainder") or remainder
     axis = 0 if axis is None else axis
     remainder = remainder or "separate"
+    # Each of --only / --root / --dtype not given is the record's: restating
+    # one does not drop the others.
+    recorded = _record_selection(S)
+    selected = {"only": only, "root": root, "dtype": dtype}
+    selection_from_record = [k for k, v in selected.items() if v is None and k in recorded]
+    selected = {k: recorded[k] if k in selection_from_record else v for k, v in selected.items()}
+    sel_only, sel_root, sel_dtype = _selection(selected)
     opts = _scan_opts(pattern, into, period, remainder, layers, groups)
+    if options_from == "default":
+        key = _stack_elsewhere(L, S, opts, axis)
+        if key is not None:  # SCAN's layout says which key: use it, and say so
+            options_from = "layout"
+            (g,) = find_groups(L.tree, **opts)
+            pattern, into = g.template, key
+            opts = _scan_opts(pattern, into, period, remainder, layers, groups)
     try:
-        leaves = check_structure(L.tree, S.tree, axis=axis, loop_read=L.read, scan_read=S.read, **opts)
+        leaves = check_structure(
+            L.tree, S.tree, axis=axis, loop_read=L.read, scan_read=S.read, only=sel_only,
+            root=sel_root, dtype=sel_dtype, items=L.items, **opts)
     except GroupError as e:
         swapped = ""
         if (isinstance(e, NothingToConvertError) or period) and _has_stacks(L.tree, into, axis, period, pattern):
@@ -1281,15 +1649,18 @@ def verify(
     shown = {k: v for k, v in {**opts, "axis": axis}.items() if v is not None}
     if shown.get("remainder") == "separate" and not period:
         shown.pop("remainder")
+    shown.update({k: v for k, v in selected.items() if v})
+    if sel_dtype is not None:
+        shown["dtype"] = sel_dtype.name
     report = Report(
         L.name, S.name, leaves, period=period, options=shown, options_from=options_from,
-        precision=precision,
+        precision=precision, selection_from_record=selection_from_record,
     )
     if block is None and model is None:
         return report
     report.caller_precision = _caller_precision()  # before verify sets its own
 
-    loop_lazy, scan_lazy = _variables(L.tree), _variables(S.tree)
+    loop_lazy, scan_lazy = _variables(L.tree, L.items), _variables(S.tree, S.items)
     param_groups = find_groups(loop_lazy.get("params", {}), **opts)
     if not param_groups:
         raise VerifyError(f"{L.name} (LOOP): its params hold no layer group to compare.")
@@ -1305,6 +1676,10 @@ def verify(
 
         g = param_groups[0]
         cls = resolve(block) if isinstance(block, str) else block
+        outside = _block_outside(L, S, loop_lazy, scan_lazy, g, axis, block, block_kwargs, input_shape, inputs,
+                                 sel_dtype)
+        if outside is not None:
+            raise outside
         kw = block_kwargs or {}
         loop_module = models.LoopModel(block=cls, num_layers=g.num_layers, block_kwargs=kw, pattern=g.template)
         scan_module = models.ScanModel(block=cls, num_layers=g.num_layers, block_kwargs=kw, into=g.into, axis=axis)
@@ -1315,6 +1690,12 @@ def verify(
             inputs = (rng.standard_normal(tuple(input_shape)).astype(np.float32),)
         call = _Call.of(inputs)
     loop_vars, scan_vars = L.materialize(loop_lazy), S.materialize(scan_lazy)
+    if sel_dtype is not None:
+        # LOOP's params cast as the conversion cast them: both forms run on
+        # the serving checkpoint's numbers.
+        from ckptconv import subset
+
+        loop_vars, _ = subset.cast(loop_vars, sel_dtype)
     why = _check_params("loop", loop_module, loop_vars, call, f"{L.name} (LOOP)")
     if why:
         raise VerifyError(why)
@@ -1379,6 +1760,8 @@ def verify(
     report.rows = _rows(plan, _flat(loop_inter), atol, rtol, report.rounding)
     report.unmatched = [f"loop: {p}" for p in loop_only] + [f"scan: {p}" for p in scan_only]
     report.skipped = plan.skipped
+    report.extra = plan.extra
+    report.unmatched_hint = plan.hint() if report.unmatched else None
     report.names = plan.names
     report.device = f"{dev.platform}:{dev.id} ({getattr(dev, 'device_kind', '')})"
     report.atol, report.rtol = atol, rtol

@@ -178,6 +178,61 @@ def test_format_option_switches_format(tmp_path):
     assert bits(restore_plain(tmp_path / "out", "orbax")) == bits(ckptconv.to_scan(restore_plain(src, "msgpack")))
 
 
+def test_output_suffix_chooses_the_format(tmp_path, cli):
+    """Without --format, OUT's name decides (.msgpack, .safetensors); else IN's format."""
+    tree = {"params": {f"layer_{i}": {"w": np.full((2, 3), i, np.float32)} for i in range(3)}}
+    src = save_plain(tree, tmp_path / "in", "orbax")
+    want = ckptconv.to_scan(tree)
+    r = cli("to-scan", src, tmp_path / "scan.msgpack")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "scan.msgpack").is_file()
+    assert bits(restore_plain(tmp_path / "scan.msgpack", "msgpack")) == bits(want)
+    # The undo command names IN's format, since OUT's differs.
+    assert f"ckptconv to-loop {tmp_path / 'scan.msgpack'} LOOP_OUT --format orbax" in r.output
+    ckptconv.convert(src, tmp_path / "scan.safetensors", to="scan")
+    got = ckptconv.load(tmp_path / "scan.safetensors")
+    assert bits(got) == bits(want)
+    # --format wins over the name; a name without a known suffix keeps IN's format.
+    ckptconv.convert(src, tmp_path / "odd.msgpack", to="scan", format="orbax")
+    assert (tmp_path / "odd.msgpack" / "_METADATA").is_file()
+    ckptconv.convert(tmp_path / "scan.msgpack", tmp_path / "loop", to="loop")
+    assert (tmp_path / "loop").is_file()
+    # save() too.
+    ckptconv.save(tree, tmp_path / "saved.msgpack")
+    assert bits(restore_plain(tmp_path / "saved.msgpack", "msgpack")) == bits(tree)
+    ckptconv.save(tree, tmp_path / "saved")
+    assert (tmp_path / "saved" / "_METADATA").is_file()
+
+
+def test_out_ending_in_a_slash_is_a_folder(tmp_path, cli):
+    """``out/`` names a folder: a one-file output there is refused (pathlib
+    would drop the slash and write a file named ``out``); an Orbax one is the
+    folder itself."""
+    tree = {"params": {f"layer_{i}": {"w": np.full((2, 3), i, np.float32)} for i in range(3)}}
+    src = tmp_path / "in.msgpack"
+    src.write_bytes(flax.serialization.to_bytes(tree))
+    before = digest(src)
+    out = tmp_path / "out"
+    r = cli("to-scan", src, f"{out}/")
+    assert (r.exit_code, r.output) == (2, (
+        f"Error: {out}/: OUT ends in '/', a folder, but a msgpack output is one file; name the file "
+        f"({out / 'model.msgpack'}, or {out}.msgpack), or pass --format orbax for a folder. Nothing "
+        "was written and the input is unchanged.\n"))
+    with pytest.raises(ckptconv.CkptconvError, match="a safetensors output is one file"):
+        ckptconv.convert(src, f"{out}/", to="scan", format="safetensors")
+    with pytest.raises(ckptconv.CkptconvError, match=r"; name the file \(.*/out.safetensors without the '/'\)"):
+        ckptconv.convert(src, f"{out}.safetensors/", to="scan")
+    assert not out.exists() and digest(src) == before
+    r = cli("to-scan", src, f"{out}/", "--format", "orbax")
+    assert r.exit_code == 0, r.output
+    assert f"wrote {out} (orbax" in r.output
+    assert bits(restore_plain(out, "orbax")) == bits(ckptconv.to_scan(tree))
+    # Without the slash, a msgpack IN still gives a file of that name.
+    r = cli("to-loop", out, tmp_path / "loop", "--format", "msgpack")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "loop").is_file()
+
+
 def test_flax_training_checkpoint_file(tmp_path, cli):
     from flax.training import checkpoints
 
@@ -218,12 +273,47 @@ def test_checkpoint_manager_root_latest_and_step(tmp_path, cli):
     assert f"Error: {root}: no step 30; the steps here are 10, 20. Pass one of them with --step." in r.output
 
 
+def test_load_of_a_manager_root_is_quiet(tmp_path, caplog):
+    """Orbax warns for each manager item that it has no _CHECKPOINT_METADATA of its own (the step has it)."""
+    import logging
+
+    root = _manager(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        got = ckptconv.load(root)
+    assert sorted(got) == ["state"]
+    assert [r.getMessage() for r in caplog.records if "Metadata file does not exist" in r.getMessage()] == []
+
+
 def test_checkpoint_manager_step_directory(tmp_path, cli):
     root = _manager(tmp_path)
     r = cli("to-scan", root / "20", tmp_path / "step_out")
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "step_out").iterdir()) == sorted(p.name for p in (root / "20").iterdir())
     assert json.loads((tmp_path / "step_out" / "metrics" / "metrics").read_text()) == {"loss": 2.0}
+
+
+def test_manager_root_to_a_file_writes_its_lone_item_at_the_root(tmp_path, cli):
+    """A step's one pytree item is the file's tree (no {"state": ...} level); its JSON items are named as left out."""
+    root = _manager(tmp_path)
+    out = tmp_path / "serve.msgpack"
+    r = cli("to-scan", root, out)
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[-2] == f"not in {out}: 20/metrics (not pytree items; a msgpack file holds arrays only)"
+    assert r.output.splitlines()[-1] == (
+        f"to undo: ckptconv to-loop {out} LOOP_OUT --format orbax (an Orbax item: OUT holds no "
+        "CheckpointManager step)"
+    )
+    got, want = restore_plain(out, "msgpack"), ckptconv.to_scan(_train_state())
+    assert sorted(got) == ["opt_state", "params"]
+    assert bits(got["params"]) == bits(want["params"])
+    assert bits(got["opt_state"]["0"]["mu"]) == bits(want["opt_state"][0].mu)  # flax's form of a tuple
+    # A step with one `default` item (CheckpointManager's default name), to safetensors.
+    with ocp.CheckpointManager((tmp_path / "one").absolute()) as m:
+        m.save(3, args=ocp.args.StandardSave(_train_state()["params"]))
+    r = cli("to-scan", tmp_path / "one", tmp_path / "p.safetensors")
+    assert r.exit_code == 0, r.output
+    assert "not in" not in r.output
+    assert bits(ckptconv.load(tmp_path / "p.safetensors")) == bits(ckptconv.to_scan(_train_state()["params"]))
 
 
 def test_dry_run_writes_nothing(tmp_path, cli):
@@ -309,11 +399,32 @@ def test_error_into_collision(tmp_path, cli):
                   "params: cannot put the stacked layers under 'blocks': params/blocks already exists. Choose another name with --into.")
 
 
+def test_a_pattern_that_matches_nothing_names_the_layers_it_sees(tmp_path, cli):
+    tree = {"params": {"embed": np.ones((4, 2), np.float32),
+                       **{f"layers_{i}": {"w": np.full((2, 2), i, np.float32)} for i in range(3)}}}
+    src = save_plain(tree, tmp_path / "in", "orbax")
+    _expect_error(cli, tmp_path, src, ["to-scan", src, tmp_path / "out", "--pattern", "layer_{i}"],
+                  f"Error: {src}: no keys match the pattern 'layer_{{i}}'; the top-level keys are params. "
+                  "If the layers have another name, pass --pattern (for example --pattern "
+                  "'encoder_layer_{i}'); if the checkpoint is already stacked, use to-loop. Keys that look "
+                  "like layers: params/layers_{i} (3): --pattern 'layers_{i}'.\n")
+
+
 def test_error_unknown_format(tmp_path, cli):
     src = tmp_path / "notes.txt"
     src.write_text("hello")
     _expect_error(cli, tmp_path, src, ["to-scan", src, tmp_path / "out"],
-                  f"Error: {src}: not a checkpoint ckptconv can read.\n  msgpack: does not start with a msgpack map or array\n  orbax: not a directory\n")
+                  f"Error: {src}: not a checkpoint ckptconv can read (msgpack: does not start with a msgpack map "
+                  "or array; orbax: not a directory; safetensors: does not start with a safetensors header "
+                  "(8-byte length, then '{')). Pass a flax msgpack file, an Orbax checkpoint directory (or a "
+                  "CheckpointManager directory), a safetensors file, or a Hugging Face directory with "
+                  "flax_model.msgpack.index.json or model.safetensors.index.json.\n")
+    assert cli("inspect", src).output.count("\n") == 1  # one line
+    blank = tmp_path / "blank.msgpack"
+    blank.write_bytes(b"")
+    _expect_error(cli, tmp_path, blank, ["to-scan", blank, tmp_path / "out"],
+                  f"Error: {blank}: an empty file (0 bytes), not a checkpoint; it may be a save that never "
+                  "finished: write it again.\n")
     empty = tmp_path / "emptydir"
     empty.mkdir()
     _expect_error(cli, tmp_path, empty, ["inspect", empty], "orbax: a directory without _METADATA")

@@ -75,3 +75,45 @@ def test_orbax_stack_to_msgpack_reads_one_layer_per_leaf(tmp_path, monkeypatch):
     stacked = [k for k in regions if k.startswith("transformer.h.")]
     assert len(stacked) == 3 * len(set(stacked))  # one read per layer of each stack
     assert not [k for k in whole if k.startswith("transformer.h.")]
+
+
+def test_orbax_train_state_to_msgpack_loads_with_flax_from_bytes(tmp_path, cli):
+    """Orbax keeps an optax chain's state as a list ([ScaleByAdamState, None, None]);
+    a msgpack output has it as flax writes it ({"0": ..., "1": {}, "2": {}}), so
+    `flax.serialization.from_bytes(TrainState, ...)` loads the file."""
+    import flax.linen as nn
+    import optax
+    from flax.training import train_state
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for i in range(3):
+                x = nn.Dense(8, name=f"layer_{i}")(x)
+            return x
+
+    x = np.ones((2, 8), np.float32)
+    params = Net().init(jax.random.PRNGKey(0), x)["params"]
+    state = train_state.TrainState.create(apply_fn=Net().apply, params=params, tx=optax.adamw(1e-2))
+    grads = jax.tree.map(lambda p: p * 0 + 0.5, state.params)
+    state = state.apply_gradients(grads=grads)
+    with ocp.StandardCheckpointer() as c:
+        c.save((tmp_path / "state").absolute(), state)
+    r = cli("extract", tmp_path / "state", tmp_path / "state.msgpack")
+    assert r.exit_code == 0, r.output
+    raw = (tmp_path / "state.msgpack").read_bytes()
+    # As flax writes it (its step is a Python int there, a 0-d array here).
+    want = flax.serialization.msgpack_restore(flax.serialization.to_bytes(state))
+    assert jax.tree.structure(flax.serialization.msgpack_restore(raw)) == jax.tree.structure(want)
+    got = flax.serialization.from_bytes(state, raw)
+    assert int(got.step) == 1 and int(got.opt_state[0].count) == 1
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # to-scan into msgpack: the scan model's TrainState loads it.
+    r = cli("to-scan", tmp_path / "state", tmp_path / "scan.msgpack")
+    assert r.exit_code == 0, r.output
+    scan_state = state.replace(params=ckptconv.to_scan(jax.device_get(state.params)),
+                               opt_state=ckptconv.to_scan(jax.device_get(state.opt_state)))
+    got = flax.serialization.from_bytes(scan_state, (tmp_path / "scan.msgpack").read_bytes())
+    np.testing.assert_array_equal(np.asarray(got.opt_state[0].mu["blocks"]["kernel"]),
+                                  np.stack([np.asarray(state.opt_state[0].mu[f"layer_{i}"]["kernel"]) for i in range(3)]))

@@ -7,6 +7,7 @@ and IN byte-identical."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,11 +20,15 @@ import pytest
 from conftest import digest
 
 import ckptconv
+from ckptconv.errors import Terminated
 
 # The command as users run it (the console script re-executes itself once).
 CKPTCONV = [sys.executable, "-m", "ckptconv"]
 INTERRUPTED = "Error: interrupted; nothing was written and the input is unchanged."
 STARTING = "Error: interrupted while starting; nothing was written."
+# A signal in click's argument parsing, before the command's work starts
+# (__main__._main); click writes a newline to stderr before it gives up.
+PARSING = "\nError: interrupted."
 
 
 def _tree(mb: float, layers: int = 4) -> dict:
@@ -83,6 +88,23 @@ def _wait_for_handler(proc: subprocess.Popen) -> None:
         time.sleep(0.001)
 
 
+def _ended(proc: subprocess.Popen, err: str, out: Path, sig: int, delay: float) -> bool:
+    """Check how a run that got ``sig`` ended; True if the signal stopped it
+    before OUT was complete. A run the signal reached only after its rename
+    says OUT is complete (inside the command's work, or in the moment after
+    it, before click returns: then after click's newline); OUT is removed."""
+    done = f"Error: interrupted after {out} was written: it is complete and in place, and the input is unchanged.\n"
+    if proc.returncode == 0 or err in (done, f"\n{done}"):
+        assert proc.returncode in (0, 128 + sig), (delay, proc.returncode, err)
+        assert ckptconv.load(out)["params"]["blocks"]["w"].shape[0] == 4
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+        return False
+    assert proc.returncode == 128 + sig, (delay, proc.returncode, err)
+    assert err in (f"{STARTING}\n", f"{INTERRUPTED}\n", f"{PARSING}\n"), err
+    assert not out.exists()
+    return True
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_during_start_up_is_quiet(tmp_path, sig):
     src = _save(_tree(0.1), tmp_path / "in", "msgpack")
@@ -97,16 +119,57 @@ def test_signal_during_start_up_is_quiet(tmp_path, sig):
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
         assert "Traceback" not in err, err
-        if proc.returncode == 0:  # it finished first: a complete OUT
-            assert ckptconv.load(tmp_path / "out")["params"]["blocks"]["w"].shape[0] == 4
-            (tmp_path / "out").unlink()
-            continue
-        codes.add(proc.returncode)
-        assert proc.returncode == 128 + sig, (delay, proc.returncode, err)
-        assert err in (f"{STARTING}\n", f"{INTERRUPTED}\n"), err
+        if _ended(proc, err, tmp_path / "out", sig, delay):
+            codes.add(proc.returncode)
         assert digest(src) == before
         _clean(tmp_path, ["in"])
     assert codes == {128 + sig}  # at least one signal landed while starting
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_while_an_extension_module_loads_is_the_interrupt(tmp_path, sig):
+    """An Orbax input imports TensorStore once the command runs; a signal then
+    breaks the import ("ImportError: initialization failed"): still the
+    interrupt's one line and status, not "unexpected ImportError … a bug" (a new
+    user's Ctrl-C at 0.3-0.7 s got that, exit 2, every time)."""
+    src = _save(_tree(0.1), tmp_path / "in", "orbax")
+    before = digest(src)
+    codes = set()
+    for delay in (0.3, 0.45, 0.6, 0.8):
+        proc = _start("to-scan", src, tmp_path / "out")
+        _wait_for_handler(proc)
+        time.sleep(delay)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+        assert "Traceback" not in err and "unexpected" not in err, (delay, err)
+        if _ended(proc, err, tmp_path / "out", sig, delay):
+            codes.add(proc.returncode)
+        assert digest(src) == before
+        _clean(tmp_path, ["in"])
+    assert codes == {128 + sig}  # at least one signal landed before the end
+
+
+@pytest.mark.parametrize(("interrupt", "code"), [(KeyboardInterrupt, 130), (Terminated, 143)])
+def test_an_error_raised_from_an_interrupt_is_the_interrupt(tmp_path, cli, monkeypatch, interrupt, code):
+    """The same, without timing: an extension module whose import a signal broke
+    raises ImportError("initialization failed") from the KeyboardInterrupt."""
+    from ckptconv import cli as cli_mod
+
+    def broken(*args, **kwargs):
+        try:
+            raise interrupt()
+        except KeyboardInterrupt as e:
+            raise ImportError("initialization failed") from e
+
+    monkeypatch.setattr(cli_mod, "run_convert", broken)
+    src = _save(_tree(0.01), tmp_path / "in", "msgpack")
+    r = cli("to-scan", src, tmp_path / "out")
+    assert (r.exit_code, r.output) == (code, f"{INTERRUPTED}\n")
+    # Without one the same exception is a bug, and says so.
+    monkeypatch.setattr(cli_mod, "run_convert", lambda *a, **k: (_ for _ in ()).throw(ImportError("initialization failed")))
+    r = cli("to-scan", src, tmp_path / "out")
+    assert r.exit_code == 2
+    assert r.output.startswith("Error: unexpected ImportError: initialization failed. Nothing was written")
 
 
 #: What keeps a conversion writing long enough for a signal to land
@@ -379,3 +442,80 @@ def test_symlinks_inside_in_are_copied_as_links(tmp_path, cli):
     link = tmp_path / "out" / "1" / "notes.txt"
     assert link.is_symlink() and os.readlink(link) == str(secret)
     assert secret.read_text() == "not for OUT"
+
+
+def test_usage_errors_are_one_line(tmp_path):
+    """click's usage errors, through the real command: one `Error:` line, exit 2."""
+    src = _save(_tree(0.01), tmp_path / "in", "msgpack")
+    for args, want in [
+        (["to-scan", src, tmp_path / "out", "--axis", "-1"],
+         "Error: Invalid value for '--axis': -1 is not in the range x>=0. (see 'ckptconv to-scan --help')\n"),
+        (["to-loop"], "Error: Missing argument 'IN'. (see 'ckptconv to-loop --help')\n"),
+        (["frobnicate"], "Error: No such command 'frobnicate'. (see 'ckptconv --help')\n"),
+    ]:
+        p = subprocess.run([*CKPTCONV, *map(str, args)], capture_output=True, text=True, timeout=60)
+        assert (p.returncode, p.stdout, p.stderr) == (2, "", want)
+    _clean(tmp_path, ["in"])
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "orbax"])
+def test_a_signal_right_after_the_rename_says_out_is_complete(tmp_path, cli, monkeypatch, fmt):
+    """Ctrl-C landing between the rename into place and the end of the command:
+    OUT is complete, and the message says so (not "nothing was written")."""
+    from ckptconv import errors
+
+    monkeypatch.setattr(errors, "completed", [])
+    real_rename, real_replace = os.rename, os.replace
+
+    def then_interrupt(real):
+        def move(a, b):
+            real(a, b)
+            if str(b) == str(tmp_path / "out"):  # OUT's own rename into place
+                raise KeyboardInterrupt
+        return move
+
+    monkeypatch.setattr(os, "rename", then_interrupt(real_rename))
+    monkeypatch.setattr(os, "replace", then_interrupt(real_replace))
+    src = _save(_tree(0.01), tmp_path / "in", fmt)
+    before = digest(src)
+    r = cli("to-scan", src, tmp_path / "out")
+    assert (r.exit_code, r.output) == (
+        130, f"Error: interrupted after {tmp_path / 'out'} was written: it is complete and in place, "
+        "and the input is unchanged.\n")
+    assert ckptconv.load(tmp_path / "out")["params"]["blocks"]["w"].shape[0] == 4
+    assert digest(src) == before
+    _clean(tmp_path, ["in", "out"])
+
+
+@pytest.mark.parametrize(("interrupt", "code"), [(KeyboardInterrupt, 130), (Terminated, 143)])
+def test_a_signal_after_the_command_returned_says_out_is_complete(tmp_path, capfd, monkeypatch, interrupt, code):
+    """The same, one moment later: the command's work is over (OUT in place)
+    and the signal lands before click returns, where click turns it into Abort
+    (a CI run saw "interrupted." there, with a complete OUT on disk)."""
+    import click
+
+    from ckptconv import __main__ as entry
+    from ckptconv import errors
+
+    monkeypatch.setattr(errors, "completed", [])
+    monkeypatch.setattr(sys, "argv", ["ckptconv"])
+    out = tmp_path / "out"
+
+    @click.command()
+    def command():
+        errors.completed.append(out)
+        raise interrupt()
+
+    assert entry._main(command) == code
+    assert capfd.readouterr().err == (
+        f"\nError: interrupted after {out} was written: it is complete and in place, "
+        "and the input is unchanged.\n")
+    # In click's parsing, before any work: the plain line.
+    errors.completed.clear()
+
+    @click.command()
+    def parsing():
+        raise interrupt()
+
+    assert entry._main(parsing) == code
+    assert capfd.readouterr().err == "\nError: interrupted.\n"

@@ -111,3 +111,41 @@ def test_inspect_recognises_the_layouts_and_its_proposals_work(tmp_path, cli):
     r = cli("inspect", HF / "t5" / "flax_model.msgpack")
     assert "known layout" not in r.output
     assert "pass --layers 1:" in r.output
+
+
+def test_scan_form_of_an_hf_model_says_transformers_cannot_load_it(tmp_path, cli):
+    """from_pretrained of the scan form would initialise every layer at random
+    (no error from transformers): to-scan says so; to-loop --from h alone gives
+    HF's digit list back, the file bit for bit."""
+    src = HF / "gpt2" / "flax_model.msgpack"
+    scan = tmp_path / "scan.msgpack"
+    r = cli("to-scan", src, scan)
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[-1] == (
+        f"note: {scan} holds Hugging Face layer lists in scan form (transformer/h): transformers' "
+        "from_pretrained does not read stacked layers and would initialise them at random. Load it "
+        "into a scan model (ckptconv.restore(..., like=...)), or to-loop it back for transformers."
+    )
+    back = tmp_path / "flax_model.msgpack"
+    r = cli("to-loop", scan, back, "--from", "h")
+    assert r.exit_code == 0, r.output
+    assert "transformer/h: 3 layers -> transformer/h/{i}" in r.output.splitlines()
+    assert back.read_bytes() == src.read_bytes()
+    # Asked for, layer_{i} it is.
+    r = cli("to-loop", scan, tmp_path / "named.msgpack", "--from", "h", "--pattern", "layer_{i}")
+    assert "transformer/h: 3 layers -> transformer/layer_{i}" in r.output.splitlines()
+
+
+def test_an_unsharded_save_pretrained_directory_names_its_weights_file(tmp_path, cli):
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    for f in ("config.json", "flax_model.msgpack"):
+        (folder / f).write_bytes((HF / "gpt2" / f).read_bytes())
+    r = cli("to-scan", folder, tmp_path / "out")
+    assert r.exit_code == 2
+    assert r.output == (
+        f"Error: {folder}: a Hugging Face model directory with one weights file; pass that file: "
+        f"{folder / 'flax_model.msgpack'} (OUT is then one file: name it flax_model.msgpack in a "
+        "folder holding a copy of config.json, for from_pretrained).\n"
+    )
+    assert not (tmp_path / "out").exists()

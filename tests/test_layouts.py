@@ -4,6 +4,8 @@ one (HF T5), through the library and the command line."""
 
 from __future__ import annotations
 
+import json
+
 import flax.serialization
 import numpy as np
 import orbax.checkpoint as ocp
@@ -390,37 +392,138 @@ def test_t5_scan_to_loop_default_refuses_and_names_the_list(tmp_path, cli):
     assert ckptconv.find_groups(scan) == []  # block/0 alone is no group
 
 
+def test_inspect_says_what_to_loop_says_of_a_t5_scan(tmp_path, cli):
+    """inspect makes to-loop's own checks (not only finding the stacks), and
+    takes --layers for to-loop too: the advice it prints works."""
+    src = tmp_path / "t5s.msgpack"
+    ckptconv.save(ckptconv.to_scan(_t5(), layers="1:"), src)
+    r = cli("to-loop", src, tmp_path / "out", "--from", "blocks")
+    assert r.exit_code == 2 and r.output.startswith(f"Error: {src}: ")
+    refusal = r.output[len(f"Error: {src}: "):].rstrip("\n")
+    assert "Put the layers back into it with --pattern 'block/{i}' --layers 1:" in refusal
+    r = cli("inspect", src, "--from", "blocks")
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[-1] == f"to-loop: cannot: {refusal}"
+    advised = ["--from", "blocks", "--pattern", "block/{i}", "--layers", "1:"]
+    r = cli("inspect", src, *advised)
+    assert r.output.splitlines()[-3:] == [
+        "to-loop would unstack:",
+        "  decoder/blocks: 3 layers -> decoder/block/{i}, numbered from 1",
+        "  encoder/blocks: 3 layers -> encoder/block/{i}, numbered from 1",
+    ]
+    r = cli("to-loop", src, tmp_path / "out", *advised)
+    assert r.exit_code == 0, r.output
+    _assert_bits(ckptconv.load(tmp_path / "out"), _t5(), ordered=False)
+
+
 def test_inspect_names_the_stacks_it_sees(tmp_path, cli):
     t = {"transformer": {"h": {str(i): {"attn": {"kernel": np.full((4, 8), i, np.float32)}, "ln": {"scale": np.ones(4, np.float32)}} for i in range(3)},
                          "wte": {"embedding": np.zeros((16, 4), np.float32)}}}
     src = tmp_path / "gpt.safetensors"
     ckptconv.save(t, src, format="safetensors")
     assert cli("to-scan", src, tmp_path / "scan.safetensors").exit_code == 0
+    # ckptconv's output: its record says how to-loop with no options undoes it.
     r = cli("inspect", tmp_path / "scan.safetensors")
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[1] == ("record: written by ckptconv to-scan; to-loop with no options undoes it: "
+                        "--from h --pattern '{i}'")
+    assert lines[-3:-1] == ["to-loop would unstack:", "  transformer/h: 3 layers -> transformer/h/{i}"]
+    # --from given: what is seen without the record.
+    r = cli("inspect", tmp_path / "scan.safetensors", "--from", "blocks")
     assert r.exit_code == 0, r.output
     assert r.output.splitlines()[-2:] == [
         "to-loop: no subtree named 'blocks' to unstack. Stacks seen: transformer/h (3 layers on axis 0): "
-        "--from h (--pattern '{i}' if it replaced a digit-keyed list, as for HF and NNX). "
-        "(to-scan printed the exact command as 'to undo'.)",
+        "--from h (a Hugging Face layer list: the layers come back as h/0, h/1 …). "
+        "(For a ckptconv output, to-scan printed the exact command as 'to undo'.)",
         "known layout: transformer/h looks like a stacked Hugging Face layer list: ckptconv "
         "to-loop IN OUT --from h --pattern '{i}' (from_pretrained loads the result)",
     ]
     r = cli("to-loop", tmp_path / "scan.safetensors", tmp_path / "x", "--from", "h")
     assert r.exit_code == 0
+    # No --pattern: a Hugging Face list comes back as the digit list HF loads, not layer_{i}.
+    assert "transformer/h: 3 layers -> transformer/h/{i}" in r.output.splitlines()
+    _assert_bits(ckptconv.load(tmp_path / "x"), ckptconv.load(src))
     r = cli("to-loop", src, tmp_path / "y", "--from", "h")
     assert r.exit_code == 2
     assert r.output == (f"Error: {src}: transformer/h: its keys are layer numbers (0, 1, 2 …): it is a list of "
                         "layers, already in loop form. Use to-scan to stack it.\n")
 
 
+def test_inspect_lists_an_odd_layer_by_its_own_path(tmp_path, cli):
+    """Layers to-scan refuses to stack (layer 0 unlike the rest) are not folded
+    into one row with layer 0's shape: sizes and bytes stay true."""
+    t = {"params": {"layer_0": {"w": np.zeros((4, 8), np.float32)},
+                    **{f"layer_{i}": {"w": np.ones((8, 8), np.float32)} for i in range(1, 4)}}}
+    src = tmp_path / "in.msgpack"
+    src.write_bytes(flax.serialization.to_bytes(t))
+    r = cli("inspect", src)
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[1:6] == [
+        "4 leaves, 896 B",
+        "  params/layer_0/w    (4, 8)             float32       128 B",
+        "  params/layer_{i}/w  (8, 8)             float32       256 B  x3",
+        "to-scan: cannot: params: the layers to stack differ (1 mismatch):",
+        "  layer 0: params/layer_0/w: expected shape (8, 8) (as in layer 1), found (4, 8)",
+    ]
+    r = cli("inspect", src, "--json")
+    rows = json.loads(r.output)["items"][0]["leaves"]
+    assert [(x["path"], x["layers"]) for x in rows] == [("params/layer_0/w", 1), ("params/layer_{i}/w", 3)]
+
+
 def test_inspect_of_maxtext_blocks_proposes_no_restack_and_the_period(tmp_path, cli, gemma_files):
     _, scan = gemma_files
     r = cli("inspect", scan)
     assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[-1] == (
+        "  params/decoder/layers: 13 layers (blocks of 6, 2 deep, 1 in params/decoder/layers_remainder) "
+        "-> params/decoder/layers_{i}"
+    )
+    r = cli("inspect", scan, "--from", "blocks")  # as if it had no record
+    assert r.exit_code == 0, r.output
     assert "to-scan would stack" not in r.output
     assert r.output.splitlines()[-1] == (
         "to-loop: no subtree named 'blocks' to unstack. Stacks seen: params/decoder/layers (blocks of 6): "
-        "--from layers --pattern 'layers_{i}' --period 6 --axis 1. (to-scan printed the exact command as 'to undo'.)"
+        "--from layers --pattern 'layers_{i}' --period 6 --axis 1. (For a ckptconv output, to-scan printed the exact command as 'to undo'.)"
+    )
+
+
+def test_to_loop_of_a_maxtext_scan_suggests_its_loop_names(tmp_path, cli):
+    """MaxText's scan form (layers on axis 1): the advice has the pattern MaxText's loop form uses."""
+    layers = {"mlp": {"wi": {"kernel": np.ones((16, 3, 32), np.float32)}, "wo": {"kernel": np.ones((32, 3, 16), np.float32)}}}
+    t = {"params": {"params": {"decoder": {"layers": layers, "decoder_norm": {"scale": np.ones(16, np.float32)}},
+                               "token_embedder": {"embedding": np.ones((64, 16), np.float32)}}}}
+    src = tmp_path / "mt_scan"
+    ckptconv.save(t, src)
+    r = cli("to-loop", src, tmp_path / "out")
+    assert r.exit_code == 2
+    assert r.output == (
+        f"Error: {src}: no subtree named 'blocks' to unstack. Stacks seen: params/params/decoder/layers "
+        "(3 layers on axis 1): --from layers --axis 1 --pattern 'layers_{i}' (MaxText's loop names). "
+        "(For a ckptconv output, to-scan printed the exact command as 'to undo'.)\n"
+    )
+    r = cli("to-loop", src, tmp_path / "out", "--from", "layers", "--axis", "1", "--pattern", "layers_{i}")
+    assert r.exit_code == 0, r.output
+    got = ckptconv.load(tmp_path / "out")["params"]["params"]["decoder"]
+    assert sorted(got) == ["decoder_norm", "layers_0", "layers_1", "layers_2"]
+    np.testing.assert_array_equal(got["layers_2"]["mlp"]["wi"]["kernel"], np.ones((16, 32), np.float32))
+
+
+def test_to_loop_advice_names_mirrored_stacks_once(tmp_path, cli):
+    """params and Adam's mu/nu hold the same stack: one piece of advice naming all three."""
+    p = {"embed": {"embedding": np.ones((16, 8), np.float32)},
+         "layers": {"Dense_0": {"kernel": np.ones((3, 8, 8), np.float32), "bias": np.ones((3, 8), np.float32)}}}
+    t = {"params": p, "opt_state": [{"count": np.int32(1), "mu": p, "nu": p}]}
+    src = tmp_path / "scan"
+    ckptconv.save(t, src)
+    r = cli("to-loop", src, tmp_path / "out")
+    assert r.exit_code == 2
+    assert r.output == (
+        f"Error: {src}: no subtree named 'blocks' to unstack. Stacks seen: opt_state/0/mu/layers, "
+        "opt_state/0/nu/layers, params/layers (3 layers on axis 0): --from layers (and "
+        "--pattern 'layers_{i}' for the names layers_0, layers_1 …, or --pattern '{i}' if it replaced "
+        "a digit-keyed list, as for HF and NNX). (For a ckptconv output, to-scan printed the exact "
+        "command as 'to undo'.)\n"
     )
 
 

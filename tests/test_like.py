@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from test_layouts import _assert_bits, _maxtext_state
 
 import ckptconv
@@ -112,3 +113,27 @@ def test_dry_run_prints_the_plan_as_options(tmp_path, cli):
     assert r.exit_code == 0, r.output
     assert "plan: to-scan --pattern 'layers_{i}' --into layers --axis 1" in r.output.splitlines()
     assert not (tmp_path / "out").exists()
+
+
+def test_the_same_layers_under_other_names_are_named_as_such(tmp_path, cli):
+    """layer_{i} in IN, layers_{i} in REF (to-loop's default names against a flax
+    model's): both loop form; the error says so and how to rename, for --like and restore."""
+    lay = {"Dense_0": {"kernel": np.ones((8, 8), np.float32), "bias": np.ones(8, np.float32)}}
+    emb = {"embed": {"embedding": np.ones((16, 8), np.float32)}}
+    ckptconv.save({"params": {**emb, **{f"layer_{i}": lay for i in range(3)}}}, tmp_path / "loop")
+    ref = {"params": {**emb, **{f"layers_{i}": lay for i in range(3)}}}
+    ckptconv.save(ref, tmp_path / "ref")
+    r = cli("to-scan", tmp_path / "loop", tmp_path / "out", "--like", tmp_path / "ref")
+    assert r.exit_code == 2
+    assert r.output == (
+        f"Error: {tmp_path / 'loop'}: --like {tmp_path / 'ref'}: IN's layers params/layer_{{i}} (3) are "
+        "REF's params/layers_{i} under another name: both are in loop form, and ckptconv converts "
+        "between the two forms without renaming layers. Rename them in two steps: ckptconv to-scan "
+        "--pattern 'layer_{i}', then ckptconv to-loop --pattern 'layers_{i}' of its output.\n"
+    )
+    with pytest.raises(ckptconv.CkptconvError) as e:
+        ckptconv.restore(tmp_path / "loop", like=ref)
+    assert str(e.value).startswith(
+        f"{tmp_path / 'loop'}: cannot restore into like: The checkpoint's layers params/layer_{{i}} (3) "
+        "are like's params/layers_{i} under another name: both are in loop form"
+    )

@@ -23,6 +23,7 @@ import tensorstore as ts
 from click.testing import CliRunner
 
 import ckptconv
+from ckptconv import storage
 from ckptconv.cli import main
 
 HERE = Path(__file__).parent
@@ -35,8 +36,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tree() -> dict:
-    rng = np.random.default_rng(0)
+def _tree(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
 
     def layer() -> dict:
         return {"attn": {"w": rng.standard_normal((32, 32)).astype(np.float32),
@@ -56,6 +57,19 @@ def loop_ckpt(tmp_path_factory) -> Path:
     with ocp.StandardCheckpointer() as c:
         c.save(path, _tree())
     return path
+
+
+@pytest.fixture(scope="module")
+def manager_root(tmp_path_factory) -> Path:
+    """A CheckpointManager root with two steps, each a train state and metrics."""
+    root = tmp_path_factory.mktemp("mh") / "root"
+    with ocp.CheckpointManager(root, item_names=("state", "metrics")) as m:
+        for step in (1, 2):
+            m.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_tree(step)),
+                metrics=ocp.args.JsonSave({"loss": step / 10})))
+        m.wait_until_finished()
+    return root
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -246,3 +260,152 @@ def test_one_process_imports_no_jax(loop_ckpt, tmp_path):
                          text=True, timeout=TIMEOUT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "o" / "commit_success.txt").is_file()
+
+
+def _manager_restore(root: Path | str, step: int) -> dict:
+    with ocp.CheckpointManager(root, item_names=("state", "metrics")) as m:
+        assert m.all_steps() == [step]
+        got = m.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), metrics=ocp.args.JsonRestore()))
+    return {"state": got.state, "metrics": got.metrics}
+
+
+def test_manager_root_two_processes(manager_root, tmp_path):
+    """A CheckpointManager root (what MaxText and Flax trainers write): the
+    changed item is split between the processes, the metrics item and the
+    step's files are process 0's, and the step is committed once both are
+    written."""
+    env = _env(CKPTCONV_CLONE="0")
+    one = tmp_path / "scan_one"
+    ckptconv.convert(manager_root, one, to="scan", distributed=False)
+    out = tmp_path / "scan_two"
+    for rc, stdout, err in _cli2("to-scan", manager_root, out, env):
+        assert rc == 0, err[-3000:]
+        assert f"wrote {out}" in stdout
+    _assert_same(one / "2" / "state", out / "2" / "state")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert sorted(p.name for p in (out / "2").iterdir()) == sorted(p.name for p in (one / "2").iterdir())
+    assert (out / "2" / "metrics" / "metrics").read_bytes() == (
+        manager_root / "2" / "metrics" / "metrics").read_bytes()
+    mine = [_db_arrays(out / "2" / "state" / f"ocdbt.process_{i}") for i in range(2)]
+    assert mine[0] and mine[1] and not mine[0] & mine[1]
+    assert mine[0] | mine[1] == _db_arrays(out / "2" / "state")
+    got = _manager_restore(out, 2)
+    assert got["metrics"] == {"loss": 0.2}
+    import jax
+
+    for (k, want), have in zip(_leaves(one / "2" / "state"), jax.tree_util.tree_leaves(got["state"])):
+        assert np.array_equal(np.asarray(have), want), k
+    assert not list(tmp_path.glob(".*ckptconv-tmp*"))
+
+    # A step directory back to loop form, by the library's distributed=.
+    back = tmp_path / "loop_step"
+    runs = _finish(_start(lambda c, i: [
+        sys.executable, str(HERE / "multihost_convert_run.py"), "convert", str(out / "2"),
+        str(back), c, str(i), "loop"], env))
+    for rc, _, err in runs:
+        assert rc == 0, err[-3000:]
+    _assert_same(manager_root / "2" / "state", back / "state")
+    assert (back / "metrics" / "metrics").read_bytes() == (
+        manager_root / "2" / "metrics" / "metrics").read_bytes()
+    assert (back / "_CHECKPOINT_METADATA").is_file()
+
+
+def _keys(url: str) -> list[str]:
+    return storage.as_path(url).keys()
+
+
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_bucket_two_processes(stores, scheme, loop_ckpt, manager_root, tmp_path):
+    """Two processes write into a bucket: each its own ``ocdbt.process_<i>``,
+    merged by reference by process 0 (OCDBT writes the root's B-tree only:
+    no data travels again), the commit markers last; and read from it."""
+    from conftest import _bucket
+
+    url = _bucket(stores, scheme)
+    env = _env()
+    one = tmp_path / "scan_one"
+    ckptconv.convert(loop_ckpt, one, to="scan", distributed=False)
+    item = f"{url}/scan"
+    for rc, stdout, err in _cli2("to-scan", loop_ckpt, item, env):
+        assert rc == 0, err[-3000:]
+        assert f"wrote {item}" in stdout
+    keys = _keys(item)
+    assert {"commit_success.txt", "_METADATA", "manifest.ocdbt", "ocdbt.process_0/manifest.ocdbt",
+            "ocdbt.process_1/manifest.ocdbt"} <= set(keys)
+    # The root database holds B-tree nodes only; the data stay in the process databases.
+    root_data = sum(len(storage.as_path(f"{item}/{k}").read_bytes()) for k in keys if k.startswith("d/"))
+    share_data = sum(len(storage.as_path(f"{item}/{k}").read_bytes()) for k in keys
+                     if k.startswith("ocdbt.process_") and "/d/" in k)
+    assert share_data > 16 * 1024 and root_data < share_data / 4, (root_data, share_data)
+    local = tmp_path / "downloaded"
+    storage.copy_tree(storage.as_path(item), local)
+    _assert_same(one, local)
+    with ocp.StandardCheckpointer() as c:
+        restored = c.restore(local)
+    import jax
+
+    for (k, want), got in zip(_leaves(one), jax.tree_util.tree_leaves(restored)):
+        assert np.array_equal(np.asarray(got), want), k
+
+    # Bucket in, local out: back to loop form.
+    back = tmp_path / "loop_back"
+    for rc, _, err in _cli2("to-loop", item, back, env):
+        assert rc == 0, err[-3000:]
+    _assert_same(loop_ckpt, back)
+
+    # A manager root into the bucket: a MaxText pod run's case.
+    root_one = tmp_path / "root_one"
+    ckptconv.convert(manager_root, root_one, to="scan", distributed=False)
+    root = f"{url}/root"
+    for rc, _, err in _cli2("to-scan", manager_root, root, env):
+        assert rc == 0, err[-3000:]
+    keys = set(_keys(root))
+    assert {"2/commit_success.txt", "2/state/commit_success.txt", "2/metrics/metrics",
+            "2/state/ocdbt.process_1/manifest.ocdbt", "2/_CHECKPOINT_METADATA"} <= keys
+    local_root = tmp_path / "root_downloaded"
+    storage.copy_tree(storage.as_path(root), local_root)
+    _assert_same(root_one / "2" / "state", local_root / "2" / "state")
+    assert _manager_restore(local_root, 2)["metrics"] == {"loss": 0.2}
+
+
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_killed_process_on_a_bucket_leaves_nothing(stores, scheme, loop_ckpt):
+    from conftest import _bucket
+
+    url = f"{_bucket(stores, scheme)}/scan"
+    env = _env(CKPTCONV_BARRIER_TIMEOUT="5", CKPTCONV_MULTIHOST_PAUSE="60")
+    procs = _start(lambda c, i: [
+        sys.executable, "-m", "ckptconv", "to-scan", str(loop_ckpt), url, "--coordinator", c,
+        "--num-processes", "2", "--process-id", str(i)], env)
+    try:
+        deadline = time.monotonic() + 60
+        while "ocdbt.process_1/manifest.ocdbt" not in _keys(url):
+            assert time.monotonic() < deadline, "process 1 never wrote its database"
+            assert procs[0].poll() is None, procs[0].communicate()
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGKILL)
+        _, err = procs[0].communicate(timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert procs[0].returncode == 2, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("Error: process 1 did not finish 'written' within 5 s"), err
+    assert line.endswith(f"(what was written under {url} was deleted.)"), line
+    assert _keys(url) == []
+
+
+def test_msgpack_refused_by_every_process(tmp_path):
+    src = tmp_path / "in.msgpack"
+    ckptconv.save({"layer_0": {"w": np.ones(3)}, "layer_1": {"w": np.ones(3)}}, src,
+                  format="msgpack")
+    out = tmp_path / "out.msgpack"
+    for rc, _, err in _cli2("to-scan", src, out, _env(CKPTCONV_BARRIER_TIMEOUT="5")):
+        assert rc == 2, err[-3000:]
+        assert err.strip().splitlines()[-1] == (
+            f"Error: {src}: a multi-process conversion takes an Orbax checkpoint to Orbax, not "
+            "msgpack to msgpack; run it as one process (without --num-processes)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.msgpack"]

@@ -137,6 +137,13 @@ def test_to_scan_with_no_options_undoes_a_recorded_to_loop(tmp_path, cli):
     scan = FIXTURES / "maxtext" / "llama2_scan"
     loop, back = tmp_path / "loop", tmp_path / "back"
     assert cli("to-loop", scan, loop, "--from", "layers", "--pattern", "layers_{i}", "--axis", "1").exit_code == 0
+    r = cli("inspect", loop)  # shows the plan to-scan with no options runs
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[1] == (
+        "record: written by ckptconv to-loop; to-scan with no options undoes it: "
+        "--pattern 'layers_{i}' --into layers --axis 1"
+    )
+    assert "  params/params/decoder/layers_{i}: 4 layers -> params/params/decoder/layers" in r.output.splitlines()
     r = cli("to-scan", loop, back)
     assert r.exit_code == 0, r.output
     assert _from_record_line(r) == (
@@ -156,3 +163,37 @@ def test_to_scan_with_no_options_undoes_a_recorded_to_loop(tmp_path, cli):
         f"from {t5_loop}'s record: to-scan --pattern '{{i}}' --into blocks --layers 1:"
     )
     _assert_bits(ckptconv.load(tmp_path / "t5_back"), ckptconv.load(src), ordered=False)
+
+
+def test_a_root_inside_the_stack_offers_no_undo(tmp_path, cli):
+    """--root at the stack itself: OUT holds stacked leaves without the
+    layers' names. No 'to undo' (a trial's printed undo failed), a note, and a
+    record without groups (inspect proposes no undo either)."""
+    t = {"params": {f"layer_{i}": {"w": np.full((2, 3), i, np.float32)} for i in range(3)},
+         "opt_state": {"mu": {f"layer_{i}": {"w": np.zeros((2, 3), np.float32)} for i in range(3)}}}
+    src = tmp_path / "state"
+    ckptconv.save(t, src)
+    r = cli("to-scan", src, tmp_path / "out", "--root", "params/blocks")
+    assert r.exit_code == 0, r.output
+    assert "to undo" not in r.output
+    assert r.output.splitlines()[-1] == (
+        "note: --root params/blocks is at or inside the stack params/blocks: OUT holds stacked "
+        "leaves without the layers' names, and to-loop cannot undo it from OUT alone; a --root "
+        "above the stack (--root params) keeps it undoable.")
+    _assert_bits(ckptconv.load(tmp_path / "out"), {"w": np.stack([t["params"][f"layer_{i}"]["w"] for i in range(3)])})
+    assert record.read(tmp_path / "out")["groups"] == []
+    assert "record:" not in cli("inspect", tmp_path / "out").output
+    # Above the stack: undoable, as before.
+    r = cli("to-scan", src, tmp_path / "p", "--root", "params")
+    assert f"to undo: ckptconv to-loop {tmp_path / 'p'} LOOP_OUT" in r.output.splitlines()
+
+
+def test_a_root_inside_a_loop_layer_is_named_as_a_converted_path(tmp_path, cli):
+    t = {"params": {f"layer_{i}": {"w": np.full((2, 3), i, np.float32)} for i in range(3)}}
+    src = tmp_path / "in.msgpack"
+    ckptconv.save(t, src)
+    r = cli("to-scan", src, tmp_path / "out", "--root", "params/layer_0")
+    assert (r.exit_code, r.output) == (2, (
+        f"Error: {src}: --root params/layer_0: no 'layer_0' under 'params'; the keys there are "
+        "blocks (--root names a path of the converted tree: it is taken after the layers are "
+        "stacked or unstacked). Nothing was written.\n"))

@@ -127,6 +127,115 @@ def test_into_scan_form_on_one_device(loop_ckpt):
         np.testing.assert_array_equal(np.asarray(a), b)
 
 
+def test_nn_scan_inside_a_wrapper_module(tmp_path, cli):
+    """`nn.scan(Block)()` called inside a module named `blocks` keeps its params under
+    blocks/ScanBlock_0: restore(like=) and to-scan --like find the stack there, and the
+    scan model computes what the loop model does."""
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return nn.tanh(nn.Dense(16)(x)) + x, None
+
+    class Loop(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for i in range(3):
+                x, _ = Block(name=f"layer_{i}")(x, None)
+            return nn.Dense(4)(x)
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scan = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+            return scan()(x, None)[0]
+
+    class Scan(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4)(Stack(name="blocks")(x))
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16))
+    loop = Loop().init(jax.random.PRNGKey(0), x)
+    ckptconv.save(loop, tmp_path / "loop")
+    like = jax.eval_shape(Scan().init, jax.random.PRNGKey(0), x)
+    assert set(like["params"]["blocks"]) == {"ScanBlock_0"}
+    plan = ckptconv.plan_restore(tmp_path / "loop", like=like)
+    assert plan.to == "scan" and plan.options["into"] == "blocks/ScanBlock_0"
+    got = ckptconv.restore(tmp_path / "loop", like=like)
+    np.testing.assert_array_equal(np.asarray(Scan().apply(got, x)), np.asarray(Loop().apply(loop, x)))
+    # The CLI, by example: REF is a checkpoint of the scan model.
+    ckptconv.save(Scan().init(jax.random.PRNGKey(2), x), tmp_path / "ref")
+    r = cli("to-scan", tmp_path / "loop", tmp_path / "scan", "--like", tmp_path / "ref")
+    assert r.exit_code == 0, r.output
+    out = ckptconv.load(tmp_path / "scan")
+    np.testing.assert_array_equal(np.asarray(Scan().apply(out, x)), np.asarray(Loop().apply(loop, x)))
+    assert f"to undo: ckptconv to-loop {tmp_path / 'scan'} LOOP_OUT --from blocks/ScanBlock_0" in r.output
+    # And back: into the loop model, and by the record.
+    back = ckptconv.restore(tmp_path / "scan", like=jax.eval_shape(Loop().init, jax.random.PRNGKey(0), x))
+    assert ckptconv.plan_restore(tmp_path / "scan", like=loop).options["source"] == "blocks/ScanBlock_0"
+    np.testing.assert_array_equal(np.asarray(Loop().apply(back, x)), np.asarray(Loop().apply(loop, x)))
+    r = cli("to-loop", tmp_path / "scan", tmp_path / "back")
+    assert r.exit_code == 0, r.output
+    assert "params/blocks: 3 layers -> params/layer_{i}" in r.output.splitlines()
+    got = ckptconv.load(tmp_path / "back")
+    assert jax.tree.structure(got) == jax.tree.structure(jax.tree.map(np.asarray, loop))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(loop)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_auto_numbered_blocks(tmp_path, cli):
+    """A loop of `Block()` without names saves Block_0 … Block_2, which default
+    detection leaves alone (a layer's Dense_0, Dense_1 look the same). like (or
+    REF) shows they are the layers; without it, the error names the option."""
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _=None):
+            return nn.tanh(nn.Dense(16)(nn.Dense(16)(x))) + x, None
+
+    class Loop(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for _ in range(3):
+                x, _ = Block()(x)
+            return nn.Dense(4)(x)
+
+    class Scan(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scan = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+            return nn.Dense(4)(scan(name="layers")(x, None)[0])
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16))
+    loop = Loop().init(jax.random.PRNGKey(0), x)
+    ckptconv.save(loop, tmp_path / "loop")
+    like = jax.eval_shape(Scan().init, jax.random.PRNGKey(0), x)
+    want = np.asarray(Loop().apply(loop, x))
+    plan = ckptconv.plan_restore(tmp_path / "loop", like=like)
+    assert (plan.to, plan.options["pattern"], plan.options["into"]) == ("scan", "Block_{i}", "layers")
+    np.testing.assert_array_equal(np.asarray(Scan().apply(ckptconv.restore(tmp_path / "loop", like=like), x)), want)
+    # pattern= given: like still names into.
+    got = ckptconv.restore(tmp_path / "loop", like=like, pattern="Block_{i}")
+    np.testing.assert_array_equal(np.asarray(Scan().apply(got, x)), want)
+    # No like: the error names what to pass.
+    r = cli("to-scan", tmp_path / "loop", tmp_path / "scan")
+    assert r.exit_code == 2
+    assert r.output.endswith(
+        "if the checkpoint is already stacked, use to-loop. Auto-numbered keys that may be the layers "
+        "(not stacked by default, as a layer's own Dense_0, Dense_1 … are not): params/Block_{i} (3): "
+        "--pattern 'Block_{i}'; params/Block_0/Dense_{i} (2): --pattern 'Dense_{i}'.\n"
+    )
+    # By example: REF, a checkpoint of the scan model.
+    ckptconv.save(Scan().init(jax.random.PRNGKey(2), x), tmp_path / "ref")
+    r = cli("to-scan", tmp_path / "loop", tmp_path / "scan", "--like", tmp_path / "ref")
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[0] == f"like {tmp_path / 'ref'}: to-scan --pattern 'Block_{{i}}' --into layers"
+    np.testing.assert_array_equal(np.asarray(Scan().apply(ckptconv.load(tmp_path / "scan"), x)), want)
+
+
 def test_large_parts_are_assembled_on_device(loop_ckpt, monkeypatch):
     restore_mod = sys.modules["ckptconv.restore"]
     like = _abstract(ckptconv.to_scan(_loop_tree()))

@@ -215,6 +215,15 @@ def test_unstorable_leaves_are_errors(tmp_path):
     with pytest.raises(CkptconvError, match=r"leaf 'a' is also a prefix of leaf 'a.b'"):
         ckptconv.save({"a": np.zeros(2), "a.b": np.ones(1)}, tmp_path / "y.safetensors", format="safetensors")
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+    # A train state: the way out is its params.
+    state = {"params": {"w": np.ones(2, np.float32)}, "opt_state": [{"count": np.int32(1)}, None]}
+    with pytest.raises(CkptconvError) as e:
+        ckptconv.save(state, tmp_path / "s.safetensors")
+    assert str(e.value) == (
+        f"cannot write '{tmp_path / 's.safetensors'}': leaf 'opt_state/1' is NoneType None, which "
+        "safetensors cannot store; keep the params only (--only params, or --root params), or write "
+        "msgpack or orbax instead (--format)."
+    )
 
 
 # --------------------------------------------------------------------------- lying headers

@@ -3,6 +3,8 @@
 A format module provides:
 
 - ``NAME``: its name on the command line (``msgpack``, ``orbax``, ``safetensors``);
+- optionally ``SUFFIX``: an output path ending so is written in this format
+  when no format is asked for (`for_output`);
 - ``sniff(path) -> str | None``: ``None`` when it reads ``path``, else why not
   (shown when no format accepts a path);
 - ``describe(path, step) -> Layout``: what is at ``path``, without reading data;
@@ -43,6 +45,17 @@ def get(name: str) -> ModuleType:
         ) from None
 
 
+def for_output(path: str | Path) -> str | None:
+    """The format an output path's name asks for (``model.msgpack``:
+    ``msgpack``), or ``None`` when its name says nothing (a directory)."""
+    name = str(path).rstrip("/")
+    for fmt_name, module in FORMATS.items():
+        suffix = getattr(module, "SUFFIX", None)
+        if suffix and name.endswith(suffix):
+            return fmt_name
+    return None
+
+
 def detect(path: str | Path) -> ModuleType:
     """The format module that reads ``path``, judged by content and layout.
 
@@ -55,16 +68,30 @@ def detect(path: str | Path) -> ModuleType:
         return _detect_bucket(path)
     if not path.exists():
         raise FormatError(f"{path}: no such file or directory; check the path (relative paths start from {Path.cwd()}).")
+    if path.is_file() and path.stat().st_size == 0:
+        raise FormatError(
+            f"{path}: an empty file (0 bytes), not a checkpoint; it may be a save that never "
+            "finished: write it again."
+        )
     reasons = []
     for name, module in FORMATS.items():
         why = module.sniff(path)
         if why is None:
             return module
         reasons.append(f"{name}: {why}")
+    if path.is_dir():
+        # An unsharded save_pretrained directory: its weights are one file.
+        for weights in ("flax_model.msgpack", "model.safetensors"):
+            if (path / weights).is_file():
+                raise FormatError(
+                    f"{path}: a Hugging Face model directory with one weights file; pass that "
+                    f"file: {path / weights} (OUT is then one file: name it {weights} in a folder "
+                    "holding a copy of config.json, for from_pretrained)."
+                )
     raise FormatError(
-        f"{path}: not a checkpoint ckptconv can read.\n  "
-        + "\n  ".join(reasons)
-        + "\nPass a flax msgpack file, an Orbax checkpoint directory (or a CheckpointManager "
+        f"{path}: not a checkpoint ckptconv can read ("
+        + "; ".join(reasons)
+        + "). Pass a flax msgpack file, an Orbax checkpoint directory (or a CheckpointManager "
         "directory), a safetensors file, or a Hugging Face directory with "
         "flax_model.msgpack.index.json or model.safetensors.index.json."
     )

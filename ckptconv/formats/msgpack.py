@@ -23,6 +23,8 @@ from ckptconv.formats.layout import Layout
 from ckptconv.formats.msgpack_stream.parser import _open_mmap
 
 NAME = "msgpack"
+#: An OUT path with this suffix is written in this format unless told otherwise.
+SUFFIX = ".msgpack"
 STREAMS = True
 
 # msgpack map headers (fixmap, map16, map32): flax writes a map at the top;
@@ -198,9 +200,27 @@ def write(item: Path | None, out_tree: Any, dst: Path, progress: Any = None, fsy
     if item is not None and Path(item).is_dir():
         _write_sharded(Path(item), out_tree, Path(dst), progress)
         return
+    if item is None:  # another format's tree (Orbax, safetensors)
+        out_tree = _flax_state(out_tree)
     # Keep the input file's key order (as to_bytes writes it), so round trips
     # give the input back byte for byte.
     msgpack_stream.write(item, out_tree, dst, progress=progress, sort_keys=False)
+
+
+def _flax_state(node: Any, in_sequence: bool = False) -> Any:
+    """Another format's tree in the form ``flax.serialization.to_bytes``
+    writes, so that ``from_bytes(target, ...)`` loads it: lists and tuples
+    (an optax chain's state, as Orbax keeps it) become ``{"0": ..., "1": ...}``
+    maps, and an empty node in a sequence (optax's ``EmptyState()``, which
+    Orbax stores as None) becomes ``{}``. A None in a dict stays None, as
+    flax keeps it."""
+    if node is None:
+        return {} if in_sequence else None
+    if isinstance(node, Mapping):
+        return {k: _flax_state(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return {str(i): _flax_state(v, True) for i, v in enumerate(node)}
+    return node
 
 
 def load(path: Path, step: int | None = None) -> Any:

@@ -18,6 +18,7 @@ manager root lists only its committed steps, as `CheckpointManager` does.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -271,6 +272,9 @@ def load_item(item: Path) -> Any:
     import orbax.checkpoint as ocp
 
     item = _norm(item)  # Orbax refuses relative paths
+    quiet = _NoItemMetadataWarning()
+    absl_log = logging.getLogger("absl")
+    absl_log.addFilter(quiet)
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
             meta = ckptr.metadata(item)
@@ -285,6 +289,17 @@ def load_item(item: Path) -> Any:
             f"{item}: Orbax could not read this checkpoint ({type(e).__name__}: {e}). "
             "Is it complete? Check that the save finished (commit_success.txt / _CHECKPOINT_METADATA)."
         ) from e
+    finally:
+        absl_log.removeFilter(quiet)
+
+
+class _NoItemMetadataWarning(logging.Filter):
+    """Drops Orbax's "Metadata file does not exist: <item>/_CHECKPOINT_METADATA":
+    a CheckpointManager keeps that file in the step, not in each item, so
+    every restore of a manager's item says it (absl WARNING), to no purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("Metadata file does not exist")
 
 
 def _load_bucket_item(item: Any) -> Any:

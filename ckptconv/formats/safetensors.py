@@ -41,6 +41,8 @@ from ckptconv.formats.layout import Layout
 from ckptconv.formats.msgpack_stream.dtypes import DtypeTable
 
 NAME = "safetensors"
+#: An OUT path with this suffix is written in this format unless told otherwise.
+SUFFIX = ".safetensors"
 STREAMS = True
 
 # safetensors dtype names and their numpy types; a str names an ml_dtypes type.
@@ -389,9 +391,13 @@ def _flatten(tree: Any, dst: Any, is_array: Callable[[Any], bool]) -> list[tuple
 
     def fail(path: list, what: str) -> FormatError:
         where = "/".join(map(str, path)) or "<root>"
+        # A train state's optimizer holds such leaves; serving wants its params.
+        keep = ("keep the params only (--only params, or --root params), or "
+                if path and str(path[0]) != "params" and isinstance(tree, Mapping)
+                and "params" in tree else "")
         return FormatError(
             f"cannot write '{dst}': leaf '{where}' {what}, which safetensors cannot store; "
-            "write msgpack or orbax instead (--format)."
+            f"{keep}write msgpack or orbax instead (--format)."
         )
 
     def walk(x: Any, path: list) -> None:

@@ -25,7 +25,7 @@ from ckptconv.formats.orbax_stream import zstd_stream
 from ckptconv.formats.orbax_stream.chunk_ops import _BATCH_BYTES, _batches, _ChunkOp
 from ckptconv.formats.orbax_stream.damage import _NO_CHUNK, _chunk_damage, _crc32c
 from ckptconv.formats.orbax_stream.decode import _DecodeJob, _Lane, _raw, _scatter_pass, _StreamPlan
-from ckptconv.formats.orbax_stream.files import _fsync
+from ckptconv.formats.orbax_stream.files import LOCK_SUFFIX, _fsync
 from ckptconv.formats.orbax_stream.leaves import _Leaf
 from ckptconv.formats.orbax_stream.metadata_read import _MAX_CHUNK_BYTES, _meta_file
 from ckptconv.formats.orbax_stream.metadata_write import (
@@ -107,9 +107,11 @@ class _Destination:
         if self.sync_pool is None or not data_dir.is_dir():
             return
         # No commit is in flight here, so every file in d/ is complete (OCDBT
-        # never rewrites a data file).
+        # never rewrites a data file). A `*.__lock` file is TensorStore's
+        # transient file lock (file_io_locking), gone by the time it would be
+        # fsynced: skipped (a CI run hit one vanishing).
         for entry in os.scandir(data_dir):
-            if entry.name not in self.syncing:
+            if entry.name not in self.syncing and not entry.name.endswith(LOCK_SUFFIX):
                 self.syncing[entry.name] = self.sync_pool.submit(_fsync, Path(entry.path))
 
     async def close(self) -> None:
@@ -283,9 +285,10 @@ class _Destination:
         lane.txn, lane.nbytes = None, 0
         while len(self.inflight) >= _INFLIGHT:
             await self.inflight.pop(0)
-        self.inflight.append(
-            asyncio.ensure_future(self._commit(_await(txn.commit_async()), progress, done))
-        )
+        # The commit's own future, not a coroutine around it: a task cancelled
+        # before it starts (an error elsewhere) would leave that coroutine
+        # "never awaited" (a CI run printed the RuntimeWarning).
+        self.inflight.append(asyncio.ensure_future(self._commit(txn.commit_async(), progress, done)))
 
     async def drain(self) -> None:
         """Waits for every commit."""

@@ -25,6 +25,8 @@ ZARR3_FILE = "zarr.json"
 # Orbax treats a directory whose name contains this as an unfinished save
 # (`orbax.checkpoint._src.path.atomicity_types.TMP_DIR_SUFFIX`).
 TMP_DIR_SUFFIX = ".orbax-checkpoint-tmp"
+# TensorStore's transient file lock beside a file it writes (file_io_locking).
+LOCK_SUFFIX = ".__lock"
 
 
 def _b64(name: str) -> str:
@@ -70,5 +72,6 @@ def _fsync_tree(path: Path) -> None:
     """fsyncs every file and directory under `path`, TensorStore's files too."""
     for root, _, files in os.walk(path):
         for name in files:
-            _fsync(Path(root) / name)
+            if not name.endswith(LOCK_SUFFIX):  # transient, may vanish
+                _fsync(Path(root) / name)
         _fsync(Path(root))

@@ -301,7 +301,8 @@ class _Plan:
 
         work = await self._work()
         self.engine = "copy"
-        if CLONE and await self._clone_refusal(work) is None:
+        local = not storage.is_bucket(tmp) and not storage.is_bucket(self.src.path)
+        if CLONE and local and await self._clone_refusal(work) is None:
             self.engine = "clone"
             if process_id == 0:
                 await self.write_data(tmp, progress, sync=sync, share=share, work=work)
@@ -360,8 +361,13 @@ class _Plan:
                     continue  # a process with no leaf to write
                 # Orbax's spec for a process database (its base as the
                 # root's, with the same file locking mode): a reference copy
-                # needs the child's files under the root's base kvstore.
-                base = {**_base_spec(child), "file_io_locking": {"mode": "non_atomic"}}
+                # needs the child's files under the root's base kvstore. On a
+                # bucket (no file locks) the copy is by reference too: OCDBT
+                # only writes the root's B-tree, pointing at the child's
+                # objects, so no data travels.
+                base = _base_spec(child)
+                if not storage.is_bucket(child):
+                    base = {**base, "file_io_locking": {"mode": "non_atomic"}}
                 children.append(await ts.KvStore.open(
                     {"driver": "ocdbt", "base": base, "manifest": _base_spec(child),
                      "cache_pool": "cache_pool#ocdbt"},

@@ -138,26 +138,38 @@ def write_processes(
     progress: Progress | None = None,
     sync: bool = False,
     share: bool = True,
+    commit: bool = True,
 ) -> str:
     """`write` as one of several processes (`ckptconv.multihost.Processes`),
     into ``dst_dir``, an item directory process 0 has created inside the
-    conversion's temporary directory (every process is given the same path;
-    the rename into place is the caller's, after the last sync point).
+    conversion's temporary directory, or a bucket prefix (every process is
+    given the same path; the rename into place, or a bucket's commit
+    markers, are the caller's, after the last sync point).
 
     Each process writes its share (`_Plan.write_share`); after a sync point,
     process 0 merges the process databases into the root database
-    (`_Plan.merge_shares`) and writes the metadata files, the commit marker
-    last. The others return once process 0 has merged.
+    (`_Plan.merge_shares`, by reference on a bucket too) and writes the
+    metadata files, the commit marker last (unless ``commit`` is false). The
+    others return once process 0 has merged. On a bucket, a process that
+    fails deletes its own database's objects (best effort; process 0's
+    caller deletes the whole prefix).
     """
-    dst = Path(dst_dir).absolute()
+    dst = storage.as_path(dst_dir)
+    if not storage.is_bucket(dst):
+        dst = Path(dst).absolute()
     src = _Source(storage.as_path(src_dir))
     plan = _Plan(src, out_tree)
-    mine = _run(plan.write_share(
-        dst, processes.process_id, processes.num_processes, progress, sync=sync, share=share
-    ))
+    try:
+        mine = _run(plan.write_share(
+            dst, processes.process_id, processes.num_processes, progress, sync=sync, share=share
+        ))
+    except BaseException:
+        if storage.is_bucket(dst) and processes.process_id != 0:
+            storage.remove_written(dst / f"ocdbt.process_{processes.process_id}")
+        raise
     processes.pause_for_tests()
     shares = processes.sync("written", mine)
     if processes.process_id == 0:
         _run(plan.merge_shares(dst, shares, sync=sync))
-        plan.write_files(dst, dst, sync=sync)
+        plan.write_files(dst, dst, sync=sync, commit=commit)
     return plan.engine
