@@ -14,7 +14,7 @@ import pytest
 import tensorstore as ts
 
 import ckptconv
-from ckptconv.verify import _compare
+from ckptconv.verify.intermediates import _compare
 
 
 def test_orbax_source_without_fill_value_chunks(tmp_path):
