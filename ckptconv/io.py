@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptconv import formats, storage
-from ckptconv.convert import _atomic_output, _bucket_output, check_output
+from ckptconv.convert.output import _atomic_output, _bucket_output, check_output
 from ckptconv.errors import CkptconvError
 
 

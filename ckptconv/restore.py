@@ -38,7 +38,7 @@ import numpy as np
 
 from ckptconv import formats, lazy, storage, subset, tree
 from ckptconv import like as like_mod
-from ckptconv.convert import LOOP_OPTIONS, SCAN_OPTIONS, plan_item
+from ckptconv.convert.plan import LOOP_OPTIONS, SCAN_OPTIONS, plan_item
 from ckptconv.errors import CkptconvError, GroupError, NothingToConvertError
 
 log = logging.getLogger("ckptconv")
