@@ -271,7 +271,10 @@ class Report:
                     f"{r.max_rel:10.3g}  {'ok' if r.passed else 'FAIL'}"
                 )
             if len(self.rows) > max_rows:
-                lines.append(f"  … {len(self.rows) - max_rows} more rows (--json for all)")
+                lines.append(
+                    f"  … {len(self.rows) - max_rows} more rows, each nearer its tolerance than "
+                    "those above (rows go worst first; --json for all)"
+                )
             if self.skipped:
                 lines.append(
                     f"not compared: {len(self.skipped)} outputs of a layer collection as a "
