@@ -155,7 +155,7 @@ def test_one_element_off_by_1e3_relative_fails_at_full_precision(seed1, cli, glo
         f"  {'layer':>5}  {'intermediate':<44} {'max|Δ|':>10} {'mean|Δ|':>10} {'max rel':>10}  ",
         f"  {'1':>5}  {'Dense_0/__call__[0]':<44} {0.000307:10.3g} {8.26e-06:10.3g} {0.00189:10.3g}  FAIL",
     ]
-    assert lines[9:29] == sorted(lines[9:29], key=lambda l: "ok" in l)  # FAIL rows first
+    assert lines[9:29] == sorted(lines[9:29], key=lambda row: "ok" in row)  # FAIL rows first
     assert lines[29] == "  … 23 more rows, each nearer its tolerance than those above (rows go worst first; "\
         "--json for all)"
     assert lines[-1] == "FAIL"
