@@ -410,7 +410,8 @@ def _run_convert(ctx: click.Context, src: Path, dst: str, to: str | None, **kw: 
             copied = "copied" if sel is None else "written"
             click.echo(f"{prefix}nothing to {verb}; {copied} unchanged")
         for g in item.groups:
-            click.echo(f"{prefix}{g.describe()}")
+            if _in_root(g, sel):
+                click.echo(f"{prefix}{g.describe()}")
         for note in item.notes:
             click.echo(f"{prefix}left alone: {note}")
     cast = result.cast
@@ -445,7 +446,12 @@ def _run_convert(ctx: click.Context, src: Path, dst: str, to: str | None, **kw: 
     if to == "scan" and not dry_run and inside is None:
         undo = _undo_command(result, dst)
         if undo:
-            click.echo(f"to undo: {undo}")
+            kept = _not_undone(sel, result.cast)
+            if kept:
+                they = "they" if " and " in kept else "it"
+                click.echo(f"to undo the stacking: {undo} (it cannot undo {kept}: OUT holds only what {they} kept)")
+            else:
+                click.echo(f"to undo: {undo}")
         hf = _hf_lists(result)
         if hf:
             click.echo(
@@ -466,6 +472,32 @@ def _hf_lists(result: Any) -> list[str]:
         if g.holder is not None and str(g.holder) in known.HF_LISTS
         and g.path and str(g.path[0]) in known.HF_ROOTS
     ][:3]
+
+
+def _in_root(group: Any, sel: Any) -> bool:
+    """Whether a stack is in OUT: ``--root`` is taken after the conversion, and
+    a stack outside it (an optimizer's moments beside ``--root params``) is
+    left out with the rest. A to-scan group's stacked subtree, a to-loop
+    stack's parent (where its layers go), must lie on the root's path."""
+    if sel is None or sel.root is None:
+        return True
+    root = tuple(map(str, sel.root))
+    target = getattr(group, "target", None)
+    at = tuple(map(str, target if target is not None else group.path[:-1]))
+    n = min(len(at), len(root))
+    return at[:n] == root[:n]
+
+
+def _not_undone(sel: Any, cast: Any) -> str:
+    """The options of a to-scan that its undo (to-loop OUT) cannot reverse."""
+    words = []
+    if sel is not None and sel.only:
+        words.append(" ".join("--only " + "/".join(map(str, p)) for p in sel.only))
+    if sel is not None and sel.root is not None:
+        words.append("--root " + "/".join(map(str, sel.root)))
+    if cast is not None:
+        words.append(f"--dtype {cast.dtype.name}")
+    return " and ".join([", ".join(words[:-1]), words[-1]] if len(words) > 2 else words)
 
 
 def _undo_command(result: Any, dst: Path) -> str | None:

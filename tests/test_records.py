@@ -185,7 +185,35 @@ def test_a_root_inside_the_stack_offers_no_undo(tmp_path, cli):
     assert "record:" not in cli("inspect", tmp_path / "out").output
     # Above the stack: undoable, as before.
     r = cli("to-scan", src, tmp_path / "p", "--root", "params")
-    assert f"to undo: ckptconv to-loop {tmp_path / 'p'} LOOP_OUT" in r.output.splitlines()
+    assert r.output.splitlines()[:2] == ["root params", "params/layer_{i}: 3 layers -> params/blocks"]
+    assert r.output.splitlines()[-1] == (
+        f"to undo the stacking: ckptconv to-loop {tmp_path / 'p'} LOOP_OUT (it cannot undo "
+        "--root params: OUT holds only what it kept)")
+
+
+def test_stacks_outside_the_selection_are_not_reported_and_the_undo_says_what_stays(tmp_path, cli):
+    """--root is taken after the conversion: the optimizer's stacks beside
+    --root params are left out of OUT, so the report does not list them; the
+    undo gives the layers back but not what --only/--root/--dtype dropped."""
+    L = {f"layer_{i}": {"w": np.full((2, 3), i, np.float32)} for i in range(3)}
+    t = {"params": L, "opt_state": {"mu": L, "nu": L}, "step": np.int32(7)}
+    src = tmp_path / "state"
+    ckptconv.save(t, src)
+    r = cli("to-scan", src, tmp_path / "serve", "--only", "params", "--only", "step", "--dtype", "bfloat16")
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[:2] == ["kept only params, step", "params/layer_{i}: 3 layers -> params/blocks"]
+    assert lines[-1] == (
+        f"to undo the stacking: ckptconv to-loop {tmp_path / 'serve'} LOOP_OUT (it cannot undo "
+        "--only params --only step and --dtype bfloat16: OUT holds only what they kept)")
+    r = cli("to-scan", src, tmp_path / "full")
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[-1] == f"to undo: ckptconv to-loop {tmp_path / 'full'} LOOP_OUT"
+    # to-loop --root: the stacks outside it are not listed either
+    r = cli("to-loop", tmp_path / "full", tmp_path / "loop_params", "--root", "params")
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[1:3] == ["root params", "params/blocks: 3 layers -> params/layer_{i}"]
+    assert sorted(ckptconv.load(tmp_path / "loop_params")) == ["layer_0", "layer_1", "layer_2"]
 
 
 def test_a_root_inside_a_loop_layer_is_named_as_a_converted_path(tmp_path, cli):
