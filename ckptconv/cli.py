@@ -412,6 +412,15 @@ def _run_convert(ctx: click.Context, src: Path, dst: str, to: str | None, **kw: 
         for g in item.groups:
             if _in_root(g, sel):
                 click.echo(f"{prefix}{g.describe()}")
+            wrapper = _scan_wrapper(item, g) if to == "loop" and not result.from_record else None
+            if wrapper is not None and "source" not in kw and "stacks" not in kw:
+                stack = "/".join(map(str, g.path))
+                click.echo(
+                    f"{prefix}note: each layer holds one subtree, {wrapper}, as nn.scan names the "
+                    f"module it scans inside a wrapper module; if your loop model's layers hold "
+                    f"what is in it directly, pass --from {g.path[-1]}/{wrapper} (unstacks "
+                    f"{stack}/{wrapper} into the layers)."
+                )
         for note in item.notes:
             click.echo(f"{prefix}left alone: {note}")
     cast = result.cast
@@ -472,6 +481,28 @@ def _hf_lists(result: Any) -> list[str]:
         if g.holder is not None and str(g.holder) in known.HF_LISTS
         and g.path and str(g.path[0]) in known.HF_ROOTS
     ][:3]
+
+
+def _scan_wrapper(item: Any, stack: Any) -> str | None:
+    """The one key inside each layer a to-loop wrote, when it is nn.scan's
+    auto-name for a scanned module (``ScanBlock_0``): the stack was one level
+    further down, at ``blocks/ScanBlock_0``, than the default ``--from``."""
+    import re
+    from collections.abc import Mapping
+
+    pattern = getattr(stack, "pattern", None)
+    if getattr(stack, "period", None) or not pattern or item.out_tree is None:
+        return None
+    node = item.out_tree
+    for key in (*stack.path[:-1], pattern.format(i=getattr(stack, "start", 0))):
+        if not isinstance(node, Mapping) or key not in node:
+            return None
+        node = node[key]
+    if isinstance(node, Mapping) and len(node) == 1:
+        (key,) = node
+        if re.fullmatch(r"Scan[A-Z]\w*_\d+", str(key)):
+            return str(key)
+    return None
 
 
 def _in_root(group: Any, sel: Any) -> bool:

@@ -179,10 +179,27 @@ def test_nn_scan_inside_a_wrapper_module(tmp_path, cli):
     r = cli("to-loop", tmp_path / "scan", tmp_path / "back")
     assert r.exit_code == 0, r.output
     assert "params/blocks: 3 layers -> params/layer_{i}" in r.output.splitlines()
+    assert not any(line.startswith("note:") for line in r.output.splitlines())  # the record's
     got = ckptconv.load(tmp_path / "back")
     assert jax.tree.structure(got) == jax.tree.structure(jax.tree.map(np.asarray, loop))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(loop)):
         np.testing.assert_array_equal(a, np.asarray(b))
+    # The scan model's own checkpoint (no record): plain to-loop keeps the
+    # ScanBlock_0 level inside each layer, and says how not to.
+    r = cli("to-loop", tmp_path / "ref", tmp_path / "ref_loop")
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[1] == (
+        "note: each layer holds one subtree, ScanBlock_0, as nn.scan names the module it scans "
+        "inside a wrapper module; if your loop model's layers hold what is in it directly, pass "
+        "--from blocks/ScanBlock_0 (unstacks params/blocks/ScanBlock_0 into the layers).")
+    assert set(ckptconv.load(tmp_path / "ref_loop")["params"]["layer_0"]) == {"ScanBlock_0"}
+    r = cli("to-loop", tmp_path / "ref", tmp_path / "ref_loop2", "--from", "blocks/ScanBlock_0")
+    assert r.exit_code == 0 and "note:" not in r.output, r.output
+    got = ckptconv.load(tmp_path / "ref_loop2")
+    assert jax.tree.structure(got) == jax.tree.structure(jax.tree.map(np.asarray, loop))
+    ref = ckptconv.load(tmp_path / "ref")
+    np.testing.assert_array_equal(
+        np.asarray(Loop().apply(got, x)), np.asarray(Scan().apply(ref, x)))
 
 
 def test_auto_numbered_blocks(tmp_path, cli):
