@@ -247,6 +247,15 @@ def inspect(
             click.echo("to-loop would unstack:")
             for s in it.to_loop:
                 click.echo(f"  {s.describe()}")
+                under = "/".join(map(str, s.path)) + "/"
+                wrapper = None if source or recorded or s.period else _wrapper_name(
+                    {r.path[len(under):].split("/")[0] for r in it.leaves if r.path.startswith(under)})
+                if wrapper is not None:
+                    click.echo(
+                        f"  note: it holds one subtree, {wrapper}, as nn.scan names the module it "
+                        f"scans inside a wrapper module; --from {s.path[-1]}/{wrapper} unstacks "
+                        "it without that level in each layer"
+                    )
         elif it.to_loop_error:
             click.echo(f"to-loop: cannot: {it.to_loop_error}")
         elif it.to_loop_hint:
@@ -487,7 +496,6 @@ def _scan_wrapper(item: Any, stack: Any) -> str | None:
     """The one key inside each layer a to-loop wrote, when it is nn.scan's
     auto-name for a scanned module (``ScanBlock_0``): the stack was one level
     further down, at ``blocks/ScanBlock_0``, than the default ``--from``."""
-    import re
     from collections.abc import Mapping
 
     pattern = getattr(stack, "pattern", None)
@@ -498,10 +506,18 @@ def _scan_wrapper(item: Any, stack: Any) -> str | None:
         if not isinstance(node, Mapping) or key not in node:
             return None
         node = node[key]
-    if isinstance(node, Mapping) and len(node) == 1:
-        (key,) = node
-        if re.fullmatch(r"Scan[A-Z]\w*_\d+", str(key)):
-            return str(key)
+    return _wrapper_name(node) if isinstance(node, Mapping) else None
+
+
+def _wrapper_name(keys: Any) -> str | None:
+    """The one key of ``keys`` if it is nn.scan's auto-name (``ScanBlock_0``)."""
+    import re
+
+    keys = {str(k) for k in keys}
+    if len(keys) == 1:
+        (key,) = keys
+        if re.fullmatch(r"Scan[A-Z]\w*_\d+", key):
+            return key
     return None
 
 

@@ -193,6 +193,12 @@ def test_nn_scan_inside_a_wrapper_module(tmp_path, cli):
         "inside a wrapper module; if your loop model's layers hold what is in it directly, pass "
         "--from blocks/ScanBlock_0 (unstacks params/blocks/ScanBlock_0 into the layers).")
     assert set(ckptconv.load(tmp_path / "ref_loop")["params"]["layer_0"]) == {"ScanBlock_0"}
+    lines = cli("inspect", tmp_path / "ref").output.splitlines()
+    at = lines.index("  params/blocks: 3 layers -> params/layer_{i}")
+    assert lines[at + 1] == (
+        "  note: it holds one subtree, ScanBlock_0, as nn.scan names the module it scans inside a "
+        "wrapper module; --from blocks/ScanBlock_0 unstacks it without that level in each layer")
+    assert "note:" not in cli("inspect", tmp_path / "ref", "--from", "blocks/ScanBlock_0").output
     r = cli("to-loop", tmp_path / "ref", tmp_path / "ref_loop2", "--from", "blocks/ScanBlock_0")
     assert r.exit_code == 0 and "note:" not in r.output, r.output
     got = ckptconv.load(tmp_path / "ref_loop2")
