@@ -79,10 +79,10 @@ def _env(**extra: str) -> dict[str, str]:
             "XLA_FLAGS": "--xla_force_host_platform_device_count=2", **extra}
 
 
-def _start(argv_for, env: dict[str, str]) -> list[subprocess.Popen]:
+def _start(argv_for, env: dict[str, str], n: int = 2) -> list[subprocess.Popen]:
     coordinator = f"127.0.0.1:{_free_port()}"
     return [subprocess.Popen(argv_for(coordinator, i), env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for i in range(2)]
+                             stderr=subprocess.PIPE, text=True) for i in range(n)]
 
 
 def _finish(procs: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
@@ -177,6 +177,33 @@ def test_to_scan_to_loop_and_restore_two_processes(loop_ckpt, tmp_path):
     for g in got:
         assert g["processes"] == 2 and g["shards"] == g["equal"] == 2 * g["leaves"]
         assert g["split"] > 0
+
+
+def test_three_processes_split_the_leaves_three_ways(loop_ckpt, tmp_path):
+    """Nothing assumes two: three processes each write a share (by bytes) into
+    their own database, and the result is the one-process conversion."""
+    env = _env(CKPTCONV_CLONE="0", JAX_NUM_CPU_DEVICES="1",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    one = tmp_path / "scan_one"
+    ckptconv.convert(loop_ckpt, one, to="scan", distributed=False)
+    out = tmp_path / "scan_three"
+    runs = _finish(_start(lambda c, i: [
+        sys.executable, "-m", "ckptconv", "to-scan", str(loop_ckpt), str(out), "--coordinator", c,
+        "--num-processes", "3", "--process-id", str(i)], env, n=3))
+    for rc, stdout, err in runs:
+        assert rc == 0, err[-3000:]
+        assert f"wrote {out}" in stdout
+    _assert_same(one, out)
+    mine = [_db_arrays(out / f"ocdbt.process_{i}") for i in range(3)]
+    assert all(mine) and not (mine[0] & mine[1] or mine[0] & mine[2] or mine[1] & mine[2])
+    assert mine[0] | mine[1] | mine[2] == _db_arrays(out)
+    with ocp.StandardCheckpointer() as c:
+        restored = c.restore(out)
+    import jax
+
+    for (k, want), got in zip(_leaves(one), jax.tree_util.tree_leaves(restored)):
+        assert np.array_equal(np.asarray(got), want), k
+    assert not list(tmp_path.glob(".*ckptconv-tmp*"))
 
 
 def test_clone_engine_two_processes(loop_ckpt, tmp_path):
