@@ -137,14 +137,17 @@ class Report:
         caller = (f"jax_default_matmul_precision={self.caller_precision}"
                   if self.caller_precision is not None
                   else "default (jax_default_matmul_precision unset)")
+        # (`COMPARED_COMPILE`: said where it matters, for 16-bit values)
+        half = any(r.dtype in ("bfloat16", "float16") for r in self.rows)
+        ops = "; 16-bit floats rounded at every op in both (XLA's excess precision off)" if half else ""
         if self.precision == "highest":
             timed = f"; timed at the caller's {caller}" if self.timings else ""
-            return f"precision: highest (float32 matmuls in full in the compared runs{timed})"
+            return f"precision: highest (float32 matmuls in full in the compared runs{ops}{timed})"
         if self.rounding == "float32":
             how = f"float32 matmuls in full on {(self.device or '').split(':')[0]}"
         else:
             how = f"float32 matmul inputs round to {self.rounding}"
-        return f"precision: default (the caller's {caller}: {how})"
+        return f"precision: default (the caller's {caller}: {how}{ops})"
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

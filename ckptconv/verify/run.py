@@ -14,7 +14,7 @@ import numpy as np
 
 from ckptconv import tree as treelib
 from ckptconv.errors import VerifyError
-from ckptconv.verify.precision import _keep, _precision_scope
+from ckptconv.verify.precision import COMPARED_COMPILE, _keep, _precision_scope
 from ckptconv.verify.report import Timing
 
 
@@ -107,7 +107,8 @@ def _run(
 
     The capturing run is lowered and compiled explicitly inside the precision
     scope (the setting acts when a function is traced), from a function made
-    for this call, so no jit cache hands back one traced at another precision."""
+    for this call, so no jit cache hands back one traced at another precision,
+    and with `COMPARED_COMPILE` (16-bit floats rounded at every op)."""
     import jax
 
     def plain(v: Any, dyn: Any) -> Any:
@@ -134,7 +135,7 @@ def _run(
     with _precision_scope(precision):
         lowered = jax.jit(captured).lower(variables, dyn)
         _keep(form, lowered)
-        out = jax.device_get(lowered.compile()(variables, dyn))
+        out = jax.device_get(lowered.compile(compiler_options=COMPARED_COMPILE)(variables, dyn))
     return out, timing
 
 
