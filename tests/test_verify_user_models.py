@@ -399,3 +399,36 @@ def test_stack_under_another_key_of_other_shapes_or_ambiguous_is_a_usage_error(u
         "params/b each hold the leaves of LOOP's params/layers_{i} stacked: pass --into with "
         "the one SCAN was converted to.\n"
     )
+
+
+def test_a_to_loop_output_checks_against_its_scan_by_its_own_record(tmp_path, cli):
+    """A trial: MaxText-style SCAN (stack 'layers' on axis 1, saved by the
+    trainer: no record) unstacked by ckptconv to-loop, then `verify LOOP SCAN`
+    with no options took to-scan's defaults ('blocks', axis 0) and FAILed, 12
+    leaves "missing from SCAN". LOOP's own record says how to stack it back."""
+    rng = np.random.default_rng(3)
+    scan = {"params": {"params": {
+        "decoder": {"layers": {"mlp": {"wi": rng.standard_normal((8, 3, 16)).astype(np.float32)},
+                               "norm": {"scale": rng.standard_normal((8, 3)).astype(np.float32)}},
+                    "final_norm": {"scale": np.ones(8, np.float32)}},
+        "token_embedder": {"embedding": rng.standard_normal((32, 8)).astype(np.float32)}}}}
+    ckptconv.save(scan, tmp_path / "scan")
+    r = cli("to-loop", tmp_path / "scan", tmp_path / "loop", "--from", "layers",
+            "--pattern", "layers_{i}", "--axis", "1")
+    assert r.exit_code == 0, r.output
+    r = cli("verify", tmp_path / "loop", tmp_path / "scan")
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines() == [
+        f"verify {tmp_path / 'loop'} (loop) against {tmp_path / 'scan'} (scan)",
+        "options: from LOOP's conversion record (the to-scan that undoes its to-loop): "
+        "--pattern 'layers_{i}' --into layers --axis 1",
+        "structure: OK, 4 leaves equal to to_scan(LOOP) bit for bit",
+        "PASS",
+    ]
+    assert ckptconv.verify(tmp_path / "loop", tmp_path / "scan").options_from == "loop record"
+    # One layer changed in SCAN: still named, with the same options.
+    scan["params"]["params"]["decoder"]["layers"]["mlp"]["wi"][:, 2] += 1
+    ckptconv.save(scan, tmp_path / "scan_bad")
+    r = cli("verify", tmp_path / "loop", tmp_path / "scan_bad")
+    assert r.exit_code == 1, r.output
+    assert "  params/params/decoder/layers/mlp/wi: values differ in layer 2 (max |Δ| 1)" in r.output.splitlines()

@@ -72,7 +72,13 @@ from ckptconv.verify.precision import (
 )
 from ckptconv.verify.report import Report
 from ckptconv.verify.run import _Call, _check_params, _first_line, _run, _variables, resolve
-from ckptconv.verify.sides import _open, _record_options, _record_selection, _selection
+from ckptconv.verify.sides import (
+    _loop_record_options,
+    _open,
+    _record_options,
+    _record_selection,
+    _selection,
+)
 from ckptconv.verify.structure import _flat, _scan_opts, check_structure
 
 __all__ = [
@@ -208,6 +214,10 @@ def verify(
         rec = _record_options(S)
         if rec is not None:
             options_from = "record"
+        else:
+            rec = _loop_record_options(L)
+            options_from = "loop record" if rec is not None else options_from
+        if rec is not None:
             pattern, into, groups = rec.get("pattern"), rec.get("into"), rec.get("groups")
             axis, period, layers = rec.get("axis"), rec.get("period"), rec.get("layers")
             remainder = rec.get("remainder") or remainder
@@ -236,7 +246,8 @@ def verify(
         swapped = ""
         if (isinstance(e, NothingToConvertError) or period) and _has_stacks(L.tree, into, axis, period, pattern):
             swapped = " LOOP holds a stacked subtree: are LOOP and SCAN swapped? Give the loop form first."
-        how = " (options from SCAN's conversion record)" if options_from == "record" else ""
+        how = {"record": " (options from SCAN's conversion record)",
+               "loop record": " (options from LOOP's conversion record)"}.get(options_from, "")
         raise type(e)(f"{L.name} (LOOP): {e}{how}{swapped}") from e
     shown = {k: v for k, v in {**opts, "axis": axis}.items() if v is not None}
     if shown.get("remainder") == "separate" and not period:

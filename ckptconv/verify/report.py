@@ -69,7 +69,8 @@ class Report:
     #: model could not run on a SCAN whose structure is already wrong)
     not_run: str | None = None
     #: the conversion options used, and where they came from ("given",
-    #: "record": SCAN's conversion record, "layout": to-scan's defaults but the
+    #: "record": SCAN's conversion record, "loop record": the to-scan that undoes
+    #: LOOP's own to-loop (SCAN has no record), "layout": to-scan's defaults but the
     #: stacked key SCAN has, "default")
     options: dict[str, Any] = field(default_factory=dict)
     options_from: str = "default"
@@ -196,12 +197,13 @@ class Report:
         if max_rows is None:
             max_rows = 5 if self.passed else 20
         lines = [f"verify {self.loop} (loop) against {self.scan} (scan)"]
-        if self.options_from in ("record", "layout"):
+        if self.options_from in ("record", "loop record", "layout"):
             from ckptconv.record import options_text
 
             text = options_text(self.options) or "(defaults)"
             source = {
                 "record": "from SCAN's conversion record",
+                "loop record": "from LOOP's conversion record (the to-scan that undoes its to-loop)",
                 "layout": "from SCAN's layout (it has no conversion record)",
             }[self.options_from]
             lines.append(f"options: {source}: {text}")

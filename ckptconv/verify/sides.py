@@ -85,6 +85,20 @@ def _record_options(side: _Side) -> dict[str, Any] | None:
     return opts
 
 
+def _loop_record_options(side: _Side) -> dict[str, Any] | None:
+    """The to-scan options that undo LOOP's own to-loop, if LOOP is a
+    ckptconv to-loop output (checked against the scan checkpoint it came from,
+    which may have no record)."""
+    if side.path is None:
+        return None
+    from ckptconv import record
+
+    rec = record.read(side.path, side.step)
+    if not rec or rec.get("command") != "to-loop" or not rec.get("groups"):
+        return None
+    return record.redo_options(rec)
+
+
 def _selection(selected: dict[str, Any]) -> tuple[list | None, tuple | None, np.dtype | None]:
     """``only``, ``root``, ``dtype`` as check_structure takes them."""
     from ckptconv import subset
