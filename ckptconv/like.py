@@ -14,6 +14,7 @@ REF's structure is refused before anything is written.
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -408,6 +409,19 @@ def _check_renamed(tree: Any, ref: Any) -> None:
             )
 
 
+def _number(x: Any) -> bool:
+    """A Python number leaf (no shape, no dtype of its own)."""
+    return leaf_shape(x) is None and isinstance(x, numbers.Number)
+
+
+def _shape(x: Any) -> tuple[int, ...] | None:
+    """A leaf's shape, a Python number's ``()``: a step saved by
+    ``flax.serialization.to_bytes`` (a msgpack int) fits a like whose step is
+    a 0-d array (``jax.eval_shape`` of a train state), and the other way; the
+    number takes the other side's dtype."""
+    return () if _number(x) else leaf_shape(x)
+
+
 def differences(
     out: Any,
     ref: Any,
@@ -432,13 +446,13 @@ def differences(
         lines.append(f"{len(extra)} in {ours} but not in {theirs}: " + ", ".join(extra[:_SHOWN])
                      + (" …" if len(extra) > _SHOWN else ""))
     shapes = [f"{p} {leaf_shape(a[p])} vs {theirs} {leaf_shape(b[p])}"
-              for p in a if p in b and leaf_shape(a[p]) != leaf_shape(b[p])]
+              for p in a if p in b and _shape(a[p]) != _shape(b[p])]
     if shapes:
         lines.append(f"{len(shapes)} shapes differ: " + "; ".join(shapes[:_SHOWN])
                      + (" …" if len(shapes) > _SHOWN else ""))
     dtypes = [f"{p} {leaf_dtype(a[p])} vs {theirs} {leaf_dtype(b[p])}"
-              for p in a if p in b and leaf_shape(a[p]) == leaf_shape(b[p])
-              and leaf_dtype(a[p]) != leaf_dtype(b[p])
+              for p in a if p in b and _shape(a[p]) == _shape(b[p])
+              and leaf_dtype(a[p]) != leaf_dtype(b[p]) and not _number(a[p]) and not _number(b[p])
               and not (ignore_dtype is not None and ignore_dtype(a[p], b[p]))]
     if dtypes:
         lines.append(f"{len(dtypes)} dtypes differ: " + "; ".join(dtypes[:_SHOWN])

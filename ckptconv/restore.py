@@ -26,6 +26,7 @@ against Orbax's own restore where Orbax can do it.
 from __future__ import annotations
 
 import logging
+import numbers
 import re
 from collections import deque
 from collections.abc import Callable
@@ -119,6 +120,9 @@ class RestorePlan:
             for i, (p, lz, want) in enumerate(self._leaves):
                 if lz is None:
                     out[i] = want
+                    continue
+                if isinstance(lz, numbers.Number):  # stored as a number (msgpack's step)
+                    out[i] = _from_number(lz, want)
                     continue
                 # Leaves are read a few at a time, within a budget of bytes in
                 # flight; one larger than the budget is read alone.
@@ -298,7 +302,7 @@ def plan_restore(
         p._leaves = _pair(p._leaves, wants)
         p._treedef = treedef
         p.casts = [(q, np.dtype(lz.dtype), tree.leaf_dtype(w)) for q, lz, w in p._leaves
-                   if lz is not None and not _is_key(tree.leaf_dtype(w))
+                   if lz is not None and not isinstance(lz, numbers.Number) and not _is_key(tree.leaf_dtype(w))
                    and tree.leaf_dtype(w) is not None and np.dtype(lz.dtype) != tree.leaf_dtype(w)
                    and not isinstance(w, (bool, int, float, complex))]
         p.only = ["/".join(k) for k in keep]
@@ -515,6 +519,22 @@ def _key_data(shape: tuple[int, ...], dtype: Any) -> Any:
     import jax
 
     return jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(shape, dtype))
+
+
+def _from_number(value: Any, want: Any) -> Any:
+    """A leaf stored as a Python number (``flax.serialization.to_bytes`` of a
+    train state's ``step``), as ``want`` says: a number of its type, a numpy
+    value or a `jax.Array` of its dtype, on its sharding."""
+    if isinstance(want, (bool, int, float, complex)):
+        return type(want)(value)
+    dtype = tree.leaf_dtype(want)
+    array = np.asarray(value, dtype=dtype)
+    if isinstance(want, (np.ndarray, np.generic)):
+        return array if isinstance(want, np.ndarray) else array[()]
+    import jax
+
+    sharding = getattr(want, "sharding", None)
+    return jax.device_put(array, sharding) if sharding is not None else jax.numpy.asarray(array)
 
 
 def _build(leaf: Any, want: Any, region: Callable, path: str) -> Any:

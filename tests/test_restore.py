@@ -324,6 +324,35 @@ def test_msgpack_and_safetensors_files(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), b)
 
 
+def test_a_msgpack_train_state_with_a_python_step(tmp_path):
+    """``flax.serialization.to_bytes(TrainState)`` stores ``step`` as a msgpack
+    int (no shape, no dtype). A trial's restore into the scan model's state
+    said "step None vs like ()" for both a concrete and an abstract like; the
+    number fits a 0-d leaf and takes like's type, dtype and sharding."""
+    import flax.serialization
+    import optax
+    from flax.training import train_state
+
+    tree = _loop_tree()
+    state = train_state.TrainState.create(apply_fn=None, params=tree["params"], tx=optax.adam(1e-2))
+    state = state.replace(step=5)
+    (tmp_path / "state.msgpack").write_bytes(flax.serialization.to_bytes(state))
+    assert type(ckptconv.load(tmp_path / "state.msgpack")["step"]) is int
+    scan = train_state.TrainState.create(
+        apply_fn=None, params=ckptconv.to_scan(tree["params"]), tx=optax.adam(1e-2))
+    got = ckptconv.restore(tmp_path / "state.msgpack", like=scan)  # step=0, a Python int
+    assert got.step == 5 and type(got.step) is int
+    np.testing.assert_array_equal(np.asarray(got.params["blocks"]["w"]),
+                                  np.stack([tree["params"][f"layer_{i}"]["w"] for i in range(3)]))
+    assert jax.tree.structure(got) == jax.tree.structure(scan)
+    abstract = jax.eval_shape(lambda: scan.replace(step=jnp.int32(0)))
+    got = ckptconv.restore(tmp_path / "state.msgpack", like=abstract)
+    assert isinstance(got.step, jax.Array) and got.step.dtype == jnp.int32 and int(got.step) == 5
+    like = scan.replace(step=np.int64(0))
+    got = ckptconv.restore(tmp_path / "state.msgpack", like=like)
+    assert type(got.step) is np.int64 and got.step == 5
+
+
 def test_a_structure_that_does_not_fit_is_an_error_before_any_read(loop_ckpt, monkeypatch):
     from ckptconv.formats import orbax
 
