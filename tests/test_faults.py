@@ -519,3 +519,62 @@ def test_a_signal_after_the_command_returned_says_out_is_complete(tmp_path, capf
 
     assert entry._main(parsing) == code
     assert capfd.readouterr().err == "\nError: interrupted.\n"
+
+
+@pytest.mark.parametrize("engine", ["clone", "chunk"])
+def test_a_truncated_data_file_is_one_line_naming_the_chunk(tmp_path, engine):
+    """A data file of IN's OCDBT database cut short (a copy that stopped): the
+    clone engine said "unexpected ValueError: OUT_OF_RANGE … a bug", and the
+    chunk engine's one line was followed by two "RuntimeError: Event loop is
+    closed" tracebacks (reads still running when the loop closed). Both: one
+    line naming the chunk and the leaf, exit 2, nothing written, IN as it was."""
+    # Many chunks in one data file, all cut off: one read fails while the
+    # others are still in flight.
+    src = _save(_tree(0.5, layers=24), tmp_path / "in", "orbax")
+    data = max((src / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[:100])
+    before = digest(src)
+    env = {"CKPTCONV_CLONE": "1" if engine == "clone" else "0"}
+    proc = _start("to-scan", src, tmp_path / "out", env=env)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    (line,) = err.splitlines()
+    if engine == "clone":
+        assert line.startswith(f"Error: {src}: chunk params.layer_"), line
+        assert " of leaf 'params.blocks.w' cannot be read (OUT_OF_RANGE: " in line
+        assert line.endswith(
+            "): the checkpoint's data files are damaged or incomplete. Copy the checkpoint again.")
+    else:
+        assert line.startswith(f"Error: {src}: cannot read chunk params.layer_"), line
+        assert " (for leaf 'params.blocks.w'): OUT_OF_RANGE: " in line
+        assert line.endswith(
+            "The checkpoint looks incomplete or damaged: check that its save finished and that "
+            "it was copied whole.")
+    assert digest(src) == before
+    _clean(tmp_path, ["in"])
+
+
+def test_the_engine_gather_lets_every_read_finish_before_it_raises():
+    """What keeps a failed read's siblings from completing after the event
+    loop closed (their TensorStore callbacks then printed "Event loop is
+    closed" tracebacks): `_gather` raises the first error only once all are
+    done; asyncio.gather raises at once."""
+    import asyncio
+
+    from ckptconv.formats.orbax_stream.runner import _gather
+
+    async def fail():
+        raise ValueError("chunk 3 cannot be read")
+
+    async def slow(done):
+        await asyncio.sleep(0.05)
+        done.append(True)
+
+    async def main(gather):
+        done = []
+        with pytest.raises(ValueError, match="^chunk 3 cannot be read$"):
+            await gather(fail(), slow(done), slow(done))
+        return done
+
+    assert asyncio.run(main(_gather)) == [True, True]
+    assert asyncio.run(main(asyncio.gather)) == []  # (the difference it makes)

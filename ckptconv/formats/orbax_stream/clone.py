@@ -40,7 +40,6 @@ that finish and conversions that fail half-way.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import shutil
@@ -48,6 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tensorstore as ts
+
+from ckptconv.formats.orbax_stream.runner import _gather
 
 __all__ = ["Shared", "copy_item", "prefix_range", "rename_keys", "share_database", "share_file"]
 
@@ -210,14 +211,14 @@ async def rename_keys(
     txn = ts.Transaction()
     out = kv.with_transaction(txn)
     try:
-        await asyncio.gather(
+        await _gather(
             *(
                 (kv / old).experimental_copy_range_to(out / new, source_range=_ONE_KEY)
                 for old, new in moves
             )
         )
-        await asyncio.gather(*(out.write(key, value) for key, value in writes.items()))
-        await asyncio.gather(*(out.delete_range(prefix_range(p)) for p in drops))
+        await _gather(*(out.write(key, value) for key, value in writes.items()))
+        await _gather(*(out.delete_range(prefix_range(p)) for p in drops))
         await txn.commit_async()
     except BaseException:
         if not txn.commit_started:

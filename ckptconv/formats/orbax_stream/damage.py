@@ -66,7 +66,10 @@ async def _peek_damage(kv: ts.KvStore, op: _ChunkOp) -> str | None:
         suspect = True  # a byte range outside the value: too short for what it says
     if not suspect:
         return None
-    res = await kv.read(op.src_key)
+    try:
+        res = await kv.read(op.src_key)
+    except Exception as e:  # OCDBT cannot read the value: its data file is cut short
+        return f"cannot be read ({e}): the checkpoint's data files are damaged or incomplete"
     return _chunk_damage(res.value, op) if res.state == "value" else None
 
 

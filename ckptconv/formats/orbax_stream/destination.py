@@ -34,7 +34,7 @@ from ckptconv.formats.orbax_stream.metadata_write import (
     _zarr_template,
     _zarray_bytes,
 )
-from ckptconv.formats.orbax_stream.runner import _await, _settle
+from ckptconv.formats.orbax_stream.runner import _await, _gather, _settle
 from ckptconv.formats.orbax_stream.source import _base_spec, _Source
 from ckptconv.lazy import Deferred, Ref, Slice, Stack
 
@@ -187,7 +187,7 @@ class _Destination:
                         )
                     await kv.write(op.dst_key, res.value)
 
-                await asyncio.gather(*(copy(op) for op in batch))
+                await _gather(*(copy(op) for op in batch))
                 if pending is not None:
                     await self._commit(pending, progress, pending_done)
                 pending = asyncio.ensure_future(_await(txn.commit_async()))

@@ -58,6 +58,7 @@ from ckptconv.formats.orbax_stream.metadata_read import (
     _zarr_dtype,
 )
 from ckptconv.formats.orbax_stream.metadata_write import _edit_partition_spec, _zarray_bytes
+from ckptconv.formats.orbax_stream.runner import _gather
 from ckptconv.formats.orbax_stream.source import _base_spec, _Source
 from ckptconv.lazy import LAZY, Cast, Deferred, Ref, Slice, Stack
 
@@ -374,7 +375,7 @@ class _Plan:
                     context=self.src.context,
                 ))
             try:
-                await asyncio.gather(*(c.experimental_copy_range_to(root.kv) for c in children))
+                await _gather(*(c.experimental_copy_range_to(root.kv) for c in children))
             except Exception as e:
                 raise FormatError(f"{tmp}: merging the processes' databases failed: {e}") from e
         finally:
@@ -396,7 +397,7 @@ class _Plan:
         )
         zarrays: dict[str, dict[str, Any]] = {}
         if lazy_sources:
-            got = await asyncio.gather(*(self.src.zarr_meta(name) for name in lazy_sources))
+            got = await _gather(*(self.src.zarr_meta(name) for name in lazy_sources))
             zarrays = dict(zip(lazy_sources, got))
         ops: list[_ChunkOp] = []
         jobs: list[_DecodeJob] = []
@@ -491,7 +492,7 @@ class _Plan:
             if meta.get("value_type") in ("jax.Array", "np.ndarray", "scalar")
             and not meta.get("skip_deserialize")
         ]
-        got = await asyncio.gather(*(self.src.zarr_meta(name) for name in names))
+        got = await _gather(*(self.src.zarr_meta(name) for name in names))
         return dict(zip(names, got))
 
     async def _clone_refusal(self, work: _Work) -> str | None:
@@ -555,7 +556,7 @@ class _Plan:
         # Damage is looked for as the copy engine does, reading only the few
         # bytes each check needs (`_peek_damage`).
         src_kv = await self.src.kvstore()
-        damages = await asyncio.gather(*(_peek_damage(src_kv, op) for op in work.ops))
+        damages = await _gather(*(_peek_damage(src_kv, op) for op in work.ops))
         for op, damage in zip(work.ops, damages):
             if damage is not None:
                 raise FormatError(

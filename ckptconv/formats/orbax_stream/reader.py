@@ -5,7 +5,6 @@ or a region of it)."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 from collections.abc import Mapping
@@ -29,7 +28,7 @@ from ckptconv.formats.orbax_stream.metadata_read import (
     _meta_file,
     _zarr_dtype,
 )
-from ckptconv.formats.orbax_stream.runner import _run
+from ckptconv.formats.orbax_stream.runner import _gather, _run
 from ckptconv.formats.orbax_stream.source import _Source
 from ckptconv.lazy import Ref
 
@@ -89,7 +88,7 @@ async def _read_lazy_fast(src: _Source) -> Any:
         for _, keys, meta in entries
         if meta.get("value_type") in ("jax.Array", "np.ndarray", "scalar")
     ]
-    zarrays = await asyncio.gather(*(src.zarr_meta(name) for name in arrays))
+    zarrays = await _gather(*(src.zarr_meta(name) for name in arrays))
     specs = dict(zip(arrays, zarrays))
     strings: dict[str, Any] | None = None
     root: Any = None

@@ -22,6 +22,19 @@ async def _settle(future: Any) -> None:
         pass
 
 
+async def _gather(*aws: Any) -> list[Any]:
+    """`asyncio.gather` that lets every awaitable finish before it raises the
+    first error. Plain gather raises at once and leaves the others running:
+    their TensorStore reads complete after the event loop closed, and each one's
+    callback printed "RuntimeError: Event loop is closed" with a traceback
+    after ckptconv's one-line error (a truncated data file: two of them)."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
+
+
 async def _await(future: Any) -> Any:
     return await future
 
