@@ -63,7 +63,7 @@ def _maxtext(tree: Any) -> list[str]:
         out.append(
             "or give MaxText's own checkpoint of the same model in the other form as --like REF"
             + (" (with --only params --only opt_state --only step: the RNG state in nnx_aux "
-               "differs between MaxText's two forms)" if has_state else "")
+               "differs between MaxText's two forms)" if has_state and "nnx_aux" in tree else "")
         )
     return out
 

@@ -193,6 +193,8 @@ def _fold_rows(t: Any, groups: list[Group]) -> list[LeafRow]:
         key = tree.format_path(folded)
         shape = tree.leaf_shape(x)
         dtype = tree.leaf_dtype(x)
+        if dtype is None and isinstance(x, (bool, int, float, complex)):
+            dtype = type(x).__name__  # a Python number (a msgpack train state's step)
         dtype = None if dtype is None else str(dtype)
         nbytes = getattr(x, "nbytes", 0)
         seen = rows.get((key, shape, dtype))

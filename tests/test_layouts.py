@@ -556,3 +556,38 @@ def test_t5_loop_form_suggests_no_stacks_and_range_errors_name_the_list(tmp_path
         "layers (0 … 3). Pass a range within them.",
         "to-loop: no 'blocks' subtree",
     ]
+
+
+def test_maxtext_known_layout_names_nnx_aux_only_where_it_is():
+    """inspect's MaxText advice: the --only list for --like REF is there
+    because MaxText's two forms keep different RNG state in nnx_aux; a train
+    state without nnx_aux (a trial's) was told about it all the same."""
+    from ckptconv import known
+
+    layer = {"mlp": {"wi": np.zeros((4, 8), np.float32)}}
+    params = {"params": {"decoder": {f"layers_{i}": layer for i in range(3)}}}
+    state = {"params": params, "opt_state": {"mu": params}, "step": np.int32(1)}
+    command = ("MaxText train state, loop form (3 layers): its scan form (scan_layers=true, "
+               "param_scan_axis 1) is: ckptconv to-scan IN OUT --pattern 'layers_{i}' --into layers --axis 1")
+    assert known.propose(state) == [
+        command, "or give MaxText's own checkpoint of the same model in the other form as --like REF"]
+    with_aux = {**state, "nnx_aux": {"model": {"decoder": {"layers_0": {"count": np.uint32(0)}}}}}
+    assert known.propose(with_aux) == [
+        command,
+        "or give MaxText's own checkpoint of the same model in the other form as --like REF (with "
+        "--only params --only opt_state --only step: the RNG state in nnx_aux differs between "
+        "MaxText's two forms)",
+    ]
+
+
+def test_inspect_names_a_python_number_leaf(tmp_path, cli):
+    """A msgpack train state's step is a Python int: inspect said '-' for its
+    dtype, as for a leaf it could not read."""
+    import flax.serialization
+
+    tree = {"step": 3, "lr": 0.5, "params": {"w": np.zeros((2, 3), np.float32)}}
+    (tmp_path / "s.msgpack").write_bytes(flax.serialization.to_bytes(tree))
+    r = cli("inspect", tmp_path / "s.msgpack")
+    assert r.exit_code == 0, r.output
+    rows = {line.split()[0]: line.split()[1:3] for line in r.output.splitlines()[2:5]}
+    assert rows == {"step": ["-", "int"], "lr": ["-", "float"], "params/w": ["(2,", "3)"]}
