@@ -324,9 +324,39 @@ def test_dry_run_writes_nothing(tmp_path, cli):
     assert not (tmp_path / "out").exists()
 
 
+def test_force_replaces_only_a_checkpoint(tmp_path, cli):
+    """A trial's `to-loop … hf_out --force`, hf_out/ holding the model's
+    config.json, deleted the folder and wrote a msgpack file in its place.
+    --force replaces a checkpoint (or an empty file or folder); anything else
+    stays, and the error says what it holds."""
+    src = save_plain(_odd_tree(), tmp_path / "in.msgpack", "msgpack")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("keep me")
+    for dst, what in [(tmp_path / "hf", "a folder that no format reads as a checkpoint (it holds config.json)"),
+                      (tmp_path / "notes.txt", "a file that no format reads as a checkpoint")]:
+        for force in ([], ["--force"]):
+            r = cli("to-scan", src, dst, *force)
+            assert r.exit_code == 2
+            assert r.output == (
+                f"Error: {dst} exists and is {what}; ckptconv replaces (with --force) only a "
+                "checkpoint, so nothing was written or deleted. Choose another path (a file or "
+                f"folder inside it: {dst / 'flax_model.msgpack'}, say), or remove it yourself.\n")
+    assert (tmp_path / "hf" / "config.json").read_text() == "{}"
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ckptconv.OutputExistsError, match="only a checkpoint"):
+        ckptconv.save({"w": np.zeros(2)}, tmp_path / "hf", force=True)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "zero").write_bytes(b"")
+    for dst in (tmp_path / "empty", tmp_path / "zero"):
+        assert cli("to-scan", src, dst, "--force").exit_code == 0
+    r = cli("to-scan", src, tmp_path / "hf" / "flax_model.msgpack")
+    assert r.exit_code == 0 and (tmp_path / "hf" / "flax_model.msgpack").is_file()
+
+
 def test_force_replaces_and_inspect(tmp_path, cli):
     src = save_plain(_odd_tree(), tmp_path / "in.msgpack", "msgpack")
-    (tmp_path / "out").write_text("old")
+    save_plain({"old": np.zeros(3, np.float32)}, tmp_path / "out", "msgpack")  # a checkpoint
     assert cli("to-scan", src, tmp_path / "out", "--force").exit_code == 0
     assert flax.serialization.msgpack_restore((tmp_path / "out").read_bytes())["params"]["blocks"]["f32"].shape == (4, 3, 4)
     r = cli("inspect", src, "--json")
@@ -537,9 +567,10 @@ def test_interrupt_leaves_no_output_and_keeps_old_one(tmp_path, cli, monkeypatch
     r = cli("to-scan", src, tmp_path / "out")
     assert r.exit_code == 130 and r.output == "Error: interrupted; nothing was written and the input is unchanged.\n"
     assert digest(src) == before and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
-    (tmp_path / "out").write_text("old")
+    old = save_plain({"old": np.arange(3, dtype=np.float32)}, tmp_path / "out", "msgpack")
+    kept = old.read_bytes()
     r = cli("to-scan", src, tmp_path / "out", "--force")
-    assert r.exit_code == 130 and (tmp_path / "out").read_text() == "old"
+    assert r.exit_code == 130 and old.read_bytes() == kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
 
 

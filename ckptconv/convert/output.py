@@ -42,10 +42,43 @@ def check_output(dst: Path, force: bool) -> None:
             f"{dst}: the folder {dst.absolute().parent} does not exist; create it first "
             "(ckptconv does not create folders, so a typo cannot scatter output)."
         )
-    if (dst.exists() or dst.is_symlink()) and not force:
+    if not (dst.exists() or dst.is_symlink()):
+        return
+    why = _not_replaceable(dst)
+    if why is not None:
+        raise OutputExistsError(
+            f"{dst} exists and is {why}; ckptconv replaces (with --force) only a checkpoint, so "
+            "nothing was written or deleted. Choose another path (a file or folder inside it: "
+            f"{dst / 'flax_model.msgpack'}, say), or remove it yourself."
+        )
+    if not force:
         raise OutputExistsError(
             f"{dst} already exists; pass --force to replace it, or choose another path."
         )
+
+
+def _not_replaceable(dst: Path) -> str | None:
+    """Why ``--force`` must not replace ``dst``, or None: a checkpoint any
+    format reads, an empty folder or file, or a symlink (the link is replaced,
+    not what it points to) may go. A trial's ``to-loop … hf_out --force``,
+    where ``hf_out/`` held the model's config.json, deleted the folder and
+    wrote a msgpack file in its place."""
+    if dst.is_symlink():
+        return None
+    if dst.is_dir():
+        names = sorted(p.name for p in dst.iterdir())
+        if not names:
+            return None
+    elif dst.stat().st_size == 0:
+        return None
+    from ckptconv import formats
+
+    if any(module.sniff(dst) is None for module in formats.FORMATS.values()):
+        return None
+    if dst.is_dir():
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return f"a folder that no format reads as a checkpoint (it holds {shown})"
+    return "a file that no format reads as a checkpoint"
 
 
 _COMMIT_FILE = "commit_success.txt"
