@@ -169,6 +169,27 @@ def test_cli_converts_a_sharded_directory(tmp_path, hf_dir, cli):
     assert "transformer/h" in r.output
 
 
+def test_an_out_named_as_a_file_gets_one_file(tmp_path, hf_dir, cli):
+    """A trial: to-loop of a sharded directory into hf/flax_model.msgpack made
+    a folder of that name, which from_pretrained does not read. OUT named as a
+    file of the format is one file, the shards merged: what
+    to_bytes(params) writes, byte for byte; OUT/ (or no suffix) stays sharded."""
+    params, src = hf_dir
+    (tmp_path / "hf").mkdir()
+    r = cli("extract", src, tmp_path / "hf" / "flax_model.msgpack")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "hf" / "flax_model.msgpack").read_bytes() == to_bytes(params)
+    r = cli("to-scan", src, tmp_path / "scan.msgpack")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "scan.msgpack").is_file()
+    assert same(flatten_dict(msgpack_restore((tmp_path / "scan.msgpack").read_bytes()), sep="/"),
+                flatten_dict(ckptconv.to_scan(params), sep="/"))
+    r = cli("to-scan", src, f"{tmp_path / 'scan_dir'}/")  # a folder: sharded as IN
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "scan_dir" / INDEX).is_file()
+    assert len(list((tmp_path / "scan_dir").glob("flax_model-*.msgpack"))) >= 2
+
+
 def _error_line(r) -> str:
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert r.exit_code == 2, r.output

@@ -190,6 +190,20 @@ def test_sharded_directory_keeps_its_layout(tmp_path):
     assert same(read_sharded(tmp_path / "loop", "to-loop")[0], flat)
 
 
+def test_a_sharded_directory_into_an_out_named_as_a_file(tmp_path):
+    """OUT named *.safetensors from a sharded directory: one file, the shards
+    merged (the directory's __metadata__ kept), not a folder of that name."""
+    flat = llama()
+    src = shard_safetensors(flat, tmp_path / "llama", max_shard_size=1500)
+    ckptconv.convert(src, tmp_path / "scan.safetensors", to="scan")
+    assert (tmp_path / "scan.safetensors").is_file() and aligned(tmp_path / "scan.safetensors")
+    got, meta = lib_load(tmp_path / "scan.safetensors")
+    assert same(got, scan_of(flat)) and _kept(meta, "to-scan") == {"format": "pt"}
+    ckptconv.extract(src, tmp_path / "copy.safetensors")
+    got, meta = lib_load(tmp_path / "copy.safetensors")
+    assert same(got, flat) and _kept(meta, "extract") == {"format": "pt"}
+
+
 def test_cross_format(tmp_path):
     from flax.serialization import msgpack_restore
 

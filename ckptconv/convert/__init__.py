@@ -98,7 +98,9 @@ def convert(
       format: ``"msgpack"``, ``"orbax"`` or ``"safetensors"`` for the output;
         default: what ``dst``'s name ends with (``.msgpack``, ``.safetensors``),
         else the input's (and its layout: a sharded Hugging Face directory
-        stays sharded). Another format gives one file (or one Orbax item).
+        stays sharded, unless ``dst`` is named as a file of its format,
+        ``flax_model.msgpack``: then one file). Another format gives one file
+        (or one Orbax item).
       step: for a CheckpointManager root, the step to convert (default: latest).
       force: replace an existing ``dst``.
       dry_run: plan and check everything, write nothing.
@@ -202,6 +204,8 @@ def convert(
     kw = {"record": rec} if getattr(out_fmt, "WRITES_RECORD", False) else {}
     if bucket:
         kw["commit"] = False  # the markers go last, after `record.stamp`
+    if _one_file(layout, out_format, dst):
+        kw["single"] = True
     with _bucket_output(dst) if bucket else _atomic_output(dst, force) as tmp:
         if out_format == layout.format:
             if copy and getattr(out_fmt, "SHARES", False):
@@ -220,6 +224,16 @@ def convert(
             _fsync_tree(tmp)
     result.written = True
     return result
+
+
+def _one_file(layout: Any, out_format: str, dst: Path) -> bool:
+    """A Hugging Face sharded directory (msgpack or safetensors) into an OUT
+    named as a file of its format (``flax_model.msgpack``): one file, the
+    shards merged, as a user means by the name (a trial got a folder called
+    flax_model.msgpack, which from_pretrained does not read)."""
+    suffix = getattr(formats.get(out_format), "SUFFIX", None)
+    return (out_format == layout.format and layout.kind == "item" and suffix is not None
+            and str(dst).endswith(suffix) and out_format != "orbax")
 
 
 def extract(

@@ -364,7 +364,10 @@ def _planned(
     # Without --format: what OUT's name says (`out.msgpack`), else IN's format.
     out_format = format or formats.for_output(dst) or layout.format
     suffix = getattr(formats.get(out_format), "SUFFIX", None)
-    if folder and suffix:
+    # A Hugging Face sharded directory stays one in its own format (OUT/ is
+    # such a folder), unless OUT is named as a file (`_one_file`).
+    sharded = out_format == layout.format and layout.format != "orbax" and layout.kind == "item"
+    if folder and suffix and not sharded:
         names = (f"{dst} without the '/'" if str(dst).endswith(suffix)
                  else f"{dst / ('model' + suffix)}, or {dst}{suffix}")
         raise CkptconvError(

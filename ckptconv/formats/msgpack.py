@@ -157,7 +157,7 @@ def _sharded_source(ref: lazy.Ref) -> tuple[str, byteplan.Spans]:
     )
 
 
-def _write_sharded(item: Path, out_tree: Any, dst: Path, progress: Any) -> None:
+def _write_sharded(item: Path, out_tree: Any, dst: Path, progress: Any, single: bool = False) -> None:
     index, in_tree = _read_sharded(item)
     sizes = {_key(p): getattr(v, "nbytes", 0) for p, v in _flatten(in_tree)}
     max_size = hf_index.largest_shard(index, sizes)
@@ -176,6 +176,11 @@ def _write_sharded(item: Path, out_tree: Any, dst: Path, progress: Any) -> None:
                 None, shard_tree, file, progress=progress, sort_keys=False, resolve=resolve
             )
 
+        if single:
+            # OUT named as a file (flax_model.msgpack): the shards merged into
+            # one, as save_pretrained writes a model under its max_shard_size.
+            write_shard(list(range(len(flat))), dst)
+            return
         hf_index.write_sharded(index, entries, dst, max_size, write_shard)
 
 
@@ -196,9 +201,15 @@ def read_array(item: Path, ref: Any) -> Any:
     return msgpack_stream.read_array(item, ref)
 
 
-def write(item: Path | None, out_tree: Any, dst: Path, progress: Any = None, fsync: bool = False) -> None:
+def write(
+    item: Path | None, out_tree: Any, dst: Path, progress: Any = None, fsync: bool = False,
+    single: bool = False,
+) -> None:
+    """Write ``out_tree`` as msgpack at ``dst``, streaming from ``item``: a
+    sharded directory ``item`` gives a sharded directory in its layout, or
+    with ``single`` (OUT named ``*.msgpack``) one file."""
     if item is not None and Path(item).is_dir():
-        _write_sharded(Path(item), out_tree, Path(dst), progress)
+        _write_sharded(Path(item), out_tree, Path(dst), progress, single)
         return
     if item is None:  # another format's tree (Orbax, safetensors)
         out_tree = _flax_state(out_tree)

@@ -503,6 +503,7 @@ def write(
     progress: Any = None,
     fsync: bool = False,
     record: dict | None = None,
+    single: bool = False,
 ) -> None:
     """Write ``out_tree`` as safetensors at ``dst``, streaming from ``item``.
 
@@ -511,7 +512,8 @@ def write(
     the layout; None (another format's `lazy.Deferred` leaves, or arrays)
     writes one file with `DEFAULT_METADATA`. ``record`` (`ckptconv.record`)
     is added to ``__metadata__`` as JSON under ``"ckptconv"`` (safetensors
-    metadata values are strings), in every shard.
+    metadata values are strings), in every shard. ``single``: a sharded
+    directory ``item`` gives one file (OUT named ``*.safetensors``).
     """
     dst = Path(dst)
     item = Path(item) if item is not None else None
@@ -527,6 +529,9 @@ def write(
             def write_shard(members: list[int], file: Path) -> None:
                 _write_file([entries[i] for i in members], file, meta, planner, progress)
 
+            if single:  # OUT named as a file (model.safetensors): the shards merged into one
+                write_shard(list(range(len(entries))), dst)
+                return
             hf_index.write_sharded(index, hf_entries, dst, hf_index.largest_shard(index, sizes), write_shard)
             return
         meta = read_header(item).metadata if item is not None else DEFAULT_METADATA
