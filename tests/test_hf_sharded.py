@@ -231,3 +231,24 @@ def test_leaf_missing_from_its_shard_is_an_error(tmp_path, hf_dir, cli):
     )
     assert digest(src) == before
     _nothing_beside(out)
+
+
+def test_the_index_or_one_shard_given_as_in_names_the_folder(tmp_path, hf_dir, cli):
+    """A trial pointed at the index ("not a checkpoint ckptconv can read"), and
+    at one shard, which was converted alone into a partial checkpoint (exit 0)."""
+    _, src = hf_dir
+    n = len(list(src.glob("flax_model-*.msgpack")))
+    shard = src / f"flax_model-00002-of-{n:05d}.msgpack"
+    for cmd in (("to-scan",), ("extract",), ("inspect",)):
+        out = [tmp_path / "out"] if cmd[0] != "inspect" else []
+        assert _error_line(cli(*cmd, src / INDEX, *out)) == (
+            f"Error: {src / INDEX}: the index of a Hugging Face sharded checkpoint; pass its "
+            f"folder: {src}")
+        assert _error_line(cli(*cmd, shard, *out)) == (
+            f"Error: {shard}: shard 2 of {n} of the Hugging Face sharded checkpoint in {src} "
+            f"({INDEX}); one shard holds a part of the model: pass the folder: {src}")
+        _nothing_beside(tmp_path / "out")
+    # Without its index beside it, a file so named is just a msgpack file.
+    lone = tmp_path / shard.name
+    lone.write_bytes(shard.read_bytes())
+    assert cli("inspect", lone).exit_code == 0
