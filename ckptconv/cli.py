@@ -466,8 +466,7 @@ def _run_convert(ctx: click.Context, src: Path, dst: str, to: str | None, **kw: 
         if undo:
             kept = _not_undone(sel, result.cast)
             if kept:
-                they = "they" if " and " in kept else "it"
-                click.echo(f"to undo the stacking: {undo} (it cannot undo {kept}: OUT holds only what {they} kept)")
+                click.echo(f"to undo the stacking: {undo} (it cannot undo {kept})")
             else:
                 click.echo(f"to undo: {undo}")
         hf = _hf_lists(result)
@@ -544,7 +543,13 @@ def _not_undone(sel: Any, cast: Any) -> str:
         words.append("--root " + "/".join(map(str, sel.root)))
     if cast is not None:
         words.append(f"--dtype {cast.dtype.name}")
-    return " and ".join([", ".join(words[:-1]), words[-1]] if len(words) > 2 else words)
+    if not words:
+        return ""
+    text = " and ".join([", ".join(words[:-1]), words[-1]] if len(words) > 2 else words)
+    cut = (sel is not None and (sel.only or sel.root is not None))
+    why = ([f"OUT holds only what {'they' if len(words) - (cast is not None) > 1 else 'it'} kept"] if cut else []) + (
+        ["its values stay as cast"] if cast is not None else [])
+    return f"{text}: {', and '.join(why)}"
 
 
 def _undo_command(result: Any, dst: Path) -> str | None:

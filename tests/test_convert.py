@@ -216,7 +216,7 @@ def test_out_ending_in_a_slash_is_a_folder(tmp_path, cli):
     r = cli("to-scan", src, f"{out}/")
     assert (r.exit_code, r.output) == (2, (
         f"Error: {out}/: OUT ends in '/', a folder, but a msgpack output is one file; name the file "
-        f"({out / 'model.msgpack'}, or {out}.msgpack), or pass --format orbax for a folder. Nothing "
+        f"({out / 'flax_model.msgpack'}, or {out}.msgpack), or pass --format orbax for a folder. Nothing "
         "was written and the input is unchanged.\n"))
     with pytest.raises(ckptconv.CkptconvError, match="a safetensors output is one file"):
         ckptconv.convert(src, f"{out}/", to="scan", format="safetensors")

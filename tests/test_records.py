@@ -205,7 +205,12 @@ def test_stacks_outside_the_selection_are_not_reported_and_the_undo_says_what_st
     assert lines[:2] == ["kept only params, step", "params/layer_{i}: 3 layers -> params/blocks"]
     assert lines[-1] == (
         f"to undo the stacking: ckptconv to-loop {tmp_path / 'serve'} LOOP_OUT (it cannot undo "
-        "--only params --only step and --dtype bfloat16: OUT holds only what they kept)")
+        "--only params --only step and --dtype bfloat16: OUT holds only what it kept, and its "
+        "values stay as cast)")
+    r = cli("to-scan", src, tmp_path / "cast", "--dtype", "float16")
+    assert r.output.splitlines()[-1] == (
+        f"to undo the stacking: ckptconv to-loop {tmp_path / 'cast'} LOOP_OUT (it cannot undo "
+        "--dtype float16: its values stay as cast)")
     r = cli("to-scan", src, tmp_path / "full")
     assert r.exit_code == 0, r.output
     assert r.output.splitlines()[-1] == f"to undo: ckptconv to-loop {tmp_path / 'full'} LOOP_OUT"

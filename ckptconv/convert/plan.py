@@ -350,6 +350,10 @@ def _take_root(
     return kept
 
 
+#: The file names from_pretrained looks for, suggested for an OUT that is a folder.
+_HF_NAMES = {"msgpack": "flax_model.msgpack", "safetensors": "model.safetensors"}
+
+
 def _planned(
     src: Path, dst: Path, to: str | None, format: str | None, step: int | None, force: bool,
     selection: Selection | None, like: Any, options: dict[str, Any], folder: bool = False,
@@ -369,7 +373,7 @@ def _planned(
     sharded = out_format == layout.format and layout.format != "orbax" and layout.kind == "item"
     if folder and suffix and not sharded:
         names = (f"{dst} without the '/'" if str(dst).endswith(suffix)
-                 else f"{dst / ('model' + suffix)}, or {dst}{suffix}")
+                 else f"{dst / _HF_NAMES.get(out_format, 'model' + suffix)}, or {dst}{suffix}")
         raise CkptconvError(
             f"{dst}/: OUT ends in '/', a folder, but a {out_format} output is one file; name the "
             f"file ({names}), or pass --format orbax for a folder. Nothing was written and the "
