@@ -314,6 +314,31 @@ def plan_restore(
     )
 
 
+def _root_hint(stored: Any, skeleton: Any) -> str:
+    """Where the checkpoint is one subtree of like (a Hugging Face
+    flax_model.msgpack holds the params alone; like is ``{"params": …}``), or
+    the other way, the call that lines them up."""
+    from collections.abc import Mapping
+
+    if not (isinstance(stored, Mapping) and isinstance(skeleton, Mapping)):
+        return ""
+    def inside(outer: Mapping, other: Mapping) -> str | None:
+        """outer's one key, if other's top keys are among what lies under it."""
+        if len(outer) != 1:
+            return None
+        ((k, sub),) = outer.items()
+        return k if k not in other and isinstance(sub, Mapping) and set(other) <= set(sub) else None
+
+    k = inside(skeleton, stored)
+    if k is not None:
+        return (f" The checkpoint's root may be like[{k!r}]: restore into like[{k!r}] and put the "
+                f"result back under {k!r}.")
+    k = inside(stored, skeleton)
+    if k is not None:
+        return f" like may be the checkpoint's {k!r}: pass like={{{k!r}: like}}."
+    return ""
+
+
 def _strip(message: str, path: Path) -> str:
     return message.removeprefix(f"{path}: ")
 
@@ -349,7 +374,7 @@ def _plan_item(
             if to is None or not given:
                 raise RestoreError(
                     f"{where}: cannot restore into like: {_as_restore(str(e))} As stored, "
-                    + "; ".join(as_stored) + "."
+                    + "; ".join(as_stored) + "." + _root_hint(stored, skeleton)
                 ) from e
             how = to  # the given options say it all
         if to is not None and how != to:

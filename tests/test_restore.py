@@ -483,3 +483,28 @@ def test_maxtext_loop_state_into_the_scan_state():
     for (_, a), (_, b) in zip(flat_got, flat_want):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_a_like_one_level_off_the_checkpoint_gets_the_call_that_fits(tmp_path):
+    """An HF trial: flax_model.msgpack holds the params alone, and like was the
+    model's {"params": …} (a prefix mismatch, no way out named); and a train
+    state's {"params": …} checkpoint restored into the params alone."""
+    import flax.serialization
+
+    loop = {"transformer": {"h": {str(i): {"w": np.full((2, 2), i, np.float32)} for i in range(3)},
+                            "wte": np.ones((4, 2), np.float32)}}
+    (tmp_path / "hf.msgpack").write_bytes(flax.serialization.to_bytes(loop))
+    scan = ckptconv.to_scan(loop)
+    with pytest.raises(ckptconv.RestoreError) as e:
+        ckptconv.restore(tmp_path / "hf.msgpack", like={"params": scan})
+    assert str(e.value).endswith(
+        "The checkpoint's root may be like['params']: restore into like['params'] and put the "
+        "result back under 'params'.")
+    got = ckptconv.restore(tmp_path / "hf.msgpack", like=scan)
+    np.testing.assert_array_equal(got["transformer"]["h"]["w"], scan["transformer"]["h"]["w"])
+    ckptconv.save({"params": loop}, tmp_path / "state")
+    with pytest.raises(ckptconv.RestoreError) as e:
+        ckptconv.restore(tmp_path / "state", like=scan)
+    assert str(e.value).endswith(" like may be the checkpoint's 'params': pass like={'params': like}.")
+    got = ckptconv.restore(tmp_path / "state", like={"params": scan})
+    np.testing.assert_array_equal(got["params"]["transformer"]["wte"], loop["transformer"]["wte"])
