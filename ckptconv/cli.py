@@ -445,7 +445,11 @@ def _run_convert(ctx: click.Context, src: Path, dst: str, to: str | None, **kw: 
             click.echo(f"plan: to-{to} {record_mod.options_text(opts)}".rstrip())
         click.echo(f"dry run: would write {dst} ({result.out_format}, {_human(result.nbytes)}); nothing written")
     else:
-        click.echo(f"wrote {dst} ({result.out_format}, {_human(result.nbytes)}) in {elapsed:.1f} s")
+        shards = ""
+        if result.out_format != "orbax" and not storage.is_bucket(dst) and dst.is_dir():
+            n = sum(1 for p in dst.iterdir() if p.name.endswith(f".{result.out_format}"))
+            shards = f" in {n} shards"  # a Hugging Face sharded folder, as IN
+        click.echo(f"wrote {dst} ({result.out_format}{shards}, {_human(result.nbytes)}) in {elapsed:.1f} s")
     if result.left_out:
         click.echo(
             f"not in {dst}: {', '.join(result.left_out)} (not pytree items; a {result.out_format} "

@@ -167,6 +167,8 @@ def test_cli_converts_a_sharded_directory(tmp_path, hf_dir, cli):
     r = cli("to-scan", src, tmp_path / "scan")
     assert r.exit_code == 0, r.output
     assert "transformer/h" in r.output
+    n = len(list((tmp_path / "scan").glob("flax_model-*-of-*.msgpack")))
+    assert n >= 2 and f"wrote {tmp_path / 'scan'} (msgpack in {n} shards, " in r.output
 
 
 def test_an_out_named_as_a_file_gets_one_file(tmp_path, hf_dir, cli):
