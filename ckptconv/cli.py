@@ -421,6 +421,14 @@ def _run_convert(ctx: click.Context, src: Path, dst: str, to: str | None, **kw: 
         for g in item.groups:
             if _in_root(g, sel):
                 click.echo(f"{prefix}{g.describe()}")
+            renamed = _hf_renamed(g) if to == "loop" else None
+            if renamed is not None:
+                click.echo(
+                    f"{prefix}note: {renamed} looks like a Hugging Face layer list: if it is, "
+                    f"transformers' from_pretrained reads its layers as {renamed}/0, {renamed}/1 "
+                    "…, and would initialise layers named otherwise at random; --pattern '{i}' "
+                    "(or none) gives that list."
+                )
             wrapper = _scan_wrapper(item, g) if to == "loop" and not result.from_record else None
             if wrapper is not None and "source" not in kw and "stacks" not in kw:
                 stack = "/".join(map(str, g.path))
@@ -493,6 +501,21 @@ def _hf_lists(result: Any) -> list[str]:
         if g.holder is not None and str(g.holder) in known.HF_LISTS
         and g.path and str(g.path[0]) in known.HF_ROOTS
     ][:3]
+
+
+def _hf_renamed(stack: Any) -> str | None:
+    """A Hugging Face layer list (`ckptconv.known`) that a to-loop's pattern
+    names other than the digit list transformers reads (``transformer/h`` into
+    ``h_{i}``): the list's path."""
+    from ckptconv import known
+    from ckptconv.tree import format_path
+
+    path = tuple(map(str, getattr(stack, "path", ())))
+    pattern = getattr(stack, "pattern", None)
+    if (len(path) >= 2 and path[-1] in known.HF_LISTS and path[0] in known.HF_ROOTS
+            and pattern not in (None, "{i}", f"{path[-1]}/{{i}}") and not getattr(stack, "period", None)):
+        return format_path(path)
+    return None
 
 
 def _scan_wrapper(item: Any, stack: Any) -> str | None:

@@ -149,3 +149,22 @@ def test_an_unsharded_save_pretrained_directory_names_its_weights_file(tmp_path,
         "folder holding a copy of config.json, for from_pretrained).\n"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_pattern_that_renames_a_hf_layer_list_is_noted(tmp_path, cli):
+    """An HF trial: --pattern 'h_{i}' wrote transformer/h_0 … with no word that
+    from_pretrained reads transformer/h/0 … and would start those at random."""
+    src = HF / "gpt2" / "flax_model.msgpack"
+    r = cli("to-scan", src, tmp_path / "scan.msgpack")
+    assert r.exit_code == 0, r.output
+    r = cli("to-loop", tmp_path / "scan.msgpack", tmp_path / "h.msgpack", "--from", "h", "--pattern", "h_{i}")
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[:2] == [
+        "transformer/h: 3 layers -> transformer/h_{i}",
+        "note: transformer/h looks like a Hugging Face layer list: if it is, transformers' "
+        "from_pretrained reads its layers as transformer/h/0, transformer/h/1 …, and would "
+        "initialise layers named otherwise at random; --pattern '{i}' (or none) gives that list.",
+    ]
+    r = cli("to-loop", tmp_path / "scan.msgpack", tmp_path / "back.msgpack", "--from", "h", "--pattern", "{i}")
+    assert r.exit_code == 0 and "note:" not in r.output, r.output
+    assert (tmp_path / "back.msgpack").read_bytes() == src.read_bytes()
