@@ -455,8 +455,11 @@ def _run_convert(ctx: click.Context, src: Path, dst: str, to: str | None, **kw: 
     else:
         shards = ""
         if result.out_format != "orbax" and not storage.is_bucket(dst) and dst.is_dir():
-            n = sum(1 for p in dst.iterdir() if p.name.endswith(f".{result.out_format}"))
-            shards = f" in {n} shards"  # a Hugging Face sharded folder, as IN
+            from ckptconv.formats import hf_index  # a Hugging Face sharded folder, as IN
+
+            index = hf_index.find_index(dst, f".{result.out_format}")
+            n = len(hf_index.read_index(index).shards) if index is not None else 0
+            shards = f" in {n} shard{'s' if n != 1 else ''}" if n else ""
         click.echo(f"wrote {dst} ({result.out_format}{shards}, {_human(result.nbytes)}) in {elapsed:.1f} s")
     if result.left_out:
         click.echo(

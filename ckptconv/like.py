@@ -422,6 +422,10 @@ def _shape(x: Any) -> tuple[int, ...] | None:
     return () if _number(x) else leaf_shape(x)
 
 
+def _shape_text(x: Any) -> str:
+    return "a number" if _number(x) else str(leaf_shape(x))
+
+
 def differences(
     out: Any,
     ref: Any,
@@ -445,7 +449,7 @@ def differences(
     if extra:
         lines.append(f"{len(extra)} in {ours} but not in {theirs}: " + ", ".join(extra[:_SHOWN])
                      + (" …" if len(extra) > _SHOWN else ""))
-    shapes = [f"{p} {leaf_shape(a[p])} vs {theirs} {leaf_shape(b[p])}"
+    shapes = [f"{p} {_shape_text(a[p])} vs {theirs} {_shape_text(b[p])}"
               for p in a if p in b and _shape(a[p]) != _shape(b[p])]
     if shapes:
         lines.append(f"{len(shapes)} shapes differ: " + "; ".join(shapes[:_SHOWN])

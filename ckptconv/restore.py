@@ -122,7 +122,7 @@ class RestorePlan:
                     out[i] = want
                     continue
                 if isinstance(lz, numbers.Number):  # stored as a number (msgpack's step)
-                    out[i] = _from_number(lz, want)
+                    out[i] = _from_number(lz, want, p)
                     continue
                 # Leaves are read a few at a time, within a budget of bytes in
                 # flight; one larger than the budget is read alone.
@@ -331,8 +331,8 @@ def _root_hint(stored: Any, skeleton: Any) -> str:
 
     k = inside(skeleton, stored)
     if k is not None:
-        return (f" The checkpoint's root may be like[{k!r}]: restore into like[{k!r}] and put the "
-                f"result back under {k!r}.")
+        return (f" The checkpoint's root may be like's {k!r}: restore into it (like[{k!r}], or "
+                f"like.{k} of a TrainState) and put the result back under {k!r}.")
     k = inside(stored, skeleton)
     if k is not None:
         return f" like may be the checkpoint's {k!r}: pass like={{{k!r}: like}}."
@@ -546,13 +546,23 @@ def _key_data(shape: tuple[int, ...], dtype: Any) -> Any:
     return jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(shape, dtype))
 
 
-def _from_number(value: Any, want: Any) -> Any:
+def _from_number(value: Any, want: Any, path: str) -> Any:
     """A leaf stored as a Python number (``flax.serialization.to_bytes`` of a
     train state's ``step``), as ``want`` says: a number of its type, a numpy
-    value or a `jax.Array` of its dtype, on its sharding."""
+    value or a `jax.Array` of its dtype, on its sharding. A number the dtype
+    cannot hold (a fraction into an integer, an integer out of its range) is
+    an error, not truncated."""
+    dtype = np.dtype(type(want)) if isinstance(want, (bool, int, float, complex)) else np.dtype(tree.leaf_dtype(want))
+    whole = isinstance(value, (bool, int)) or (isinstance(value, float) and value.is_integer())
+    fits = dtype.kind not in "iub" or (whole and (
+        dtype.kind != "b" and np.iinfo(dtype).min <= value <= np.iinfo(dtype).max or value in (0, 1)))
+    if not fits:
+        raise RestoreError(
+            f"like/{path}: the checkpoint stores the number {value!r} there, which like's {dtype} "
+            f"cannot hold; give like a leaf that can (a Python {type(value).__name__})."
+        )
     if isinstance(want, (bool, int, float, complex)):
         return type(want)(value)
-    dtype = tree.leaf_dtype(want)
     array = np.asarray(value, dtype=dtype)
     if isinstance(want, (np.ndarray, np.generic)):
         return array if isinstance(want, np.ndarray) else array[()]

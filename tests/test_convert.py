@@ -338,10 +338,11 @@ def test_force_replaces_only_a_checkpoint(tmp_path, cli):
         for force in ([], ["--force"]):
             r = cli("to-scan", src, dst, *force)
             assert r.exit_code == 2
+            inside = f" (one inside it: {dst}/<name>)" if dst.is_dir() else ""
             assert r.output == (
                 f"Error: {dst} exists and is {what}; ckptconv replaces (with --force) only a "
-                "checkpoint, so nothing was written or deleted. Choose another path (a file or "
-                f"folder inside it: {dst / 'flax_model.msgpack'}, say), or remove it yourself.\n")
+                f"checkpoint, so nothing was written or deleted. Choose another path{inside}, or "
+                "remove it yourself.\n")
     assert (tmp_path / "hf" / "config.json").read_text() == "{}"
     assert (tmp_path / "notes.txt").read_text() == "keep me"
     with pytest.raises(ckptconv.OutputExistsError, match="only a checkpoint"):
@@ -352,6 +353,27 @@ def test_force_replaces_only_a_checkpoint(tmp_path, cli):
         assert cli("to-scan", src, dst, "--force").exit_code == 0
     r = cli("to-scan", src, tmp_path / "hf" / "flax_model.msgpack")
     assert r.exit_code == 0 and (tmp_path / "hf" / "flax_model.msgpack").is_file()
+    # A review: a project folder holding an Orbax item beside its code looked
+    # like a CheckpointManager step; a pickle passed msgpack's one-byte sniff.
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    ckptconv.save({"w": np.ones(3, np.float32)}, proj / "ckpt")
+    (proj / "train.py").write_text("print(1)")
+    (tmp_path / "state.pkl").write_bytes(b"\x80\x04\x95" + bytes(40))
+    for dst, what in [(proj, "a folder holding an Orbax checkpoint beside other files (train.py)"),
+                      (tmp_path / "state.pkl", "a file that no format reads as a checkpoint")]:
+        r = cli("to-scan", src, dst, "--force")
+        assert r.exit_code == 2 and f"Error: {dst} exists and is {what}; " in r.output, r.output
+    assert (proj / "train.py").is_file() and (proj / "ckpt" / "_METADATA").is_file()
+    # A CheckpointManager root and one of its steps are checkpoints: replaced.
+    import orbax.checkpoint as ocp
+
+    for name in ("root", "root2"):
+        with ocp.CheckpointManager(tmp_path / name, item_names=("state",)) as m:
+            m.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"w": np.ones(3)})))
+            m.wait_until_finished()
+    assert cli("to-scan", src, tmp_path / "root" / "1", "--force").exit_code == 0
+    assert cli("to-scan", src, tmp_path / "root2", "--force").exit_code == 0
 
 
 def test_force_replaces_and_inspect(tmp_path, cli):

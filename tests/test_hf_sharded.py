@@ -190,6 +190,9 @@ def test_an_out_named_as_a_file_gets_one_file(tmp_path, hf_dir, cli):
     assert r.exit_code == 0, r.output
     assert (tmp_path / "scan_dir" / INDEX).is_file()
     assert len(list((tmp_path / "scan_dir").glob("flax_model-*.msgpack"))) >= 2
+    r = cli("to-scan", src, f"{tmp_path / 'named.msgpack'}/")  # the '/' wins over the suffix
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "named.msgpack" / INDEX).is_file()
 
 
 def _error_line(r) -> str:

@@ -351,6 +351,14 @@ def test_a_msgpack_train_state_with_a_python_step(tmp_path):
     like = scan.replace(step=np.int64(0))
     got = ckptconv.restore(tmp_path / "state.msgpack", like=like)
     assert type(got.step) is np.int64 and got.step == 5
+    # A number the like's leaf cannot hold is an error, not truncated (a review).
+    (tmp_path / "lr.msgpack").write_bytes(flax.serialization.to_bytes(state.replace(step=0.75)))
+    with pytest.raises(ckptconv.RestoreError, match=r"^like/step: the checkpoint stores the number "
+                       r"0\.75 there, which like's int64 cannot hold; give like a leaf that can "
+                       r"\(a Python float\)\.$"):
+        ckptconv.restore(tmp_path / "lr.msgpack", like=scan)
+    with pytest.raises(ckptconv.RestoreError, match="shapes differ: step a number vs like"):
+        ckptconv.restore(tmp_path / "state.msgpack", like=scan.replace(step=np.zeros(2, np.int32)))
 
 
 def test_a_structure_that_does_not_fit_is_an_error_before_any_read(loop_ckpt, monkeypatch):
@@ -498,8 +506,8 @@ def test_a_like_one_level_off_the_checkpoint_gets_the_call_that_fits(tmp_path):
     with pytest.raises(ckptconv.RestoreError) as e:
         ckptconv.restore(tmp_path / "hf.msgpack", like={"params": scan})
     assert str(e.value).endswith(
-        "The checkpoint's root may be like['params']: restore into like['params'] and put the "
-        "result back under 'params'.")
+        "The checkpoint's root may be like's 'params': restore into it (like['params'], or "
+        "like.params of a TrainState) and put the result back under 'params'.")
     got = ckptconv.restore(tmp_path / "hf.msgpack", like=scan)
     np.testing.assert_array_equal(got["transformer"]["h"]["w"], scan["transformer"]["h"]["w"])
     ckptconv.save({"params": loop}, tmp_path / "state")

@@ -156,7 +156,7 @@ def test_one_element_off_by_1e3_relative_fails_at_full_precision(seed1, cli, glo
         f"  {'1':>5}  {'Dense_0/__call__[0]':<44} {0.000307:10.3g} {8.26e-06:10.3g} {0.00189:10.3g}  FAIL",
     ]
     assert lines[9:29] == sorted(lines[9:29], key=lambda row: "ok" in row)  # FAIL rows first
-    assert lines[29] == "  … 23 more rows, each nearer its tolerance than those above (rows go worst first; "\
+    assert lines[29] == "  … 23 more rows, each smaller against its tolerance than those above (rows go worst first; "\
         "--json for all)"
     assert lines[-1] == "FAIL"
     # the numbers alone fail too, from the changed layer on; layer 0 is untouched

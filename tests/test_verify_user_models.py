@@ -432,3 +432,32 @@ def test_a_to_loop_output_checks_against_its_scan_by_its_own_record(tmp_path, cl
     r = cli("verify", tmp_path / "loop", tmp_path / "scan_bad")
     assert r.exit_code == 1, r.output
     assert "  params/params/decoder/layers/mlp/wi: values differ in layer 2 (max |Δ| 1)" in r.output.splitlines()
+
+
+def test_a_cast_or_partial_to_loop_output_is_named_as_such(tmp_path, cli):
+    """A review: LOOP made by to-loop --dtype bfloat16 (or --only) from SCAN.
+    Without a record in SCAN, LOOP's record says so: an error (exit 2), not a
+    FAIL whose hint said to cast to float32. With SCAN's own record, the FAIL's
+    hint says the cast was LOOP's."""
+    scan = {"params": {"layers": {"w": np.arange(12, dtype=np.float32).reshape(3, 4)}}}
+    ckptconv.save(scan, tmp_path / "scan")
+    r = cli("to-loop", tmp_path / "scan", tmp_path / "loop", "--from", "layers", "--pattern",
+            "layers_{i}", "--dtype", "bfloat16")
+    assert r.exit_code == 0, r.output
+    r = cli("verify", tmp_path / "loop", tmp_path / "scan")
+    assert r.exit_code == 2
+    assert r.output == (
+        f"Error: {tmp_path / 'loop'} (LOOP) is ckptconv's to-loop of a scan checkpoint with "
+        "--dtype bfloat16 (its record): a part or a cast of that checkpoint, which is not its loop "
+        "form bit for bit. Verify SCAN against a to-loop of it without those options, or give "
+        "verify the conversion's options yourself.\n")
+    loop = {"params": {f"layer_{i}": {"w": np.full(4, i, np.float32)} for i in range(3)}}
+    ckptconv.save(loop, tmp_path / "loop2")
+    assert cli("to-scan", tmp_path / "loop2", tmp_path / "scan2").exit_code == 0
+    assert cli("to-loop", tmp_path / "scan2", tmp_path / "loop2_bf16", "--dtype", "bfloat16").exit_code == 0
+    r = cli("verify", tmp_path / "loop2_bf16", tmp_path / "scan2")
+    assert r.exit_code == 1
+    assert r.output.splitlines()[-2] == (
+        "  LOOP's floating leaves are bfloat16 and SCAN's float32: was LOOP cast (to-loop "
+        "--dtype)? A cast LOOP is not SCAN's loop form bit for bit: verify SCAN against a to-loop "
+        "of it without --dtype.")

@@ -204,7 +204,7 @@ def convert(
     kw = {"record": rec} if getattr(out_fmt, "WRITES_RECORD", False) else {}
     if bucket:
         kw["commit"] = False  # the markers go last, after `record.stamp`
-    if _one_file(layout, out_format, dst):
+    if not folder and _one_file(layout, out_format, dst):
         kw["single"] = True
     with _bucket_output(dst) if bucket else _atomic_output(dst, force) as tmp:
         if out_format == layout.format:

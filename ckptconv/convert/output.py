@@ -46,10 +46,10 @@ def check_output(dst: Path, force: bool) -> None:
         return
     why = _not_replaceable(dst)
     if why is not None:
+        inside = f" (one inside it: {dst}/<name>)" if dst.is_dir() else ""
         raise OutputExistsError(
             f"{dst} exists and is {why}; ckptconv replaces (with --force) only a checkpoint, so "
-            "nothing was written or deleted. Choose another path (a file or folder inside it: "
-            f"{dst / 'flax_model.msgpack'}, say), or remove it yourself."
+            f"nothing was written or deleted. Choose another path{inside}, or remove it yourself."
         )
     if not force:
         raise OutputExistsError(
@@ -57,12 +57,19 @@ def check_output(dst: Path, force: bool) -> None:
         )
 
 
+#: Files an Orbax step or CheckpointManager root holds beside its items and steps.
+_ORBAX_FILES = {"_CHECKPOINT_METADATA", "commit_success.txt", "_METADATA", "descriptor.pbtxt"}
+
+
 def _not_replaceable(dst: Path) -> str | None:
-    """Why ``--force`` must not replace ``dst``, or None: a checkpoint any
-    format reads, an empty folder or file, or a symlink (the link is replaced,
-    not what it points to) may go. A trial's ``to-loop … hf_out --force``,
-    where ``hf_out/`` held the model's config.json, deleted the folder and
-    wrote a msgpack file in its place."""
+    """Why ``--force`` must not replace ``dst``, or None: a checkpoint (a file
+    its format reads; an Orbax item; a step or manager root with nothing but
+    Orbax's files beside its items or steps; a Hugging Face sharded folder), an
+    empty folder or file, or a symlink (the link is replaced, not what it
+    points to) may go. A trial's ``to-loop … hf_out --force``, where
+    ``hf_out/`` held the model's config.json, deleted the folder and wrote a
+    msgpack file in its place; a review's project folder (an Orbax item beside
+    train.py) looked like a step."""
     if dst.is_symlink():
         return None
     if dst.is_dir():
@@ -71,14 +78,31 @@ def _not_replaceable(dst: Path) -> str | None:
             return None
     elif dst.stat().st_size == 0:
         return None
+    else:
+        names = []
     from ckptconv import formats
 
-    if any(module.sniff(dst) is None for module in formats.FORMATS.values()):
-        return None
+    for module in formats.FORMATS.values():
+        if module.sniff(dst) is not None:
+            continue
+        try:
+            layout = module.describe(dst)
+            if dst.is_file():
+                module.read_lazy(dst)  # (msgpack's sniff reads one byte)
+        except Exception:
+            continue
+        stray = [n for n in names if (dst / n).is_file() and n not in _ORBAX_FILES
+                 and not n.startswith(".")] if layout.format == "orbax" and layout.kind != "item" else []
+        if not stray:
+            return None
+        return f"a folder holding an Orbax checkpoint beside other files ({_listed(stray)})"
     if dst.is_dir():
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        return f"a folder that no format reads as a checkpoint (it holds {shown})"
+        return f"a folder that no format reads as a checkpoint (it holds {_listed(names)})"
     return "a file that no format reads as a checkpoint"
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 _COMMIT_FILE = "commit_success.txt"

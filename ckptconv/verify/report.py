@@ -12,6 +12,10 @@ from typing import Any
 import numpy as np
 
 
+#: Bytes of the floating dtypes --dtype casts between (which way a cast went).
+_WIDTH = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+
+
 @dataclass
 class LeafCheck:
     """Structural check of one leaf of SCAN against ``to_scan(LOOP)``."""
@@ -234,7 +238,17 @@ class Report:
                     "it was converted with (MaxText: 1)."
                 )
             found = {c.found for c in bad if c.status == "dtype"}
-            if len(found) == 1 and all(c.status in ("dtype", "missing") for c in bad) and "dtype" not in self.options:
+            expected = {c.expected for c in bad if c.status == "dtype"}
+            wider = len(found) == 1 and all(_WIDTH.get(next(iter(found)), 0) > _WIDTH.get(e, 9) for e in expected)
+            if wider and all(c.status in ("dtype", "missing") for c in bad):
+                # SCAN wider than LOOP: the cast was LOOP's (to-loop --dtype), not SCAN's.
+                (d,) = found
+                lines.append(
+                    f"  LOOP's floating leaves are {', '.join(sorted(expected))} and SCAN's {d}: was "
+                    "LOOP cast (to-loop --dtype)? A cast LOOP is not SCAN's loop form bit for bit: "
+                    "verify SCAN against a to-loop of it without --dtype."
+                )
+            elif len(found) == 1 and all(c.status in ("dtype", "missing") for c in bad) and "dtype" not in self.options:
                 (d,) = found
                 lines.append(
                     f"  SCAN's floating leaves are {d}: was it cast (to-scan --dtype {d})? "
@@ -277,8 +291,8 @@ class Report:
                 )
             if len(self.rows) > max_rows:
                 lines.append(
-                    f"  … {len(self.rows) - max_rows} more rows, each nearer its tolerance than "
-                    "those above (rows go worst first; --json for all)"
+                    f"  … {len(self.rows) - max_rows} more rows, each smaller against its tolerance "
+                    "than those above (rows go worst first; --json for all)"
                 )
             if self.skipped:
                 lines.append(

@@ -96,6 +96,16 @@ def _loop_record_options(side: _Side) -> dict[str, Any] | None:
     rec = record.read(side.path, side.step)
     if not rec or rec.get("command") != "to-loop" or not rec.get("groups"):
         return None
+    selected = {k: rec[k] for k in ("only", "root", "dtype") if rec.get(k)}
+    if selected:
+        from ckptconv.errors import VerifyError
+
+        raise VerifyError(
+            f"{side.name} (LOOP) is ckptconv's to-loop of a scan checkpoint with "
+            f"{record.options_text(selected)} (its record): a part or a cast of that checkpoint, "
+            "which is not its loop form bit for bit. Verify SCAN against a to-loop of it without "
+            "those options, or give verify the conversion's options yourself."
+        )
     return record.redo_options(rec)
 
 
