@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 
-
 #: Bytes of the floating dtypes --dtype casts between (which way a cast went).
 _WIDTH = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
