@@ -501,8 +501,7 @@ def _hf_lists(result: Any) -> list[str]:
 
     return [
         format_path(g.path + (g.holder,)) for g in result.groups
-        if g.holder is not None and str(g.holder) in known.HF_LISTS
-        and g.path and str(g.path[0]) in known.HF_ROOTS
+        if g.holder is not None and known.is_hf_list(g.path + (g.holder,))
     ][:3]
 
 
@@ -515,8 +514,8 @@ def _hf_renamed(stack: Any) -> str | None:
 
     path = tuple(map(str, getattr(stack, "path", ())))
     pattern = getattr(stack, "pattern", None)
-    if (len(path) >= 2 and path[-1] in known.HF_LISTS and path[0] in known.HF_ROOTS
-            and pattern not in (None, "{i}", f"{path[-1]}/{{i}}") and not getattr(stack, "period", None)):
+    if (known.is_hf_list(path) and pattern not in (None, "{i}", f"{path[-1]}/{{i}}")
+            and not getattr(stack, "period", None)):
         return format_path(path)
     return None
 
@@ -566,19 +565,17 @@ def _in_root(group: Any, sel: Any) -> bool:
 
 def _not_undone(sel: Any, cast: Any) -> str:
     """The options of a to-scan that its undo (to-loop OUT) cannot reverse."""
-    words = []
+    cut = []  # what --only / --root left out
     if sel is not None and sel.only:
-        words.append(" ".join("--only " + "/".join(map(str, p)) for p in sel.only))
+        cut.append(" ".join("--only " + "/".join(map(str, p)) for p in sel.only))
     if sel is not None and sel.root is not None:
-        words.append("--root " + "/".join(map(str, sel.root)))
-    if cast is not None:
-        words.append(f"--dtype {cast.dtype.name}")
+        cut.append("--root " + "/".join(map(str, sel.root)))
+    words = cut + ([f"--dtype {cast.dtype.name}"] if cast is not None else [])
     if not words:
         return ""
     text = " and ".join([", ".join(words[:-1]), words[-1]] if len(words) > 2 else words)
-    cut = (sel is not None and (sel.only or sel.root is not None))
-    why = ([f"OUT holds only what {'they' if len(words) - (cast is not None) > 1 else 'it'} kept"] if cut else []) + (
-        ["its values stay as cast"] if cast is not None else [])
+    why = [f"OUT holds only what {'they' if len(cut) > 1 else 'it'} kept"] if cut else []
+    why += ["its values stay as cast"] if cast is not None else []
     return f"{text}: {', and '.join(why)}"
 
 

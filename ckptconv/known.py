@@ -16,6 +16,12 @@ HF_LISTS = {"h", "layer", "layers", "block"}
 HF_ROOTS = ("transformer", "model", "bert", "encoder", "decoder", "roberta", "resnet")
 
 
+def is_hf_list(path: Any) -> bool:
+    """Whether ``path`` names a Hugging Face layer list (``transformer/h``,
+    ``bert/encoder/layer``): a list key under a Hugging Face root key."""
+    return len(path) >= 2 and str(path[0]) in HF_ROOTS and str(path[-1]) in HF_LISTS
+
+
 def _child(node: Any, *keys: str) -> Any:
     for k in keys:
         if not isinstance(node, Mapping) or k not in node:

@@ -14,7 +14,6 @@ REF's structure is refused before anything is written.
 
 from __future__ import annotations
 
-import numbers
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 from ckptconv import axes
 from ckptconv.errors import GroupError
 from ckptconv.groups import find_groups, numbered_candidates
-from ckptconv.tree import format_path, leaf_dtype, leaf_shape, leaves_with_paths
+from ckptconv.tree import format_path, is_number, leaf_dtype, leaf_shape, leaves_with_paths
 
 _SHOWN = 5
 
@@ -409,21 +408,16 @@ def _check_renamed(tree: Any, ref: Any) -> None:
             )
 
 
-def _number(x: Any) -> bool:
-    """A Python number leaf (no shape, no dtype of its own)."""
-    return leaf_shape(x) is None and isinstance(x, numbers.Number)
-
-
 def _shape(x: Any) -> tuple[int, ...] | None:
     """A leaf's shape, a Python number's ``()``: a step saved by
     ``flax.serialization.to_bytes`` (a msgpack int) fits a like whose step is
     a 0-d array (``jax.eval_shape`` of a train state), and the other way; the
     number takes the other side's dtype."""
-    return () if _number(x) else leaf_shape(x)
+    return () if is_number(x) else leaf_shape(x)
 
 
 def _shape_text(x: Any) -> str:
-    return "a number" if _number(x) else str(leaf_shape(x))
+    return "a number" if is_number(x) else str(leaf_shape(x))
 
 
 def differences(
@@ -456,7 +450,7 @@ def differences(
                      + (" …" if len(shapes) > _SHOWN else ""))
     dtypes = [f"{p} {leaf_dtype(a[p])} vs {theirs} {leaf_dtype(b[p])}"
               for p in a if p in b and _shape(a[p]) == _shape(b[p])
-              and leaf_dtype(a[p]) != leaf_dtype(b[p]) and not _number(a[p]) and not _number(b[p])
+              and leaf_dtype(a[p]) != leaf_dtype(b[p]) and not is_number(a[p]) and not is_number(b[p])
               and not (ignore_dtype is not None and ignore_dtype(a[p], b[p]))]
     if dtypes:
         lines.append(f"{len(dtypes)} dtypes differ: " + "; ".join(dtypes[:_SHOWN])

@@ -193,7 +193,7 @@ def _fold_rows(t: Any, groups: list[Group]) -> list[LeafRow]:
         key = tree.format_path(folded)
         shape = tree.leaf_shape(x)
         dtype = tree.leaf_dtype(x)
-        if dtype is None and isinstance(x, (bool, int, float, complex)):
+        if dtype is None and tree.is_number(x):
             dtype = type(x).__name__  # a Python number (a msgpack train state's step)
         dtype = None if dtype is None else str(dtype)
         nbytes = getattr(x, "nbytes", 0)

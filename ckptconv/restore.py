@@ -26,7 +26,6 @@ against Orbax's own restore where Orbax can do it.
 from __future__ import annotations
 
 import logging
-import numbers
 import re
 from collections import deque
 from collections.abc import Callable
@@ -121,9 +120,8 @@ class RestorePlan:
                 if lz is None:
                     out[i] = want
                     continue
-                if isinstance(lz, numbers.Number):  # stored as a number (msgpack's step)
-                    out[i] = _from_number(lz, want, p)
-                    continue
+                if tree.is_number(lz):  # stored as a number (msgpack's step): a 0-d array
+                    lz = _number_leaf(lz, want, p)
                 # Leaves are read a few at a time, within a budget of bytes in
                 # flight; one larger than the budget is read alone.
                 while pending and held + lz.nbytes > _IN_FLIGHT:
@@ -302,9 +300,9 @@ def plan_restore(
         p._leaves = _pair(p._leaves, wants)
         p._treedef = treedef
         p.casts = [(q, np.dtype(lz.dtype), tree.leaf_dtype(w)) for q, lz, w in p._leaves
-                   if lz is not None and not isinstance(lz, numbers.Number) and not _is_key(tree.leaf_dtype(w))
+                   if lz is not None and not tree.is_number(lz) and not _is_key(tree.leaf_dtype(w))
                    and tree.leaf_dtype(w) is not None and np.dtype(lz.dtype) != tree.leaf_dtype(w)
-                   and not isinstance(w, (bool, int, float, complex))]
+                   and not tree.is_number(w)]
         p.only = ["/".join(k) for k in keep]
         return p
     raise RestoreError(
@@ -455,7 +453,7 @@ def _key_path(kp: tuple) -> str:
 
 def _check_like_leaves(wants: list[tuple[str, Any]]) -> None:
     for p, x in wants:
-        if tree.leaf_shape(x) is None and not isinstance(x, (bool, int, float, complex)):
+        if tree.leaf_shape(x) is None and not tree.is_number(x):
             raise CkptconvError(
                 f"like/{p}: of type {type(x).__name__}, not an array, a jax.ShapeDtypeStruct "
                 "or a Python number; give like's leaves as arrays or jax.eval_shape's output."
@@ -503,6 +501,8 @@ def _region(leaf: Any, index: tuple, region: Callable[[lazy.Ref, tuple], np.ndar
         return _region(leaf.value, index, region).astype(leaf.dtype)
     if isinstance(leaf, lazy.Ref):
         return region(leaf, index)
+    if isinstance(leaf, np.ndarray):  # (a number stored as such, `_number_leaf`)
+        return leaf[index]
     if isinstance(leaf, lazy.Slice):
         ax = leaf.axis
         return region(leaf.source, index[:ax] + (leaf.index,) + index[ax:])
@@ -546,37 +546,32 @@ def _key_data(shape: tuple[int, ...], dtype: Any) -> Any:
     return jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(shape, dtype))
 
 
-def _from_number(value: Any, want: Any, path: str) -> Any:
+def _number_leaf(value: Any, want: Any, path: str) -> np.ndarray:
     """A leaf stored as a Python number (``flax.serialization.to_bytes`` of a
-    train state's ``step``), as ``want`` says: a number of its type, a numpy
-    value or a `jax.Array` of its dtype, on its sharding. A number the dtype
-    cannot hold (a fraction into an integer, an integer out of its range) is
-    an error, not truncated."""
-    dtype = np.dtype(type(want)) if isinstance(want, (bool, int, float, complex)) else np.dtype(tree.leaf_dtype(want))
+    train state's ``step``) as the 0-d array `_build` reads like any other.
+    A number like's dtype cannot hold (a fraction into an integer, an integer
+    out of its range) is an error, not truncated."""
+    dtype = np.dtype(type(want)) if tree.is_number(want) else np.dtype(tree.leaf_dtype(want))
     whole = isinstance(value, (bool, int)) or (isinstance(value, float) and value.is_integer())
-    fits = dtype.kind not in "iub" or (whole and (
-        dtype.kind != "b" and np.iinfo(dtype).min <= value <= np.iinfo(dtype).max or value in (0, 1)))
+    if dtype.kind == "b":
+        fits = value in (0, 1)
+    elif dtype.kind in "iu":
+        fits = whole and np.iinfo(dtype).min <= value <= np.iinfo(dtype).max
+    else:
+        fits = True
     if not fits:
         raise RestoreError(
             f"like/{path}: the checkpoint stores the number {value!r} there, which like's {dtype} "
             f"cannot hold; give like a leaf that can (a Python {type(value).__name__})."
         )
-    if isinstance(want, (bool, int, float, complex)):
-        return type(want)(value)
-    array = np.asarray(value, dtype=dtype)
-    if isinstance(want, (np.ndarray, np.generic)):
-        return array if isinstance(want, np.ndarray) else array[()]
-    import jax
-
-    sharding = getattr(want, "sharding", None)
-    return jax.device_put(array, sharding) if sharding is not None else jax.numpy.asarray(array)
+    return np.asarray(value)
 
 
 def _build(leaf: Any, want: Any, region: Callable, path: str) -> Any:
     """The restored value of one leaf, as ``want`` (like's leaf) says."""
     shape = tuple(leaf.shape)
     dtype = tree.leaf_dtype(want)
-    if isinstance(want, (bool, int, float, complex)):
+    if tree.is_number(want):
         value = _region(leaf, (), region)
         return type(want)(value[()])
     if isinstance(want, (np.ndarray, np.generic)):

@@ -162,6 +162,12 @@ def leaves_with_paths(tree: Any, path: tuple = ()) -> list[tuple[tuple, Any]]:
     return out
 
 
+def is_number(x: Any) -> bool:
+    """A Python number leaf (``bool``, ``int``, ``float``, ``complex``): no
+    shape, no dtype of its own (a msgpack train state's ``step``)."""
+    return isinstance(x, (bool, int, float, complex))
+
+
 def leaf_shape(x: Any) -> tuple[int, ...] | None:
     """The shape of an array leaf (boxed leaves: of the value), else None."""
     x = _unbox(x)

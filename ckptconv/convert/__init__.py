@@ -45,6 +45,7 @@ from ckptconv.convert.plan import (
     _planned,
     plan,
     plan_item,
+    sharded_same_format,
 )
 from ckptconv.convert.processes import _convert_processes
 from ckptconv.convert.write import _write_other_format, _write_same_format
@@ -232,8 +233,7 @@ def _one_file(layout: Any, out_format: str, dst: Path) -> bool:
     shards merged, as a user means by the name (a trial got a folder called
     flax_model.msgpack, which from_pretrained does not read)."""
     suffix = getattr(formats.get(out_format), "SUFFIX", None)
-    return (out_format == layout.format and layout.kind == "item" and suffix is not None
-            and str(dst).endswith(suffix) and out_format != "orbax")
+    return sharded_same_format(layout, out_format) and suffix is not None and str(dst).endswith(suffix)
 
 
 def extract(

@@ -350,6 +350,12 @@ def _take_root(
     return kept
 
 
+def sharded_same_format(layout: Layout, out_format: str) -> bool:
+    """IN is a Hugging Face sharded directory (msgpack or safetensors; an
+    "item" of those formats) and OUT is of its format."""
+    return out_format == layout.format and layout.format != "orbax" and layout.kind == "item"
+
+
 #: The file names from_pretrained looks for, suggested for an OUT that is a folder.
 _HF_NAMES = {"msgpack": "flax_model.msgpack", "safetensors": "model.safetensors"}
 
@@ -370,8 +376,7 @@ def _planned(
     suffix = getattr(formats.get(out_format), "SUFFIX", None)
     # A Hugging Face sharded directory stays one in its own format (OUT/ is
     # such a folder), unless OUT is named as a file (`_one_file`).
-    sharded = out_format == layout.format and layout.format != "orbax" and layout.kind == "item"
-    if folder and suffix and not sharded:
+    if folder and suffix and not sharded_same_format(layout, out_format):
         names = (f"{dst} without the '/'" if str(dst).endswith(suffix)
                  else f"{dst / _HF_NAMES.get(out_format, 'model' + suffix)}, or {dst}{suffix}")
         raise CkptconvError(

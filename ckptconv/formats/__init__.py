@@ -74,7 +74,9 @@ def detect(path: str | Path) -> ModuleType:
             "finished: write it again."
         )
     if path.is_file():
-        _refuse_part_of_a_sharded_dir(path)
+        from ckptconv.formats import hf_index
+
+        hf_index.refuse_part(path)
     reasons = []
     for name, module in FORMATS.items():
         why = module.sniff(path)
@@ -97,29 +99,6 @@ def detect(path: str | Path) -> ModuleType:
         "directory), a safetensors file, or a Hugging Face directory with "
         "flax_model.msgpack.index.json or model.safetensors.index.json."
     )
-
-
-def _refuse_part_of_a_sharded_dir(path: Path) -> None:
-    """A Hugging Face sharded directory's index or one of its shards, given as
-    IN: the checkpoint is the folder (a trial's shard 3 of 11 was converted
-    alone, exit 0, into a partial checkpoint; the index got "not a checkpoint")."""
-    import re
-
-    from ckptconv.formats.hf_index import INDEX_SUFFIX
-
-    folder = path.absolute().parent
-    if path.name.endswith(INDEX_SUFFIX):
-        raise FormatError(
-            f"{path}: the index of a Hugging Face sharded checkpoint; pass its folder: {folder}"
-        )
-    m = re.fullmatch(r"(.+)-(\d{5})-of-(\d{5})(\.msgpack|\.safetensors)", path.name)
-    index = m and folder / f"{m.group(1)}{m.group(4)}{INDEX_SUFFIX}"
-    if index and index.is_file():
-        raise FormatError(
-            f"{path}: shard {int(m.group(2))} of {int(m.group(3))} of the Hugging Face sharded "
-            f"checkpoint in {folder} ({index.name}); one shard holds a part of the model: pass "
-            f"the folder: {folder}"
-        )
 
 
 #: What to say about a file format on a bucket.

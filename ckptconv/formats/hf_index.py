@@ -173,10 +173,37 @@ def largest_shard(index: Index, sizes: dict[str, int]) -> int:
     return max(per.values(), default=0)
 
 
+def parse_shard_name(name: str) -> tuple[str, int, int] | None:
+    """``flax_model-00002-of-00011.msgpack`` -> ("flax_model.msgpack", 2, 11)
+    (the inverse of `shard_name`), or None for another name."""
+    m = re.fullmatch(r"(.+)-(\d{5})-of-(\d{5})(\.[^.]+)", name)
+    return (m.group(1) + m.group(4), int(m.group(2)), int(m.group(3))) if m else None
+
+
 def stale_shard(index: Index, name: str) -> bool:
     """Whether ``name`` looks like a shard of this checkpoint (listed or not)."""
-    stem, dot, ext = index.weights_name.rpartition(".")
-    return re.fullmatch(rf"{re.escape(stem)}-\d{{5}}-of-\d{{5}}{re.escape(dot + ext)}", name) is not None
+    parsed = parse_shard_name(name)
+    return parsed is not None and parsed[0] == index.weights_name
+
+
+def refuse_part(path: Path) -> None:
+    """Raise if the file ``path`` is a sharded directory's index, or one of its
+    shards with the index beside it: the checkpoint is the folder (a trial's
+    shard 3 of 11 was converted alone, exit 0, into a partial checkpoint; the
+    index got "not a checkpoint")."""
+    folder = path.absolute().parent
+    if path.name.endswith(INDEX_SUFFIX):
+        raise FormatError(
+            f"{path}: the index of a Hugging Face sharded checkpoint; pass its folder: {folder}"
+        )
+    parsed = parse_shard_name(path.name)
+    if parsed is not None and (folder / (parsed[0] + INDEX_SUFFIX)).is_file():
+        weights, k, n = parsed
+        raise FormatError(
+            f"{path}: shard {k} of {n} of the Hugging Face sharded checkpoint in {folder} "
+            f"({weights + INDEX_SUFFIX}); one shard holds a part of the model: pass the folder: "
+            f"{folder}"
+        )
 
 
 def write_sharded(

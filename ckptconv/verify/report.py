@@ -15,6 +15,12 @@ import numpy as np
 _WIDTH = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
 
+def _first(names: list[str], n: int, prefix: str = "") -> list[str]:
+    """The first ``n`` names as indented lines, then how many more there are."""
+    more = [f"  … and {len(names) - n} more"] if len(names) > n else []
+    return [f"  {prefix}{name}" for name in names[:n]] + more
+
+
 @dataclass
 class LeafCheck:
     """Structural check of one leaf of SCAN against ``to_scan(LOOP)``."""
@@ -299,28 +305,19 @@ class Report:
                     "whole, which the scan form (the scanned layers) does not record; every "
                     "layer and all that follows the collection are compared:"
                 )
-                for name in self.skipped[:3]:
-                    lines.append(f"  {name}")
-                if len(self.skipped) > 3:
-                    lines.append(f"  … and {len(self.skipped) - 3} more")
+                lines += _first(self.skipped, 3, "")
             if self.extra:
                 lines.append(
                     f"not compared: {len(self.extra)} values the scanned layer returns beside "
                     "its carry (nn.scan's ys), which the loop form's layer does not return:"
                 )
-                for name in self.extra[:3]:
-                    lines.append(f"  {name}")
-                if len(self.extra) > 3:
-                    lines.append(f"  … and {len(self.extra) - 3} more")
+                lines += _first(self.extra, 3, "")
             if self.unmatched:
                 lines.append(
                     f"{len(self.unmatched)} intermediates exist in one form only, so they were "
                     "not compared (FAIL):"
                 )
-                for name in self.unmatched[:5]:
-                    lines.append(f"  only in {name}")
-                if len(self.unmatched) > 5:
-                    lines.append(f"  … and {len(self.unmatched) - 5} more")
+                lines += _first(self.unmatched, 5, "only in ")
                 if self.unmatched_hint:
                     lines.append(f"  {self.unmatched_hint}")
         if self.plot:

@@ -34,6 +34,17 @@ class _Side:
             return np.asarray(lazy._value(leaf, self.read))
         return np.asarray(treelib._unbox(leaf))
 
+    def conversion_record(self) -> dict | None:
+        """Its ckptconv conversion record (`ckptconv.record`), read once;
+        None for an in-memory tree or a checkpoint without one."""
+        if self.path is None:
+            return None
+        if not hasattr(self, "_record"):
+            from ckptconv import record
+
+            self._record = record.read(self.path, self.step)
+        return self._record
+
     def materialize(self, tree: Any) -> Any:
         return tree if self.read is None else lazy.materialize(tree, self.read)
 
@@ -71,11 +82,9 @@ def _open(x: str | Path | Any, step: int | None = None) -> _Side:
 
 def _record_options(side: _Side) -> dict[str, Any] | None:
     """The to-scan options SCAN's conversion record names, if it has one."""
-    if side.path is None:
-        return None
     from ckptconv import record
 
-    rec = record.read(side.path, side.step)
+    rec = side.conversion_record()
     if not rec or rec.get("command") != "to-scan" or not rec.get("groups"):
         return None
     opts = record.scan_options(rec)
@@ -89,11 +98,9 @@ def _loop_record_options(side: _Side) -> dict[str, Any] | None:
     """The to-scan options that undo LOOP's own to-loop, if LOOP is a
     ckptconv to-loop output (checked against the scan checkpoint it came from,
     which may have no record)."""
-    if side.path is None:
-        return None
     from ckptconv import record
 
-    rec = record.read(side.path, side.step)
+    rec = side.conversion_record()
     if not rec or rec.get("command") != "to-loop" or not rec.get("groups"):
         return None
     selected = {k: rec[k] for k in ("only", "root", "dtype") if rec.get(k)}
@@ -125,9 +132,5 @@ def _selection(selected: dict[str, Any]) -> tuple[list | None, tuple | None, np.
 
 def _record_selection(side: _Side) -> dict[str, Any]:
     """The ``--only`` / ``--root`` / ``--dtype`` SCAN's conversion record names."""
-    if side.path is None:
-        return {}
-    from ckptconv import record
-
-    rec = record.read(side.path, side.step) or {}
+    rec = side.conversion_record() or {}
     return {k: rec[k] for k in ("only", "root", "dtype") if rec.get(k)}
